@@ -1,0 +1,1 @@
+"""Cost models: device specs, analytic (roofline) and profiled costs, memory model."""

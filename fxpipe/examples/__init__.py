@@ -1,0 +1,1 @@
+"""Example models and data shipped with fxpipe (the main job trains on them)."""

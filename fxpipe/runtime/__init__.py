@@ -1,0 +1,1 @@
+"""Runtime: schedules as data, weight versions, executors."""

@@ -1,0 +1,1 @@
+"""Graph passes, in pipeline order: trace, shape_prop, annotate, coarsen, partition, split."""
