@@ -3,7 +3,17 @@
 from fxpipe.errors import *  # noqa: F401,F403
 from fxpipe.errors import __all__ as _errors_all
 from fxpipe.ir import CostModel, NodeCost, Plan, StagePlan
+from fxpipe.api import compile, plan  # noqa: A004 - the public name is part of the contract
 
 __version__ = "0.1.0"
 
-__all__ = ["CostModel", "NodeCost", "Plan", "StagePlan", *_errors_all]
+
+def __getattr__(name: str):
+    if name == "Pipeline":
+        from fxpipe.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(name)
+
+
+__all__ = ["compile", "plan", "Pipeline", "CostModel", "NodeCost", "Plan", "StagePlan", *_errors_all]

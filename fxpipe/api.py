@@ -1,0 +1,255 @@
+"""Public entry points: ``fxpipe.plan`` (plan only) and ``fxpipe.compile`` (plan, split, executor)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from fxpipe.errors import ConfigError, InputError, ScheduleError
+from fxpipe.ir import SCHEDULES, CostModel, Plan
+
+__all__ = ["compile", "plan", "CompiledGraph", "prepare", "split_batch"]
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class CompiledGraph:
+    """What the front half of the compiler produced: the annotated graph and how inputs bind to it."""
+
+    gm: torch.fx.GraphModule
+    cost_model: CostModel
+    input_names: list[str]              # placeholder names, in order
+    microbatch_inputs: list[Any]        # one example microbatch, flat, placeholder order
+    batch_size: int                     # the example batch's size along dim 0
+    trace_seconds: float
+    annotate_seconds: float
+
+
+def _check_common(model: Any, num_stages: int | None, num_microbatches: int, schedule: str,
+                  num_devices: int | None, memory_limit: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}; "
+                          "wrap your function in an nn.Module whose forward calls it")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool) or num_microbatches < 1:
+        raise ConfigError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}")
+    if num_stages is None:
+        if num_devices is None:
+            raise ConfigError("num_stages=None needs num_devices=N so the planner can choose the depth; "
+                              "pass num_stages=d or num_devices=N")
+    elif not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ConfigError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    if num_stages is not None and schedule == "2bw" and num_microbatches < num_stages:
+        raise ScheduleError(
+            f"schedule '2bw' needs num_microbatches >= num_stages, got num_microbatches="
+            f"{num_microbatches} < num_stages={num_stages}; raise num_microbatches to at least "
+            f"{num_stages} or use schedule='flush'")
+    if memory_limit is not None and (not isinstance(memory_limit, (int, float)) or memory_limit <= 0):
+        raise ConfigError(f"memory_limit must be a positive number of bytes or None, got {memory_limit!r}")
+
+
+def _bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ConfigError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                      f"tensors, got {type(example_inputs).__name__}")
+
+
+def split_batch(values: Sequence[Any], num_microbatches: int, what: str) -> list[list[Any]]:
+    """Split every tensor along dim 0 into ``num_microbatches`` equal parts.
+
+    Returns:
+        ``out[mb][i]`` is microbatch ``mb`` of ``values[i]``.
+
+    Raises:
+        InputError: a value is not a tensor, or its batch is not divisible.
+    """
+    per_value = []
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{what}[{i}] is a {type(v).__name__}, not a tensor; fxpipe splits every "
+                             "input into microbatches along dim 0, so inputs must be tensors "
+                             "(fold constants into the model instead)")
+        if v.dim() == 0 or v.shape[0] % num_microbatches != 0:
+            raise InputError(f"{what}[{i}] has shape {tuple(v.shape)}: its batch dimension (dim 0) must be "
+                             f"divisible by num_microbatches={num_microbatches}; use a batch size that is "
+                             f"a multiple of {num_microbatches} or change num_microbatches")
+        per_value.append(v.chunk(num_microbatches, dim=0) if v.shape[0] else [v] * num_microbatches)
+    return [[pv[mb] for pv in per_value] for mb in range(num_microbatches)]
+
+
+def _flatten_for_graph(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if gm.meta.get("fxpipe.tracer") == "export":
+        flat = pytree.tree_leaves((args, kwargs))
+        if len(flat) != len(placeholders):
+            raise InputError(f"got {len(flat)} input tensors, the exported graph takes {len(placeholders)}")
+        return flat
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"inputs do not match {type(model).__name__}.forward: {e}") from e
+    values = dict(bound.arguments)
+    flat = []
+    for p in placeholders:
+        name = str(p.target).lstrip("*")
+        if name not in values:
+            raise InputError(f"input {name!r} of {type(model).__name__}.forward was not given; "
+                             f"given: {sorted(values)}")
+        flat.append(values[name])
+    return flat
+
+
+def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: int,
+            cost_model: str | CostModel = "analytic", device: Any = None,
+            leaf_modules: Iterable[type | str] = ()) -> CompiledGraph:
+    """Trace, shape-propagate (fake tensors), specialise shapes and annotate costs.
+
+    The graph is traced for ONE microbatch: ``example_inputs`` is a whole batch as
+    ``step`` will receive it, split into ``num_microbatches`` along dim 0.
+    """
+    from fxpipe.passes.annotate import annotate, resolve_cost_model
+    from fxpipe.passes.shape_prop import shape_prop
+    from fxpipe.passes.specialize import specialize_shapes
+    from fxpipe.trace import trace
+
+    args, kwargs = _bind_inputs(model, example_inputs)
+    names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
+    flat_given = list(args) + list(kwargs.values())
+    mbs = split_batch(flat_given, num_microbatches, "example_inputs")
+    mb_args = tuple(mbs[0][: len(args)])
+    mb_kwargs = dict(zip(names[len(args):], mbs[0][len(args):]))
+    t0 = time.perf_counter()
+    gm = trace(model, mb_args, mb_kwargs, leaf_modules=leaf_modules)
+    flat = _flatten_for_graph(gm, model, mb_args, mb_kwargs)
+    shape_prop(gm, *flat)
+    specialize_shapes(gm)
+    t1 = time.perf_counter()
+    cm = resolve_cost_model(cost_model, device)
+    annotate(gm, cm)
+    t2 = time.perf_counter()
+    return CompiledGraph(gm=gm, cost_model=cm, input_names=[str(n.target) for n in gm.graph.nodes if n.op == "placeholder"],
+                         microbatch_inputs=flat, batch_size=int(flat_given[0].shape[0]) if flat_given else 0,
+                         trace_seconds=t1 - t0, annotate_seconds=t2 - t1)
+
+
+def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None = 4,
+         num_microbatches: int = 8, schedule: str = "2bw", loss_fn: Callable | None = None,
+         optimizer: OptimizerFactory | None = None, cost_model: str | CostModel = "analytic",
+         memory_limit: int | None = None, device: Any = None, executor: str = "auto",
+         num_devices: int | None = None, global_batch: int | None = None,
+         leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
+         time_limit: float = 10.0) -> Plan:
+    """Plan a pipeline without building it (works on meta-device models).
+
+    Takes the same arguments as :func:`compile`; ``loss_fn`` and ``executor`` are ignored.
+
+    Returns:
+        The Plan: stages, per-stage predicted time and memory, recompute flags, cut edges.
+
+    Raises:
+        ConfigError, ScheduleError, TraceError, InfeasibleMemoryError (all FxpipeError).
+    """
+    _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit)
+    return _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
+                 schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
+                 device=device, num_devices=num_devices, global_batch=global_batch,
+                 leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit)[0]
+
+
+def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None, num_microbatches: int,
+          schedule: str, optimizer: OptimizerFactory | None, cost_model: Any, memory_limit: Any,
+          device: Any, num_devices: int | None, global_batch: int | None,
+          leaf_modules: Iterable[type | str], recompute: bool | None,
+          time_limit: float) -> tuple[Plan, CompiledGraph]:
+    from fxpipe.cost_models.memory import optimizer_slots
+    from fxpipe.passes.partition import partition
+
+    cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
+                 device=device, leaf_modules=leaf_modules)
+    k = optimizer_slots(optimizer)
+    if num_stages is None:
+        from fxpipe.passes.search import search_depth_width
+
+        p = search_depth_width(cg.gm, cg.cost_model, num_devices=int(num_devices or 1),
+                               global_batch=global_batch or cg.batch_size, num_microbatches=num_microbatches,
+                               schedule=schedule, memory_limit=memory_limit, optimizer_slots=k,
+                               time_limit=time_limit)
+    else:
+        n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+        if num_stages > n_compute:
+            raise ConfigError(f"num_stages={num_stages} is more than the {n_compute} operations in the "
+                              f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
+        p = partition(cg.gm, cg.cost_model, num_stages=num_stages, num_microbatches=num_microbatches,
+                      schedule=schedule, memory_limit=None if memory_limit is None else int(memory_limit),
+                      optimizer_slots=k, recompute=recompute, time_limit=time_limit)
+    return p, cg
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None = 4,
+            num_microbatches: int = 8, schedule: str = "2bw",
+            loss_fn: Callable[..., torch.Tensor] | None = None,
+            optimizer: OptimizerFactory | None = None, cost_model: str | CostModel = "analytic",
+            memory_limit: int | None = None, device: Any = None, executor: str = "auto",
+            num_devices: int | None = None, global_batch: int | None = None,
+            leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
+            time_limit: float = 10.0) -> "Pipeline":
+    """Compile ``model`` into pipeline stages and an executor that trains them.
+
+    Args:
+        model: the nn.Module (its parameters become the pipeline's newest weights).
+        example_inputs: one batch as ``step`` will receive it: a tensor, a tuple, or a dict of kwargs.
+        num_stages: pipeline depth d, or None with ``num_devices`` to let the planner choose.
+        num_microbatches: m microbatches per batch (2bw needs m >= d).
+        schedule: "2bw" (PipeDream-2BW), "flush" (PipeDream-Flush), or "gpipe".
+        loss_fn: ``loss_fn(model_output, targets) -> scalar``; required for ``step``.
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer``; default SGD(lr=0.01).
+        cost_model: "analytic", "profile", or a CostModel instance.
+        memory_limit: bytes per device, or None.
+        device: a DeviceSpec, a preset name ("a100-80gb"), or None for this machine.
+        executor: "local", "distributed", or "auto" (distributed under torchrun with WORLD_SIZE > 1).
+        leaf_modules: module types / qualified names to keep opaque when tracing.
+        recompute: force activation recomputation on (True) or off (False); None lets the planner decide.
+        time_limit: seconds the solver may spend.
+
+    Returns:
+        A :class:`fxpipe.Pipeline`.
+
+    Raises:
+        FxpipeError subclasses for every bad argument, with the values seen and the fix.
+    """
+    from fxpipe.pipeline import Pipeline
+
+    _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit)
+    if executor not in ("auto", "local", "distributed"):
+        raise ConfigError(f"unknown executor {executor!r}; choose 'auto', 'local' or 'distributed'")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable (model_output, targets) -> scalar, got {loss_fn!r}")
+    if optimizer is not None and not callable(optimizer):
+        raise ConfigError(f"optimizer must be a factory params -> torch.optim.Optimizer, got {optimizer!r}; "
+                          "pass e.g. optimizer=lambda params: torch.optim.SGD(params, lr=0.1)")
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError(f"{type(model).__name__} has parameters on the meta device: compile needs real "
+                          "weights to train; use fxpipe.plan(...) to plan a meta-device model")
+    p, cg = _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
+                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
+                  device=device, num_devices=num_devices, global_batch=global_batch,
+                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit)
+    if executor == "auto":
+        executor = "distributed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+    return Pipeline(model, cg, p, loss_fn=loss_fn,
+                    optimizer=optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)),
+                    executor=executor)

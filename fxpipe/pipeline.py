@@ -1,0 +1,161 @@
+"""The compiled pipeline a user trains: ``step``, forward, and state dicts keyed by the model's names."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from fxpipe.api import CompiledGraph, _bind_inputs, _flatten_for_graph, split_batch
+from fxpipe.errors import ConfigError, InputError, StateDictError
+from fxpipe.ir import Plan
+from fxpipe.passes.split import PipelineProgram, split
+from fxpipe.runtime.executor import LocalExecutor, build_stage_runtimes
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """Generated stages plus the executor that trains them (see :func:`fxpipe.compile`).
+
+    Attributes:
+        plan: the Plan the stages were cut from.
+        stages: one ``torch.fx.GraphModule`` per stage.
+        program: the routing of values between stages.
+    """
+
+    def __init__(self, model: torch.nn.Module, cg: CompiledGraph, plan: Plan, *,
+                 loss_fn: Callable[..., torch.Tensor] | None, optimizer: Callable,
+                 executor: str = "local") -> None:
+        self.model = model
+        self.plan = plan
+        self.loss_fn = loss_fn
+        self.num_microbatches = plan.num_microbatches
+        self.schedule = plan.schedule
+        self._cg = cg
+        self.program: PipelineProgram = split(cg.gm, plan.stage_of(), plan.num_stages)
+        self.stages: list[torch.fx.GraphModule] = [st.module for st in self.program.stages]
+        # canonical names: the model's own (first) name of every distinct parameter
+        self._params: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
+        canonical = {id(p): n for n, p in self._params.items()}
+        missing = [n for n, p in cg.gm.named_parameters() if id(p) not in canonical]
+        if missing:
+            raise ConfigError(f"traced graph holds parameters not found in the model: {missing[:5]}")
+        self._example = [x for x in cg.microbatch_inputs]
+        if executor == "distributed":
+            from fxpipe.runtime.distributed import DistributedExecutor
+
+            self._executor: Any = DistributedExecutor(self.program, canonical, self._params, optimizer,
+                                                      plan, loss_fn)
+        else:
+            runtimes = build_stage_runtimes(self.program, canonical, self._params, optimizer,
+                                            plan.schedule, [s.recompute for s in plan.stages])
+            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, plan.num_microbatches,
+                                           loss_fn or _no_loss)
+        self.executor = executor
+
+    # -- inputs ---------------------------------------------------------------
+    def _microbatches(self, inputs: Any) -> list[list[Any]]:
+        args, kwargs = _bind_inputs(self.model, inputs)
+        given = list(args) + list(kwargs.values())
+        for i, v in enumerate(given):
+            if not isinstance(v, torch.Tensor):
+                raise InputError(f"input {i} is a {type(v).__name__}, not a tensor; pass the same kind of "
+                                 "inputs as example_inputs")
+        m = self.num_microbatches
+        mbs = split_batch(given, m, "inputs")
+        names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
+        out = []
+        for mb in mbs:
+            flat = _flatten_for_graph(self._cg.gm, self.model, tuple(mb[: len(args)]),
+                                      dict(zip(names[len(args):], mb[len(args):])))
+            if len(flat) != len(self._example):
+                raise InputError(f"got {len(flat)} inputs, compiled for {len(self._example)}")
+            for i, (x, e) in enumerate(zip(flat, self._example)):
+                if tuple(x.shape) != tuple(e.shape) or x.dtype != e.dtype:
+                    raise InputError(
+                        f"input {self._cg.input_names[i]!r}: microbatch has shape {tuple(x.shape)} "
+                        f"{x.dtype}, compiled for {tuple(e.shape)} {e.dtype} (batch {e.shape[0] * m if e.dim() else '?'}"
+                        f" = {m} microbatches of {e.shape[0] if e.dim() else '?'}); pass batches of the "
+                        "example's shape or compile again for the new shape")
+            out.append(flat)
+        return out
+
+    def _target_microbatches(self, targets: Any) -> list[Any]:
+        leaves, spec = pytree.tree_flatten(targets)
+        if not leaves:
+            raise InputError("targets are empty; pass the targets loss_fn(output, targets) expects")
+        per = split_batch(leaves, self.num_microbatches, "targets")
+        return [pytree.tree_unflatten(mb, spec) for mb in per]
+
+    # -- API ------------------------------------------------------------------
+    def step(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """Train on one batch of ``num_microbatches`` microbatches; returns the mean loss.
+
+        Raises:
+            ConfigError: compiled without ``loss_fn``.
+            InputError: inputs or targets do not match the compiled shapes.
+        """
+        if self.loss_fn is None:
+            raise ConfigError("step() needs a loss: compile(..., loss_fn=torch.nn.functional.cross_entropy) "
+                              "or any callable (model_output, targets) -> scalar tensor")
+        mbs = self._microbatches(inputs)
+        tgt = self._target_microbatches(targets)
+        return self._executor.step(mbs, tgt)
+
+    def __call__(self, inputs: Any) -> Any:
+        """Forward only, through all stages, with the newest weights; outputs concatenated along dim 0."""
+        outs = self._executor.forward(self._microbatches(inputs))
+        leaves = [pytree.tree_flatten(o)[0] for o in outs]
+        spec = pytree.tree_flatten(outs[0])[1]
+        cat = [torch.cat(list(vals), 0) if isinstance(vals[0], torch.Tensor) and vals[0].dim() > 0
+               else torch.stack(list(vals)) if isinstance(vals[0], torch.Tensor) else vals[0]
+               for vals in zip(*leaves)]
+        return pytree.tree_unflatten(cat, spec)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The newest weights and buffers, keyed by the ORIGINAL model's names (a copy)."""
+        if hasattr(self._executor, "state_dict"):
+            return self._executor.state_dict(self.model)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights keyed by the original model's names; both 2BW versions become these weights.
+
+        Raises:
+            StateDictError: keys missing or unexpected, or a shape/dtype mismatch. Nothing is loaded then.
+        """
+        if not isinstance(state_dict, dict):
+            raise StateDictError(f"state_dict must be a dict of name -> tensor, got {type(state_dict).__name__}")
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise StateDictError(f"state_dict does not match {type(self.model).__name__}: missing keys "
+                                 f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
+                                 f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; pass a dict from "
+                                 "pipe.state_dict() or model.state_dict() of the same architecture")
+        for k, v in state_dict.items():
+            if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
+                raise StateDictError(f"state_dict[{k!r}] has shape "
+                                     f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
+                                     f"the model expects {tuple(own[k].shape)}")
+        if hasattr(self._executor, "load_state_dict"):
+            self._executor.load_state_dict(self.model, state_dict)
+            return
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(state_dict[k].to(t.dtype))
+        for rt in self._executor.runtimes:
+            rt.weights.reset()
+        self._executor.batch = 0
+
+    def __repr__(self) -> str:
+        return (f"Pipeline({type(self.model).__name__}, stages={self.plan.num_stages}, "
+                f"microbatches={self.num_microbatches}, schedule={self.schedule!r}, executor={self.executor!r})")
+
+
+def _no_loss(*_: Any) -> torch.Tensor:
+    raise ConfigError("step() needs loss_fn")

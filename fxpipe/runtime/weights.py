@@ -1,0 +1,115 @@
+"""Weight versions: PipeDream-2BW's double-buffered weights, and the single version of flush/GPipe.
+
+2BW keeps two buffers per parameter. Batch t computes with W(max(t-1, 0)); the
+update after batch t writes W(t+1) = W(t) - lr * grad(W(t-1)) into the buffer
+whose version is no longer needed::
+
+    batch:        0        1         2          3
+    computes:    W0       W0        W1         W2
+    after U(t):  {W0,W1}  {W1,W2}   {W2,W3}    {W3,W4}     (two buffers, reused)
+
+The optimizer sees one ``nn.Parameter`` per weight (the model's own), so its state
+is never versioned; before each step that parameter is pointed at the free buffer
+(``p.data = buf``) holding a copy of the newest weights, and stepped in place.
+Computation never touches ``p`` itself: each version hands out leaf views of its
+buffer whose ``.grad`` accumulates over the microbatches that use it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ["WeightVersions", "version_for_batch"]
+
+
+def version_for_batch(schedule: str, batch: int) -> int:
+    """The weight version every microbatch of ``batch`` computes with (DESIGN.md semantics)."""
+    if schedule == "2bw":
+        return max(batch - 1, 0)
+    return batch
+
+
+class WeightVersions:
+    """The versions of one stage's own parameters, and its optimizer.
+
+    Args:
+        params: canonical name -> the model's nn.Parameter (the newest weights live here).
+        optimizer: factory called once with the list of parameters.
+        schedule: "2bw" keeps two versions; "flush"/"gpipe" keep one.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter],
+                 optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None,
+                 schedule: str) -> None:
+        self.params = params
+        self.schedule = schedule
+        self.optimizer = optimizer(list(params.values())) if (optimizer is not None and params) else None
+        self.current = 0                                   # version held by self.params
+        self._bufs: dict[int, dict[str, torch.Tensor]] = {0: {k: p.data for k, p in params.items()}}
+        self._leaves: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def alive(self) -> list[int]:
+        """Versions whose buffers are held now."""
+        return sorted(self._bufs)
+
+    def leaves(self, version: int) -> dict[str, torch.Tensor]:
+        """Leaf tensors (requires_grad) of ``version``; one set shared by all its microbatches."""
+        if version not in self._bufs:
+            raise RuntimeError(f"weight version {version} is not alive (alive: {self.alive}); "
+                               "the schedule asked for weights it already dropped")
+        if version not in self._leaves:
+            self._leaves[version] = {
+                k: b.detach().requires_grad_(self.params[k].requires_grad) for k, b in self._bufs[version].items()
+            }
+        return self._leaves[version]
+
+    def newest(self) -> dict[str, torch.Tensor]:
+        """The newest weights, for forward-only use."""
+        return {k: p.detach() for k, p in self.params.items()}
+
+    def update(self, batch: int) -> None:
+        """Step the optimizer after ``batch`` with the gradient of the version it used."""
+        used = version_for_batch(self.schedule, batch)
+        grads = {k: t.grad for k, t in self._leaves.get(used, {}).items()}
+        if self.schedule == "2bw":
+            keep = {batch, batch + 1}  # batch+1 computes with version `batch`
+            dead = [v for v in self._bufs if v not in keep and v != self.current]
+            if dead:
+                buf = self._bufs.pop(min(dead))
+            else:
+                buf = {k: torch.empty_like(b) for k, b in self._bufs[self.current].items()}
+            for k, p in self.params.items():
+                buf[k].copy_(self._bufs[self.current][k])
+                p.data = buf[k]
+        else:
+            buf = self._bufs.pop(self.current)
+        for k, p in self.params.items():
+            p.grad = grads.get(k)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        for p in self.params.values():
+            p.grad = None
+        self.current += 1
+        self._bufs[self.current] = {k: p.data for k, p in self.params.items()}
+        for v in list(self._leaves):
+            if v not in self._bufs or v == used and self.schedule != "2bw":
+                del self._leaves[v]
+        if self.schedule == "2bw":
+            for v in [v for v in self._bufs if v < batch]:
+                del self._bufs[v]
+                self._leaves.pop(v, None)
+            # version `used` is done (batch was its last user unless used == batch == 0)
+            if used in self._leaves and used < batch:
+                del self._leaves[used]
+            elif used in self._leaves:
+                for t in self._leaves[used].values():
+                    t.grad = None
+
+    def reset(self) -> None:
+        """Forget every version: the newest weights (self.params) become version 0's only buffer."""
+        self.current = 0
+        self._bufs = {0: {k: p.data for k, p in self.params.items()}}
+        self._leaves = {}

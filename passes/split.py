@@ -1,0 +1,146 @@
+"""Split an fx graph into one GraphModule per pipeline stage with explicit inputs and outputs.
+
+Built on ``torch.fx.passes.split_module``. The top-level graph it returns is read
+back into a routing table::
+
+    model inputs ──▶ stage 0 ──▶ stage 1 ──▶ stage 2 ──▶ loss(outputs, targets)
+                        └───────── skip ─────────┘        (sent directly, 0 → 2)
+
+Every stage input names its source: a model input, a module attribute (buffer or
+parameter read through ``get_attr``), or output ``k`` of an earlier stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.passes.split_module import split_module
+
+from fxpipe.errors import PartitionError
+
+__all__ = ["Source", "StageProgram", "PipelineProgram", "split"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value comes from.
+
+    kind: "input" (``index`` = position among the model's placeholders),
+    "attr" (``name`` = qualified attribute of the root module), "stage"
+    (output ``index`` of stage ``stage``), or "const" (``value``).
+    """
+
+    kind: str
+    index: int = 0
+    stage: int = -1
+    name: str = ""
+    value: Any = None
+
+
+@dataclass
+class StageProgram:
+    """One generated stage: its module and where each of its inputs comes from."""
+
+    index: int
+    module: torch.fx.GraphModule
+    sources: list[Source]                  # one per placeholder of ``module``, in order
+    num_outputs: int                       # the module returns a tuple of this length
+    consumers: set[int] = field(default_factory=set)   # stages (or d for the loss) reading its outputs
+
+
+@dataclass
+class PipelineProgram:
+    """All stages plus the model output as a pytree of Sources (read on the last stage)."""
+
+    stages: list[StageProgram]
+    output_sources: list[Source]           # leaves of the model output
+    output_spec: pytree.TreeSpec           # how to rebuild the model's output object
+    input_names: list[str]                 # placeholder names of the traced model, in order
+    root: torch.nn.Module                  # owner of the attributes named by "attr" sources
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+
+def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -> PipelineProgram:
+    """Cut ``gm`` into ``num_stages`` GraphModules.
+
+    Args:
+        gm: the traced model (compute nodes named as in ``stage_of``).
+        stage_of: fx node name -> stage, for every call_function/call_method/call_module node.
+        num_stages: d.
+
+    Returns:
+        A PipelineProgram whose ``stages[i].module`` is an ordinary GraphModule.
+
+    Raises:
+        PartitionError: a compute node has no stage, or a stage would be empty.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    input_index = {n.name: i for i, n in enumerate(placeholders)}
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module") and n.name not in stage_of:
+            raise PartitionError(f"split: node {n.format_node()} has no stage in the plan; "
+                                 "the plan was made for another graph — re-plan this model")
+
+    def callback(node: torch.fx.Node) -> int:
+        return stage_of[node.name]
+
+    top = split_module(gm, gm, callback, keep_original_order=True, keep_original_node_name=True,
+                       tuple_return=True)
+    sub_index: dict[str, int] = {}
+    for n in top.graph.nodes:
+        if n.op == "call_module" and n.target.startswith("submod_"):
+            sub_index[n.name] = int(n.target.split("_")[1])
+    present = sorted(set(sub_index.values()))
+    if present != list(range(num_stages)):
+        missing = sorted(set(range(num_stages)) - set(present))
+        raise PartitionError(f"split: stages {missing} of {num_stages} received no node; "
+                             "every stage needs at least one compute node")
+
+    def source_of(a: Any) -> Source:
+        if isinstance(a, torch.fx.Node):
+            if a.op == "placeholder":
+                return Source("input", index=input_index[a.name])
+            if a.op == "get_attr":
+                return Source("attr", name=str(a.target))
+            if a.op == "call_function" and a.args and isinstance(a.args[0], torch.fx.Node) \
+                    and a.args[0].name in sub_index:
+                return Source("stage", stage=sub_index[a.args[0].name], index=int(a.args[1]))
+            raise PartitionError(f"split: unexpected value {a.format_node()} between stages")
+        return Source("const", value=a)
+
+    stages: list[StageProgram] = []
+    for n in top.graph.nodes:
+        if n.name not in sub_index:
+            continue
+        s = sub_index[n.name]
+        mod = getattr(top, n.target)
+        if n.kwargs:
+            raise PartitionError(f"split: stage {s} got keyword inputs {list(n.kwargs)}")
+        sources = [source_of(a) for a in n.args]
+        out_node = next(x for x in mod.graph.nodes if x.op == "output")
+        outs = out_node.args[0]
+        stages.append(StageProgram(index=s, module=mod, sources=sources,
+                                   num_outputs=len(outs) if isinstance(outs, (tuple, list)) else 1))
+    stages.sort(key=lambda st: st.index)
+    out_node = next(x for x in top.graph.nodes if x.op == "output")
+    leaves, spec = pytree.tree_flatten(out_node.args[0])
+    output_sources = [source_of(a) for a in leaves]
+    for st in stages:
+        for src in st.sources:
+            if src.kind == "stage":
+                if src.stage >= st.index:
+                    raise PartitionError(f"split: stage {st.index} reads stage {src.stage}; "
+                                         "stage order must not decrease along an edge")
+                stages[src.stage].consumers.add(st.index)
+    for src in output_sources:
+        if src.kind == "stage":
+            stages[src.stage].consumers.add(num_stages)  # the loss, on the last stage
+    return PipelineProgram(stages=stages, output_sources=output_sources, output_spec=spec,
+                           input_names=[p.name for p in placeholders], root=gm)
