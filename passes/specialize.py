@@ -30,9 +30,14 @@ def specialize_shapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op in ("placeholder", "output", "get_attr") or "val" not in node.meta:
+        if node.op in ("placeholder", "output", "get_attr"):
             continue
-        val = node.meta["val"]
+        val = node.meta.get("val")
+        if val is None:
+            val = _fold(node)
+            if val is None or not _is_constant(val):
+                continue
+            node.meta["val"] = val
         if isinstance(val, torch.Tensor) or not _is_constant(val):
             continue
         if node.op == "call_module":
@@ -50,3 +55,27 @@ def specialize_shapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+_TENSOR_ATTRS = {"shape", "device", "dtype", "ndim", "is_cuda"}
+_TENSOR_METHODS = {"size", "dim", "numel", "get_device"}
+
+
+def _fold(node: torch.fx.Node) -> Any:
+    """Value of a metadata query (``x.shape``, ``x.size(1)``, ``x.device``) or of arithmetic on constants."""
+    def value(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+    try:
+        if node.op == "call_function" and node.target is getattr and isinstance(args[0], torch.Tensor):
+            return getattr(args[0], args[1]) if args[1] in _TENSOR_ATTRS else None
+        if node.op == "call_method" and node.target in _TENSOR_METHODS and isinstance(args[0], torch.Tensor):
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_function" and _is_constant(list(args)) and _is_constant(list(kwargs.values())) \
+                and any(isinstance(a, torch.fx.Node) for a in node.all_input_nodes):
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - not foldable: leave the node in the graph
+        return None
+    return None
