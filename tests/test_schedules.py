@@ -1,0 +1,333 @@
+"""Tests for fxpipe.runtime.schedules: action text, exact small schedules, grid invariants, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from fxpipe.errors import FxpipeError, ScheduleError
+from fxpipe.runtime.schedules import (
+    SCHEDULES,
+    Action,
+    batch_of,
+    build_schedule,
+    render,
+    simulate,
+    validate,
+    weight_version,
+)
+
+
+def _texts(actions: list[list[Action]]) -> list[list[str]]:
+    return [[str(a) for a in row] for row in actions]
+
+
+def _parse(rows: list[str]) -> list[list[Action]]:
+    return [[Action.parse(t) for t in row.split()] for row in rows]
+
+
+def _valid_configs():
+    for schedule, d, m, n in itertools.product(SCHEDULES, range(1, 6), range(1, 10), range(1, 4)):
+        if schedule == "2bw" and m < d:
+            continue
+        yield schedule, d, m, n
+
+
+# --------------------------------------------------------------------------- Action
+
+
+@pytest.mark.parametrize("text", ["1F0", "2B5", "0U1", "12F345"])
+def test_action_str_parse_round_trip(text):
+    action = Action.parse(text)
+    assert str(action) == text
+    assert Action.parse(str(action)) == action
+
+
+def test_action_fields():
+    assert Action.parse("1F0") == Action(1, "F", 0)
+    assert str(Action(2, "B", 5)) == "2B5"
+    assert str(Action(0, "U", 1)) == "0U1"
+    assert batch_of(Action(0, "F", 7), 3) == 2
+    assert batch_of(Action(0, "U", 1), 3) == 1
+
+
+@pytest.mark.parametrize("text", ["", "1X0", "F0", "1F", "-1F0", "1 F 0", "1f0", "1F0x"])
+def test_action_parse_rejects_bad_text(text):
+    with pytest.raises(ScheduleError, match="cannot parse action"):
+        Action.parse(text)
+
+
+def test_action_rejects_bad_fields():
+    with pytest.raises(ScheduleError, match="kind must be one of"):
+        Action(0, "X", 0)
+    with pytest.raises(ScheduleError, match="stage=-1"):
+        Action(-1, "F", 0)
+    assert issubclass(ScheduleError, FxpipeError)
+
+
+# --------------------------------------------------------------------------- exact lists
+
+
+def test_flush_d2_m3_exact():
+    assert _texts(build_schedule("flush", 2, 3)) == [
+        ["0F0", "0F1", "0B0", "0F2", "0B1", "0B2", "0U0"],
+        ["1F0", "1B0", "1F1", "1B1", "1F2", "1B2", "1U0"],
+    ]
+
+
+def test_flush_two_batches_flushes_between():
+    assert _texts(build_schedule("flush", 2, 2, 2)) == [
+        ["0F0", "0F1", "0B0", "0B1", "0U0", "0F2", "0F3", "0B2", "0B3", "0U1"],
+        ["1F0", "1B0", "1F1", "1B1", "1U0", "1F2", "1B2", "1F3", "1B3", "1U1"],
+    ]
+
+
+def test_gpipe_d2_m3_exact():
+    # torch ScheduleGPipe convention: backwards in the same order as forwards.
+    assert _texts(build_schedule("gpipe", 2, 3, 2)) == [
+        ["0F0", "0F1", "0F2", "0B0", "0B1", "0B2", "0U0", "0F3", "0F4", "0F5", "0B3", "0B4", "0B5", "0U1"],
+        ["1F0", "1F1", "1F2", "1B0", "1B1", "1B2", "1U0", "1F3", "1F4", "1F5", "1B3", "1B4", "1B5", "1U1"],
+    ]
+
+
+def test_2bw_d2_m2_two_batches_exact():
+    # One 1F1B stream, no flush: rank 0 starts batch 1 (0F2) before 0U0.
+    assert _texts(build_schedule("2bw", 2, 2, 2)) == [
+        ["0F0", "0F1", "0B0", "0F2", "0B1", "0U0", "0F3", "0B2", "0B3", "0U1"],
+        ["1F0", "1B0", "1F1", "1B1", "1U0", "1F2", "1B2", "1F3", "1B3", "1U1"],
+    ]
+
+
+def test_2bw_d3_m3_u_after_last_backward_of_each_batch():
+    actions = build_schedule("2bw", 3, 3, 3)
+    for row in actions:
+        texts = [str(a) for a in row]
+        s = row[0].stage
+        for b in range(3):
+            assert texts[texts.index(f"{s}U{b}") - 1] == f"{s}B{3 * b + 2}"
+    # warm-up only at the very start: stage 0 does d-1 = 2 forwards before its first backward
+    assert _texts(actions)[0][:4] == ["0F0", "0F1", "0F2", "0B0"]
+    # cool-down only at the very end: the last forward is followed only by backwards and 0U2
+    assert _texts(actions)[0][-5:] == ["0F8", "0B6", "0B7", "0B8", "0U2"]
+
+
+def test_render_flush_d2_m3_exact():
+    assert render(build_schedule("flush", 2, 3)) == (
+        "step    0   1   2   3   4   5   6   7   8\n"
+        "rank 0 0F0 0F1  .  0B0 0F2 0B1  .  0B2 0U0\n"
+        "rank 1  .  1F0 1B0 1F1 1B1 1F2 1B2 1U0  ."
+    )
+
+
+# --------------------------------------------------------------------------- weight versions
+
+
+def test_weight_version():
+    m = 4
+    f = lambda i: Action(0, "F", i)  # noqa: E731
+    assert [weight_version("2bw", f(i), m) for i in (0, 3, 4, 7, 8, 12)] == [0, 0, 0, 0, 1, 2]
+    assert [weight_version("flush", f(i), m) for i in (0, 3, 4, 8)] == [0, 0, 1, 2]
+    assert weight_version("gpipe", Action(1, "B", 9), m) == 2
+    assert weight_version("2bw", Action(0, "U", 3), m) == 3
+    with pytest.raises(ScheduleError, match="'2bw', 'flush', 'gpipe'"):
+        weight_version("pipedream", f(0), m)
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+def test_unknown_schedule_lists_names():
+    with pytest.raises(ScheduleError, match=r"unknown schedule 'zb'.*'2bw', 'flush', 'gpipe'"):
+        build_schedule("zb", 2, 2)
+
+
+@pytest.mark.parametrize("d, m, n, name", [(0, 4, 1, "num_stages"), (2, 0, 1, "num_microbatches"),
+                                           (2, 2, 0, "num_batches"), (-3, 2, 1, "num_stages")])
+def test_sizes_below_one_raise(d, m, n, name):
+    with pytest.raises(ScheduleError, match=rf"{name} must be an int >= 1, got {min(d, m, n)}"):
+        build_schedule("flush", d, m, n)
+
+
+@pytest.mark.parametrize("d, m", [(2, 1), (4, 3), (5, 1)])
+def test_2bw_needs_m_at_least_d(d, m):
+    with pytest.raises(ScheduleError, match=rf"m={m}, d={d}.*num_microbatches to >= {d}.*'flush'"):
+        build_schedule("2bw", d, m)
+    build_schedule("flush", d, m)  # the suggested way out works
+
+
+# --------------------------------------------------------------------------- grid invariants
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_invariants_over_grid(schedule):
+    for sched, d, m, n in _valid_configs():
+        if sched != schedule:
+            continue
+        actions = build_schedule(schedule, d, m, n)
+        validate(actions, schedule, d, m, n)
+        assert len(actions) == d
+        for s, row in enumerate(actions):
+            assert all(a.stage == s for a in row)
+            fpos = {a.microbatch: p for p, a in enumerate(row) if a.kind == "F"}
+            bpos = {a.microbatch: p for p, a in enumerate(row) if a.kind == "B"}
+            assert sum(a.kind == "F" for a in row) == len(fpos) == n * m
+            assert sum(a.kind == "B" for a in row) == len(bpos) == n * m
+            assert all(fpos[i] < bpos[i] for i in range(n * m))
+            assert [a.microbatch for a in row if a.kind == "U"] == list(range(n))
+        sim = simulate(actions, schedule=schedule, num_microbatches=m)  # raises on deadlock
+        for s in range(d):
+            if schedule == "gpipe":
+                assert sim.peak_in_flight[s] == m
+            else:
+                assert sim.peak_in_flight[s] <= d - s
+                assert sim.peak_in_flight[s] == min(d - s, m if schedule == "flush" else n * m)
+            if schedule == "2bw":
+                assert sim.peak_versions[s] <= 2
+                assert sim.peak_versions[s] == (2 if n >= 2 else 1)
+            else:
+                assert sim.peak_versions[s] == 1
+        assert 0.0 <= sim.bubble_fraction < 1.0
+        assert sim.busy == pytest.approx([n * m * 3.0] * d)
+
+
+def test_2bw_beats_flush_for_two_or_more_batches():
+    for d, m, n in itertools.product(range(2, 6), range(1, 10), range(2, 4)):
+        if m < d:
+            continue
+        two = simulate(build_schedule("2bw", d, m, n)).makespan
+        flush = simulate(build_schedule("flush", d, m, n)).makespan
+        assert two < flush, (d, m, n, two, flush)
+        # closed forms with F=1, B=2: 2bw pays the bubble once, flush once per batch
+        assert two == pytest.approx((n * m + d - 1) * 3.0)
+        assert flush == pytest.approx(n * (m + d - 1) * 3.0)
+
+
+def test_2bw_amortizes_bubble_flush_does_not():
+    d, m, f, b = 4, 4, 1.0, 2.0
+    per_batch = m * (f + b)
+    two = [simulate(build_schedule("2bw", d, m, n), f, b).makespan / n for n in (1, 10, 100)]
+    assert two[0] > two[1] > two[2]
+    assert two[2] == pytest.approx(per_batch, rel=0.01)
+    flush = simulate(build_schedule("flush", d, m, 100), f, b).makespan / 100
+    assert flush == pytest.approx(per_batch + (d - 1) * (f + b))
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def test_simulate_exact_times_with_comm_and_update():
+    # flush d=2 m=1: 0F0 [0,1]  1F0 [1.5,2.5]  1B0 [2.5,4.5]  0B0 [5,7]  U takes 0.25
+    sim = simulate(build_schedule("flush", 2, 1), 1.0, 2.0, comm_time=0.5, update_time=0.25)
+    assert [(s, e, str(a)) for s, e, a in sim.timeline[0]] == [(0, 1, "0F0"), (5, 7, "0B0"), (7, 7.25, "0U0")]
+    assert [(s, e, str(a)) for s, e, a in sim.timeline[1]] == [(1.5, 2.5, "1F0"), (2.5, 4.5, "1B0"),
+                                                                (4.5, 4.75, "1U0")]
+    assert sim.makespan == 7.25
+    assert sim.busy == [3.25, 3.25]
+    assert sim.bubble_fraction == pytest.approx(1 - 6.5 / 14.5)
+
+
+def test_simulate_per_stage_times():
+    # gpipe d=2 m=2, stage 1 twice as slow: its forwards bound the pipeline.
+    sim = simulate(build_schedule("gpipe", 2, 2), fwd_time=[1.0, 2.0], bwd_time=[1.0, 2.0])
+    assert [(s, e) for s, e, _ in sim.timeline[1]] == [(1, 3), (3, 5), (5, 7), (7, 9), (9, 9)]
+    assert [(s, e) for s, e, _ in sim.timeline[0]] == [(0, 1), (1, 2), (7, 8), (9, 10), (10, 10)]
+    assert sim.makespan == 10
+    with pytest.raises(ScheduleError, match="fwd_time has 3 entries but the schedule has 2 stages"):
+        simulate(build_schedule("gpipe", 2, 2), fwd_time=[1.0, 1.0, 1.0])
+    with pytest.raises(ScheduleError, match="bwd_time must be >= 0"):
+        simulate(build_schedule("gpipe", 2, 2), bwd_time=-1.0)
+
+
+def test_simulate_deadlock_shows_grid():
+    # each rank is fine alone, but rank 0 wants 1B0 before sending 0F1 that rank 1 needs first
+    actions = _parse(["0F0 0B0 0F1 0B1 0U0", "1F0 1F1 1B0 1B1 1U0"])
+    with pytest.raises(ScheduleError, match=r"(?s)deadlock.*rank 0 is stuck at 0B0.*waiting for 1B0"
+                                            r".*rank 1 is stuck at 1F1.*rank 0 0F0"):
+        simulate(actions)
+    with pytest.raises(ScheduleError, match=r"(?s)deadlock.*\| 0B0 0F1 0B1 0U0"):
+        validate(actions, "flush", 2, 2)
+
+
+def test_simulate_rejects_action_on_wrong_rank():
+    actions = _parse(["0F0 0B0 0U0", "0F0 1B0 1U0"])
+    with pytest.raises(ScheduleError, match="action 0F0 is on rank 1"):
+        simulate(actions)
+
+
+def test_render_marks_actions_that_never_ran():
+    text = render(_parse(["0F0 0B0 0U0", "1B0 1U0"]))  # 1F0 missing: 1B0 can never run
+    assert "| 1B0 1U0" in text and "| 0B0 0U0" in text and "deadlock" in text
+
+
+# --------------------------------------------------------------------------- validate rejects corruption
+
+
+def _swap(row: list[Action], x: str, y: str) -> None:
+    i, j = (row.index(Action.parse(t)) for t in (x, y))
+    row[i], row[j] = row[j], row[i]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_validate_rejects_swapped_f_b(schedule):
+    actions = build_schedule(schedule, 3, 3, 2)
+    _swap(actions[1], "1F4", "1B4")
+    with pytest.raises(ScheduleError, match=r"(?s)backward 1B4 at position \d+ runs before its forward 1F4"
+                                            r".*rank 0 "):
+        validate(actions, schedule, 3, 3, 2)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_validate_rejects_missing_u(schedule):
+    actions = build_schedule(schedule, 3, 3, 2)
+    actions[2].remove(Action(2, "U", 0))
+    with pytest.raises(ScheduleError, match="rank 2: missing update 2U0 of batch 0"):
+        validate(actions, schedule, 3, 3, 2)
+
+
+def test_validate_rejects_three_weight_versions():
+    # 2bw: moving 0U1 ahead of 0B3 (batch 1's last backward) keeps version 0 alive for 0B3
+    # while version 1 (needed by batch 2) and the new version 2 exist.
+    actions = build_schedule("2bw", 2, 2, 3)
+    row = actions[0]
+    row.remove(Action(0, "U", 1))
+    row.insert(row.index(Action(0, "B", 3)), Action(0, "U", 1))
+    with pytest.raises(ScheduleError, match=r"3 weight versions alive \(0, 1, 2\); 2bw keeps at most two"):
+        validate(actions, "2bw", 2, 2, 3)
+
+
+def test_validate_rejects_version_not_yet_created():
+    # 2bw d=1 m=1: batch 2 needs version 1, which 0U0 creates.
+    actions = _parse(["0F0 0B0 0F2 0U0 0F1 0B1 0U1 0B2 0U2"])
+    with pytest.raises(ScheduleError, match=r"0F2 \(batch 2\) needs weight version 1, created by 0U0"):
+        validate(actions, "2bw", 1, 1, 3)
+
+
+def test_validate_rejects_flush_forward_before_update():
+    # the 2bw list is not a valid flush schedule: batch 1 starts before 0U0
+    actions = build_schedule("2bw", 2, 2, 2)
+    with pytest.raises(ScheduleError, match=r"0F2 \(batch 1\) at position 3 runs before 0U0 at position 5; "
+                                            r"flush needs weight version 1"):
+        validate(actions, "flush", 2, 2, 2)
+
+
+def test_validate_rejects_update_before_backward():
+    actions = build_schedule("gpipe", 2, 2)
+    _swap(actions[1], "1B1", "1U0")
+    with pytest.raises(ScheduleError,
+                       match=r"1U0 at position 3 runs before batch 0's backward 1B1 at position 4"):
+        validate(actions, "gpipe", 2, 2)
+
+
+def test_validate_rejects_shape_errors():
+    actions = build_schedule("flush", 2, 2)
+    with pytest.raises(ScheduleError, match="expected 3 ranks"):
+        validate(actions, "flush", 3, 2)
+    bad = build_schedule("flush", 2, 2)
+    bad[0].append(Action(0, "F", 1))
+    bad[1][0] = Action(0, "F", 0)
+    with pytest.raises(ScheduleError,
+                       match=r"(?s)repeats the F already at position 1.*belongs to stage 0, not rank 1"):
+        validate(bad, "flush", 2, 2)
+    with pytest.raises(ScheduleError, match="m=1, d=2"):
+        validate(build_schedule("flush", 2, 1), "2bw", 2, 1)
