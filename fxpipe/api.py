@@ -94,7 +94,10 @@ def split_batch(values: Sequence[Any], num_microbatches: int, what: str) -> list
 def _flatten_for_graph(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple, kwargs: dict) -> list[Any]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if gm.meta.get("fxpipe.tracer") == "export":
-        flat = pytree.tree_leaves((args, kwargs))
+        order = gm.meta.get("fxpipe.kwarg_names", list(kwargs))
+        if set(order) != set(kwargs):
+            raise InputError(f"keyword inputs {sorted(kwargs)} differ from the compiled ones {sorted(order)}")
+        flat = pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in order}))
         if len(flat) != len(placeholders):
             raise InputError(f"got {len(flat)} input tensors, the exported graph takes {len(placeholders)}")
         return flat

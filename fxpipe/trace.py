@@ -22,6 +22,17 @@ class FxpipeTracer(torch.fx.Tracer):
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
 
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if not hasattr(e, "_fxpipe_module"):
+                try:
+                    e._fxpipe_module = self.path_of_module(m)  # type: ignore[attr-defined]
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
+
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names:
             return True
@@ -51,7 +62,13 @@ def _concrete_defaults(model: torch.nn.Module, num_args: int, kwarg_names: Seque
 
 def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
           leaf_modules: Iterable[type | str] = ()) -> torch.fx.GraphModule:
-    """Trace ``model`` with torch.fx; fall back to ``torch.export`` when fx fails.
+    """Trace ``model`` for the example inputs, trying three frontends in turn.
+
+    1. ``torch.fx`` symbolic tracing (module-level graph, fastest);
+    2. ``torch.export`` (aten-level graph, specialised to the example shapes: handles
+       shape-dependent code such as ``torch.ones(T, T)`` and HF transformers models);
+    3. ``torch.fx`` again, keeping every submodule that fails to trace as an opaque
+       leaf (costed as a whole), with a warning naming it.
 
     Args:
         model: the module to trace (real, meta or fake parameters).
@@ -60,38 +77,95 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
         leaf_modules: module types or qualified names kept as opaque call_module nodes.
 
     Returns:
-        A GraphModule whose placeholders are, in order, the positional inputs then the
-        keyword inputs given. ``gm.meta["fxpipe.tracer"]`` says which frontend worked.
+        A GraphModule; ``gm.meta["fxpipe.tracer"]`` says which frontend worked
+        ("fx", "export" or "fx+leaves") and ``gm.meta["fxpipe.leaves"]`` lists modules made opaque.
 
     Raises:
-        TraceError: neither frontend could trace the model; the message holds both errors.
+        TraceError: no frontend could trace the model; the message names the source line
+        that stopped tracing (e.g. data-dependent control flow) and the fix.
     """
     kwargs = dict(kwargs or {})
-    tracer = FxpipeTracer(leaf_modules)
-    concrete = _concrete_defaults(model, len(args), list(kwargs))
+    leaf_modules = list(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-        _drop_concrete_placeholders(gm, len(args), list(kwargs), model)
-        gm.meta["fxpipe.tracer"] = "fx"
-        return gm
-    except Exception as fx_err:  # noqa: BLE001 - any tracer failure leads to the fallback
+        return _fx(model, args, kwargs, leaf_modules, "fx")
+    except Exception as e:  # noqa: BLE001 - any tracer failure leads to the next frontend
+        fx_err = e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        gm = ep.module()
+        _drop_guards(gm)
+        gm.meta["fxpipe.tracer"] = "export"
+        gm.meta["fxpipe.kwarg_names"] = list(kwargs)
+        return gm  # type: ignore[return-value]
+    except Exception as e:  # noqa: BLE001
+        ex_err = e
+    # 3. make failing submodules opaque, innermost first
+    leaves = list(leaf_modules)
+    made_opaque: list[str] = []
+    err: BaseException = fx_err
+    for _ in range(64):
+        path = getattr(err, "_fxpipe_module", "")
+        if not path or path in leaves:
+            break
+        leaves.append(path)
+        made_opaque.append(path)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ep = torch.export.export(model, tuple(args), kwargs, strict=False)
-            gm = ep.module()
-            gm.meta["fxpipe.tracer"] = "export"
-            return gm  # type: ignore[return-value]
-        except Exception as ex_err:  # noqa: BLE001
-            raise TraceError(
-                f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
-                f"{type(fx_err).__name__}: {fx_err}; torch.export failed with "
-                f"{type(ex_err).__name__}: {ex_err}. Mark the failing submodule as a leaf with "
-                "leaf_modules=[...] or remove data-dependent control flow."
-            ) from fx_err
+            gm = _fx(model, args, kwargs, leaves, "fx+leaves")
+        except Exception as e:  # noqa: BLE001
+            err = e
+            continue
+        for p in made_opaque:
+            warnings.warn(f"fxpipe: submodule {p!r} ({type(model.get_submodule(p)).__name__}) could not be "
+                          f"traced ({_one_line(fx_err)}); it runs as one opaque node of its stage. Pass "
+                          f"leaf_modules=[{p!r}] to choose this yourself.", stacklevel=2)
+        gm.meta["fxpipe.leaves"] = made_opaque
+        return gm
+    where = _user_frame(err)
+    raise TraceError(
+        f"could not trace {type(model).__name__}: {where}torch.fx failed with {_one_line(fx_err)}; "
+        f"torch.export failed with {_one_line(ex_err)}. If this is data-dependent control flow "
+        "(an `if` or loop on tensor values), rewrite it with torch.where / torch.cond, or move it into "
+        "a submodule and pass that submodule in leaf_modules=[...] so it runs as one opaque node."
+    ) from fx_err
 
 
+def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str) -> torch.fx.GraphModule:
+    tracer = FxpipeTracer(leaves)
+    concrete = _concrete_defaults(model, len(args), list(kwargs))
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _drop_concrete_placeholders(gm, len(args), list(kwargs), model)
+    gm.meta["fxpipe.tracer"] = name
+    gm.meta["fxpipe.leaves"] = []
+    return gm
+
+
+def _drop_guards(gm: torch.fx.GraphModule) -> None:
+    """torch.export's module checks input shapes in a ``_guards_fn`` node: fxpipe checks them itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+def _user_frame(e: BaseException) -> str:
+    """'file.py:12 `if x.sum() > 0:` — ' for the innermost frame outside torch, or ''."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    for fr in reversed(frames):
+        if not fr.filename.startswith(torch_dir) and "fxpipe" + os.sep + "trace.py" not in fr.filename:
+            return f"tracing stopped at {fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`; "
+    return ""
 def _drop_concrete_placeholders(gm: torch.fx.GraphModule, num_args: int, kwarg_names: list[str],
                                 model: torch.nn.Module) -> None:
     """fx keeps a placeholder per concrete arg; remove those with no users."""

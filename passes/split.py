@@ -131,6 +131,9 @@ def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -
     stages.sort(key=lambda st: st.index)
     out_node = next(x for x in top.graph.nodes if x.op == "output")
     leaves, spec = pytree.tree_flatten(out_node.args[0])
+    out_spec = getattr(gm, "_out_spec", None)   # torch.export: the graph returns flat leaves
+    if out_spec is not None and out_spec.num_leaves == len(leaves):
+        spec = out_spec
     output_sources = [source_of(a) for a in leaves]
     for st in stages:
         for src in st.sources:
