@@ -102,6 +102,11 @@ class Pipeline:
             raise ConfigError("step() needs a loss: compile(..., loss_fn=torch.nn.functional.cross_entropy) "
                               "or any callable (model_output, targets) -> scalar tensor")
         mbs = self._microbatches(inputs)
+        batch = self._example[0].shape[0] * self.num_microbatches if self._example else None
+        for i, t in enumerate(pytree.tree_leaves(targets)):
+            if isinstance(t, torch.Tensor) and batch is not None and (t.dim() == 0 or t.shape[0] != batch):
+                raise InputError(f"targets leaf {i} has shape {tuple(t.shape)}: its dim 0 must be the batch size "
+                                 f"{batch} of the inputs; pass one target row per input sample")
         tgt = self._target_microbatches(targets)
         return self._executor.step(mbs, tgt)
 

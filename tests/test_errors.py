@@ -1,0 +1,146 @@
+"""Every error a user can cause is an FxpipeError subclass whose message names the values and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxpipe
+from fxpipe.errors import (ConfigError, FxpipeError, InfeasibleMemoryError, InputError, ModelSpecError,
+                           ScheduleError, StateDictError, TraceError)
+from models import CASES
+
+
+@pytest.fixture(scope="module")
+def mlp_pipe():
+    model, x, y, loss = CASES["mlp"]()
+    return fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, loss_fn=loss), x, y
+
+
+def _mlp():
+    model, x, y, loss = CASES["mlp"]()
+    return model, x
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(num_stages=0), ConfigError, r"num_stages must be an int >= 1, got 0"),
+    (dict(num_stages=-2), ConfigError, r"got -2"),
+    (dict(num_stages=99, num_microbatches=128), ConfigError, r"num_stages=99 is more than the 11 operations"),
+    (dict(schedule="1f1b"), ConfigError, r"unknown schedule '1f1b'; choose one of 2bw, flush, gpipe"),
+    (dict(num_stages=4, num_microbatches=2), ScheduleError, r"num_microbatches=2 < num_stages=4.*schedule='flush'"),
+    (dict(num_microbatches=0), ConfigError, r"num_microbatches must be an int >= 1, got 0"),
+    (dict(memory_limit=-5), ConfigError, r"memory_limit must be a positive number of bytes or None, got -5"),
+    (dict(num_stages=None), ConfigError, r"num_stages=None needs num_devices=N"),
+    (dict(executor="mpi"), ConfigError, r"unknown executor 'mpi'"),
+    (dict(optimizer="sgd"), ConfigError, r"optimizer must be a factory"),
+    (dict(loss_fn=3), ConfigError, r"loss_fn must be callable"),
+    (dict(num_microbatches=3, num_stages=2), InputError, r"shape \(8, 16\).*divisible by num_microbatches=3"),
+    (dict(memory_limit=1000), InfeasibleMemoryError, r"1000"),
+    (dict(device="tpu-v9"), ConfigError, r"tpu-v9"),
+    (dict(cost_model="magic"), ConfigError, r"magic"),
+])
+def test_compile_rejects(kwargs, exc, match):
+    model, x = _mlp()
+    args = dict(num_stages=2, num_microbatches=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match) as info:
+        fxpipe.compile(model, (x,), **args)
+    assert isinstance(info.value, FxpipeError)
+
+
+def test_not_a_module():
+    with pytest.raises(ConfigError, match=r"model must be a torch.nn.Module, got function"):
+        fxpipe.compile(lambda x: x, (torch.randn(4, 2),), num_stages=1, num_microbatches=1)
+
+
+def test_non_tensor_inputs():
+    model, x = _mlp()
+    with pytest.raises(InputError, match=r"example_inputs\[1\] is a float, not a tensor"):
+        fxpipe.compile(model, (x, 3.0), num_stages=2, num_microbatches=4)
+
+
+def test_bad_example_inputs_type():
+    model, x = _mlp()
+    with pytest.raises(ConfigError, match=r"example_inputs must be a tensor, a tuple of tensors or a dict"):
+        fxpipe.compile(model, "hello", num_stages=2, num_microbatches=4)
+
+
+def test_meta_model_cannot_be_compiled_but_can_be_planned():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(4, 8, device="meta")
+    with pytest.raises(ConfigError, match=r"parameters on the meta device.*fxpipe.plan"):
+        fxpipe.compile(model, (x,), num_stages=2, num_microbatches=2)
+    assert fxpipe.plan(model, (x,), num_stages=2, num_microbatches=2).num_stages == 2
+
+
+def test_untraceable_model():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+    with pytest.raises(TraceError, match=r"could not trace Branchy"):
+        fxpipe.compile(Branchy(), (torch.randn(4, 2),), num_stages=1, num_microbatches=1)
+
+
+def test_step_wrong_input_shape(mlp_pipe):
+    pipe, x, y = mlp_pipe
+    with pytest.raises(InputError, match=r"microbatch has shape \(2, 15\).*compiled for \(2, 16\)"):
+        pipe.step(torch.randn(8, 15, dtype=torch.float64), y)
+
+
+def test_step_wrong_batch(mlp_pipe):
+    pipe, x, y = mlp_pipe
+    with pytest.raises(InputError, match=r"microbatch has shape \(4, 16\).*compiled for \(2, 16\)"):
+        pipe.step(torch.randn(16, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64))
+
+
+def test_step_wrong_target_size(mlp_pipe):
+    pipe, x, y = mlp_pipe
+    with pytest.raises(InputError, match=r"targets leaf 0 has shape \(4, 8\): its dim 0 must be the batch size 8"):
+        pipe.step(x, y[:4])
+
+
+def test_step_without_loss_fn():
+    model, x = _mlp()
+    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4)
+    with pytest.raises(ConfigError, match=r"step\(\) needs a loss"):
+        pipe.step(x, x)
+
+
+def test_bad_state_dicts(mlp_pipe):
+    pipe, x, y = mlp_pipe
+    sd = pipe.state_dict()
+    missing = {k: v for k, v in sd.items() if k != "layers.0.weight"}
+    with pytest.raises(StateDictError, match=r"missing keys \['layers.0.weight'\]"):
+        pipe.load_state_dict(missing)
+    with pytest.raises(StateDictError, match=r"unexpected keys \['extra'\]"):
+        pipe.load_state_dict({**sd, "extra": torch.zeros(1)})
+    bad = dict(sd)
+    bad["layers.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(StateDictError, match=r"state_dict\['layers.0.weight'\] has shape \(3, 3\), the model expects \(32, 16\)"):
+        pipe.load_state_dict(bad)
+    with pytest.raises(StateDictError, match=r"must be a dict"):
+        pipe.load_state_dict([1, 2])
+    # nothing was loaded by the failed calls
+    for k, v in sd.items():
+        torch.testing.assert_close(pipe.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_unreadable_model_spec():
+    from fxpipe.cli import load_model_spec
+    with pytest.raises(ModelSpecError, match=r"model file 'missing_dir/none.py' does not exist"):
+        load_model_spec("missing_dir/none.py:make")
+
+
+def test_cost_model_returning_garbage():
+    class Bad:
+        def node_cost(self, node):
+            return fxpipe.NodeCost(fwd_time=-1.0) if node.op == "call_module" else fxpipe.NodeCost()
+
+        def comm_time(self, nbytes):
+            return 0.0
+    model, x = _mlp()
+    with pytest.raises(fxpipe.CostModelError, match=r"fwd_time must be a finite number >= 0, got -1.0"):
+        fxpipe.plan(model, (x,), num_stages=2, num_microbatches=4, cost_model=Bad())
