@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import time
+
 import torch
 import torch.utils._pytree as pytree
 from torch.func import functional_call
@@ -33,9 +35,11 @@ class StageRuntime:
     owned: list[str]                     # canonical names whose versions/optimizer live here
     weights: WeightVersions | None = None
     recompute: bool = False
-    # measured, for reports: seconds of forward / backward compute, per microbatch (last batch)
+    # measured, for reports: seconds of forward / backward compute and bytes autograd saved
+    # (parameters excluded, one count per storage), one entry per microbatch of the last batch
     fwd_seconds: list[float] = field(default_factory=list)
     bwd_seconds: list[float] = field(default_factory=list)
+    saved_bytes: list[int] = field(default_factory=list)
 
 
 def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
@@ -126,10 +130,29 @@ class LocalExecutor:
         def fn(*xs: Any) -> tuple[Any, ...]:
             return functional_call(mod, mod_params, xs)
 
-        if grad and rt.recompute:
-            out = checkpoint(fn, *args, use_reentrant=False)
-        else:
+        if not grad:
             out = fn(*args)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        weights = {t.untyped_storage().data_ptr() for t in params.values() if t.device.type != "meta"}
+        seen: set[tuple[int, int]] = set()
+        nbytes = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal nbytes
+            if t.device.type != "meta" and t.untyped_storage().data_ptr() not in weights:
+                st = t.untyped_storage()
+                key = (st.data_ptr(), st.nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    nbytes += st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if rt.recompute:
+                out = checkpoint(fn, *args, use_reentrant=False)
+            else:
+                out = fn(*args)
+        rt.saved_bytes.append(nbytes)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     # -- forward only ---------------------------------------------------------
@@ -179,6 +202,7 @@ class LocalExecutor:
             rt = self.runtimes[a.stage]
             s, mb = a.stage, a.microbatch
             if a.kind == "F":
+                t0 = time.perf_counter()
                 params = self._params_for(rt, version)
                 leaf_inputs: list[tuple[Source, torch.Tensor]] = []
                 args = []
@@ -209,7 +233,9 @@ class LocalExecutor:
                     losses[mb] = loss.detach()
                 saved[(s, mb)] = (leaf_inputs, outs, loss)
                 out_grads[(s, mb)] = [None] * len(outs)
+                rt.fwd_seconds.append(time.perf_counter() - t0)
             elif a.kind == "B":
+                t0 = time.perf_counter()
                 leaf_inputs, outs, loss = saved.pop((s, mb))
                 tensors, grads = [], []
                 if loss is not None:
@@ -227,12 +253,15 @@ class LocalExecutor:
                     slot = out_grads[(src.stage, mb)]
                     slot[src.index] = leaf.grad if slot[src.index] is None else slot[src.index] + leaf.grad
                 backward_done.add((s, mb))
+                rt.bwd_seconds.append(time.perf_counter() - t0)
                 if all((s, i) in backward_done for i in range(m)):
                     for i in range(m):
                         outputs.pop((s, i), None)
             elif a.kind == "U":
                 rt.weights.update(batch)  # type: ignore[union-attr]
 
+        for rt in self.runtimes:
+            rt.fwd_seconds, rt.bwd_seconds, rt.saved_bytes = [], [], []
         total = sum(len(x) for x in self.actions)
         executed = 0
         while executed < total:
