@@ -1,0 +1,122 @@
+"""Calibration: predicted against measured per-stage time and activation memory, and re-planning from it.
+
+The executor records, for every stage and microbatch of the last batch, the
+seconds spent in forward and backward and the bytes autograd saved. Here those
+are reduced to medians, set beside the plan's predictions, and turned into a
+calibrated cost model: every node's time is scaled by its stage's
+measured/predicted ratio, so a re-plan moves work away from stages that ran
+slower than predicted::
+
+    stage  predicted  measured  ratio        node cost on re-plan
+    0      2.0 ms     3.0 ms    1.50   -->   fwd/bwd x 1.50 for stage-0 nodes
+    1      2.0 ms     1.6 ms    0.80   -->   fwd/bwd x 0.80 for stage-1 nodes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.fx
+
+from fxpipe.errors import ConfigError
+from fxpipe.ir import META_COST, CostModel, NodeCost, Plan
+from fxpipe.report import fmt_bytes, fmt_time
+
+if TYPE_CHECKING:
+    from fxpipe.pipeline import Pipeline
+
+__all__ = ["StageMeasurement", "measurements", "report_table", "CalibratedCostModel", "calibrated_cost_model"]
+
+
+@dataclass(frozen=True)
+class StageMeasurement:
+    """Medians over the microbatches of the last trained batch."""
+
+    index: int
+    fwd_time: float          # seconds per microbatch
+    bwd_time: float          # seconds per microbatch
+    saved_bytes: int         # bytes autograd saved per microbatch (parameters excluded)
+
+
+def measurements(pipe: "Pipeline") -> list[StageMeasurement]:
+    """Per-stage measurements of the last ``pipe.step``.
+
+    Raises:
+        ConfigError: nothing has been measured yet (call ``pipe.step`` first).
+    """
+    runtimes = getattr(pipe._executor, "runtimes", None)
+    if not runtimes or not runtimes[0].fwd_seconds:
+        raise ConfigError("no measurements yet: call pipe.step(inputs, targets) at least once "
+                          "before pipe.report() or pipe.replan()")
+    out = []
+    for rt in runtimes:
+        out.append(StageMeasurement(index=rt.program.index,
+                                    fwd_time=statistics.median(rt.fwd_seconds),
+                                    bwd_time=statistics.median(rt.bwd_seconds) if rt.bwd_seconds else 0.0,
+                                    saved_bytes=int(statistics.median(rt.saved_bytes)) if rt.saved_bytes else 0))
+    return out
+
+
+def _err(pred: float, meas: float) -> str:
+    if pred <= 0:
+        return "-"
+    return f"{(meas - pred) / pred * 100:+.0f}%"
+
+
+def report_table(plan: Plan, meas: list[StageMeasurement]) -> str:
+    """Predicted vs measured per stage: forward, backward, their sum, and saved activations."""
+    head = ["stage", "fwd pred", "fwd meas", "bwd pred", "bwd meas", "F+B err", "act pred", "act meas", "act err"]
+    rows = []
+    for s, m in zip(plan.stages, meas):
+        pred_fb, meas_fb = s.fwd_time + s.bwd_time, m.fwd_time + m.bwd_time
+        act_pred = s.activation_bytes if not s.recompute else s.input_bytes
+        rows.append([str(s.index), fmt_time(s.fwd_time), fmt_time(m.fwd_time), fmt_time(s.bwd_time),
+                     fmt_time(m.bwd_time), _err(pred_fb, meas_fb), fmt_bytes(act_pred), fmt_bytes(m.saved_bytes),
+                     _err(act_pred, m.saved_bytes)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    pred_b = max(s.fwd_time + s.bwd_time for s in plan.stages)
+    meas_b = max(m.fwd_time + m.bwd_time for m in meas)
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    lines.append("")
+    lines.append(f"bottleneck compute: predicted {fmt_time(pred_b)}, measured {fmt_time(meas_b)} per microbatch "
+                 "(measured in this process; stages ran one after another)")
+    return "\n".join(lines)
+
+
+class CalibratedCostModel:
+    """A cost model whose node times are scaled by the measured/predicted ratio of their stage."""
+
+    def __init__(self, base: CostModel, factors: dict[str, tuple[float, float, float]]) -> None:
+        self.base = base
+        self.factors = factors     # node name -> (fwd factor, bwd factor, activation factor)
+
+    def node_cost(self, node: torch.fx.Node) -> NodeCost:
+        c = node.meta.get(META_COST) or self.base.node_cost(node)
+        f = self.factors.get(node.name)
+        if f is None:
+            return c
+        return dataclasses.replace(c, fwd_time=c.fwd_time * f[0], bwd_time=c.bwd_time * f[1],
+                                   activation_bytes=int(c.activation_bytes * f[2]))
+
+    def comm_time(self, nbytes: int) -> float:
+        return self.base.comm_time(nbytes)
+
+
+def calibrated_cost_model(plan: Plan, meas: list[StageMeasurement], base: CostModel) -> CalibratedCostModel:
+    """Scale factors per node from per-stage measurements (1.0 where nothing was predicted)."""
+    factors: dict[str, tuple[float, float, float]] = {}
+
+    def ratio(pred: float, got: float) -> float:
+        return got / pred if pred > 0 and got > 0 else 1.0
+
+    for s, m in zip(plan.stages, meas):
+        act_pred = s.activation_bytes if not s.recompute else 0
+        f = (ratio(s.fwd_time, m.fwd_time), ratio(s.bwd_time, m.bwd_time), ratio(act_pred, m.saved_bytes))
+        for n in s.nodes:
+            factors[n] = f
+    return CalibratedCostModel(base, factors)
+
