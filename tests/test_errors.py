@@ -27,7 +27,7 @@ def _mlp():
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(num_stages=0), ConfigError, r"num_stages must be an int >= 1, got 0"),
     (dict(num_stages=-2), ConfigError, r"got -2"),
-    (dict(num_stages=99, schedule="flush"), ConfigError, r"num_stages=99 is more than the 11 operations"),
+    (dict(num_stages=99, schedule="flush"), ConfigError, r"num_stages=99 is more than the 9 operations in the traced graph of MLP; use at most 9 stages"),
     (dict(schedule="1f1b"), ConfigError, r"unknown schedule '1f1b'; choose one of 2bw, flush, gpipe"),
     (dict(num_stages=4, num_microbatches=2), ScheduleError, r"num_microbatches=2 < num_stages=4.*schedule='flush'"),
     (dict(num_microbatches=0), ConfigError, r"num_microbatches must be an int >= 1, got 0"),
