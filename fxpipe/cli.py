@@ -1,4 +1,14 @@
-"""The ``fxpipe`` command: ``dump`` shows a model's plan; ``demo`` runs the main job."""
+"""The ``fxpipe`` command: ``dump`` shows a model's plan; ``demo`` runs the main job.
+
+    fxpipe dump gpt2-xl --stages 16                         # a preset, planned on the meta device
+    fxpipe dump bert-large --stages 8 --memory-limit 16GiB --device a100-80gb --format html -o plan.html
+    fxpipe dump path/to/model.py:make --stages 4 --format dot -o plan.dot
+    fxpipe dump pkg.module:factory --stages 2 --format json
+
+Formats: ``table`` (text), ``json`` (``Plan.to_json``), ``dot`` (Graphviz, one cluster
+per stage), ``svg`` (the DOT laid out by Graphviz when ``dot`` is installed, else
+charts drawn in pure Python), ``html`` (one self-contained report).
+"""
 
 from __future__ import annotations
 
@@ -12,21 +22,32 @@ from typing import Any, Callable
 
 from fxpipe.errors import FxpipeError, ModelSpecError
 
-__all__ = ["main", "load_model_spec"]
+__all__ = ["main", "load_model_spec", "resolve_model"]
+
+FORMATS = ("table", "json", "dot", "svg", "html")
 
 
 def load_model_spec(spec: str) -> tuple[Any, Any]:
-    """Load ``path/to/file.py:factory`` or ``pkg.module:factory`` and call the factory.
+    """Build a preset (``gpt2-xl``) or load ``path/to/file.py:factory`` / ``pkg.module:factory``.
+
+    A preset name (see :mod:`fxpipe.presets`) is resolved first; anything else
+    must name a factory that returns ``(model, example_inputs)``.
 
     Returns:
-        ``(model, example_inputs)`` as the factory returns them.
+        ``(model, example_inputs)`` as the preset or factory returns them.
 
     Raises:
-        ModelSpecError: the file, module or factory does not exist, or the factory fails.
+        ModelSpecError: not a preset and the file, module or factory does not exist,
+            or the factory fails.
     """
+    from fxpipe.presets import PRESETS, get_preset
+
+    if spec in PRESETS:
+        return get_preset(spec)
     if ":" not in spec:
-        raise ModelSpecError(f"model spec {spec!r} has no ':factory'; write path/to/file.py:factory "
-                             "or pkg.module:factory, where factory() returns (model, example_inputs)")
+        raise ModelSpecError(f"model spec {spec!r} is not a preset and has no ':factory'; presets: "
+                             f"{', '.join(PRESETS)}; or write path/to/file.py:factory or "
+                             "pkg.module:factory, where factory() returns (model, example_inputs)")
     where, _, name = spec.rpartition(":")
     if where.endswith(".py") or os.sep in where:
         if not os.path.isfile(where):
@@ -59,37 +80,106 @@ def load_model_spec(spec: str) -> tuple[Any, Any]:
     return out
 
 
+def resolve_model(spec: str, num_microbatches: int, batch: int | None = None) -> tuple[Any, Any]:
+    """:func:`load_model_spec`, with a preset's batch made divisible by ``num_microbatches``.
+
+    Args:
+        spec: preset name or ``file.py:factory`` / ``pkg.module:factory``.
+        num_microbatches: m; a preset's default batch is rounded to a multiple of m
+            (a note goes to stderr).
+        batch: whole-batch size for a preset (``--batch``); not allowed with a factory.
+
+    Returns:
+        ``(model, example_inputs)``.
+
+    Raises:
+        ModelSpecError: as :func:`load_model_spec`, or ``batch`` given for a factory
+            spec or not divisible by ``num_microbatches``.
+    """
+    from fxpipe.presets import PRESETS, get_preset
+
+    if spec not in PRESETS:
+        if batch is not None:
+            raise ModelSpecError(f"--batch only applies to presets ({', '.join(PRESETS)}); for {spec!r} "
+                                 "change the batch your factory returns")
+        return load_model_spec(spec)
+    if batch is not None:
+        if batch < 1 or batch % num_microbatches:
+            raise ModelSpecError(f"--batch {batch} must be a positive multiple of --microbatches "
+                                 f"{num_microbatches}")
+        return get_preset(spec, batch=batch)
+    model, example = get_preset(spec)
+    size = int(example[0].shape[0])
+    if size % num_microbatches:
+        fixed = num_microbatches * max(1, round(size / num_microbatches))
+        print(f"fxpipe: note: preset {spec} batch {size} is not divisible by {num_microbatches} "
+              f"microbatches; using batch {fixed} (set it with --batch)", file=sys.stderr)
+        model, example = get_preset(spec, batch=fixed)
+    return model, example
+
+
 def _dump(a: argparse.Namespace) -> int:
     import fxpipe
     from fxpipe.report import parse_bytes
 
-    model, example = load_model_spec(a.model)
     limit = None
     if a.memory_limit:
         try:
             limit = parse_bytes(a.memory_limit)
         except ValueError:
             raise ModelSpecError(f"--memory-limit {a.memory_limit!r} is not a size; write e.g. 16GiB or 8e9") from None
-    plan = fxpipe.plan(model, example, num_stages=a.stages, num_microbatches=a.microbatches,
-                       schedule=a.schedule, memory_limit=limit, device=a.device, cost_model=a.cost_model,
-                       time_limit=a.time_limit)
-    if a.format == "json":
-        text = plan.to_json()
+    model, example = resolve_model(a.model, a.microbatches, a.batch)
+    kwargs = dict(num_stages=a.stages, num_microbatches=a.microbatches, schedule=a.schedule,
+                  memory_limit=limit, device=a.device, cost_model=a.cost_model, time_limit=a.time_limit)
+    if a.format in ("table", "json"):
+        plan = fxpipe.plan(model, example, **kwargs)
+        text = plan.to_json() if a.format == "json" else plan.summary()
     else:
-        text = plan.summary()
+        text = _render(a, *_plan_with_graph(model, example, kwargs))
     if a.output:
         with open(a.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+            f.write(text if text.endswith("\n") else text + "\n")
+        print(f"fxpipe: wrote {a.format} to {a.output}", file=sys.stderr)
     else:
         print(text)
     return 0
+
+
+def _plan_with_graph(model: Any, example: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any], dict[str, str]]:
+    """Plan like fxpipe.plan, and also return the annotated graph's edges and node labels."""
+    from fxpipe import api
+    from fxpipe.render import graph_edges, node_labels
+
+    api._check_common(model, kwargs["num_stages"], kwargs["num_microbatches"], kwargs["schedule"], None,
+                      kwargs["memory_limit"])
+    plan, cg = api._plan(model, example, optimizer=None, num_devices=None, global_batch=None,
+                         leaf_modules=(), recompute=None, **kwargs)
+    return plan, graph_edges(cg.gm), node_labels(cg.gm)
+
+
+def _render(a: argparse.Namespace, plan: Any, edges: list[Any], labels: dict[str, str]) -> str:
+    from fxpipe import render
+
+    title = f"fxpipe plan: {a.model}"
+    if a.format == "dot":
+        return render.to_dot(plan, edges, labels, max_nodes=a.max_nodes, title=title)
+    if a.format == "html":
+        return render.to_html(plan, edges, labels, title=title, max_nodes=a.max_nodes)
+    svg = render.dot_to_svg(render.to_dot(plan, edges, labels, max_nodes=a.max_nodes, title=title))
+    if svg is None:
+        print("fxpipe: note: Graphviz `dot` not found; writing per-stage charts and the schedule "
+              "timeline as SVG instead of the graph (install graphviz for the graph drawing)", file=sys.stderr)
+        svg = render.plan_svg(plan, title=title)
+    return svg
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fxpipe", description="Pipeline-parallel compiler for PyTorch models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dump", help="plan a model and print the stages")
-    d.add_argument("model", help="path/to/file.py:factory or pkg.module:factory returning (model, example_inputs)")
+    d.add_argument("model", help="a preset (gpt2-small, gpt2-xl, bert-large, llama-7b, resnet-50, ...; see "
+                   "fxpipe.presets) or path/to/file.py:factory or pkg.module:factory returning "
+                   "(model, example_inputs)")
     d.add_argument("--stages", type=int, required=True)
     d.add_argument("--microbatches", type=int, default=None, help="default: max(stages, 4)")
     d.add_argument("--schedule", default="2bw", choices=["2bw", "flush", "gpipe"])
@@ -97,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default=None, help="device preset, e.g. a100-80gb (default: this machine)")
     d.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
     d.add_argument("--time-limit", type=float, default=10.0)
-    d.add_argument("--format", default="table", choices=["table", "json"])
-    d.add_argument("-o", "--output", default=None)
+    d.add_argument("--batch", type=int, default=None, help="whole-batch size of a preset (default: the preset's)")
+    d.add_argument("--format", default="table", choices=list(FORMATS))
+    d.add_argument("--max-nodes", type=int, default=400,
+                   help="dot/svg/html: collapse stage interiors of graphs with more nodes than this")
+    d.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     demo = sub.add_parser("demo", help="the main job: train a small GPT under 2BW", add_help=False)
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)

@@ -1,13 +1,18 @@
-"""Human-readable renderings of a Plan: a text table and byte/time formatting."""
+"""Human-readable renderings of a Plan: a text table, per-stage breakdowns, byte/time formatting.
+
+Graphical renderings (DOT, SVG, HTML) live in :mod:`fxpipe.render`; they use
+:func:`stage_breakdown` from here so that every view shows the same numbers.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fxpipe.ir import Plan
 
-__all__ = ["plan_table", "fmt_bytes", "fmt_time", "parse_bytes"]
+__all__ = ["plan_table", "fmt_bytes", "fmt_time", "parse_bytes", "StageBreakdown", "stage_breakdown"]
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -33,8 +38,51 @@ def parse_bytes(text: str) -> int:
     t = text.strip().lower().replace(" ", "")
     for unit in sorted(_UNITS, key=len, reverse=True):
         if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * _UNITS[unit])
-    return int(float(t))
+            value = float(t[: -len(unit)])
+            break
+    else:
+        unit, value = "b", float(t)
+    if not value == value or value <= 0 or value == float("inf"):  # NaN, <= 0 and inf are not sizes
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class StageBreakdown:
+    """Where one stage's time and memory go (seconds per microbatch, bytes)."""
+
+    index: int
+    fwd: float          # F_s
+    bwd: float          # B_s
+    recompute: float    # r_s * F_s (the forward run again in backward)
+    comm: float         # C_s
+    weights: int        # P_s * (1 weights + 1 grads + k optimizer slots + [1 if 2bw])
+    stash: int          # M_s - weights: stashed activations / inputs of in-flight microbatches
+
+    @property
+    def time(self) -> float:
+        return self.fwd + self.bwd + self.recompute + self.comm
+
+    @property
+    def memory(self) -> int:
+        return self.weights + self.stash
+
+
+def stage_breakdown(plan: "Plan") -> list[StageBreakdown]:
+    """Split each stage's T_s into F/B/recompute/comm and M_s into weights/stash.
+
+    Worked example: P=100 B, M=340 B, 2bw, SGD (k=0): weights = 100 * 3 = 300 B, stash = 40 B.
+    """
+    from fxpipe.cost_models.memory import weight_copies
+
+    copies = weight_copies(plan.schedule, plan.optimizer_slots)
+    out = []
+    for s in plan.stages:
+        weights = min(int(s.param_bytes * copies), int(s.memory))
+        out.append(StageBreakdown(index=s.index, fwd=s.fwd_time, bwd=s.bwd_time,
+                                  recompute=s.fwd_time if s.recompute else 0.0, comm=s.comm_time,
+                                  weights=weights, stash=int(s.memory) - weights))
+    return out
 
 
 def plan_table(plan: "Plan", node_names: bool = True) -> str:
@@ -57,7 +105,15 @@ def plan_table(plan: "Plan", node_names: bool = True) -> str:
     out.append(f"schedule={plan.schedule} stages={plan.num_stages} microbatches={plan.num_microbatches} "
                f"solver={plan.solver} ({'optimal' if plan.optimal else f'gap {gap:.2f}%'}, "
                f"{plan.solve_time:.2f} s)")
-    out.append(f"bottleneck {fmt_time(plan.bottleneck)} per microbatch, lower bound "
-               f"{fmt_time(plan.lower_bound)}"
+    worst = max(plan.stages, key=lambda s: s.time).index if plan.stages else "-"
+    out.append(f"bottleneck {fmt_time(plan.bottleneck)} per microbatch (stage {worst}), lower bound "
+               f"{fmt_time(plan.lower_bound)}, gap {gap:.2f}%"
                + (f", memory limit {fmt_bytes(plan.memory_limit)}" if plan.memory_limit else ""))
+    extra = [f"solver time {plan.solve_time:.2f} s", f"cut edges {len(plan.cut_edges)}"]
+    if plan.microbatch_size and plan.bottleneck > 0:
+        rate = plan.microbatch_size * plan.data_parallel / plan.bottleneck
+        extra.append(f"throughput {rate:,.1f} samples/s (microbatch {plan.microbatch_size})")
+    if plan.extra.get("over_memory"):
+        extra.append(f"OVER MEMORY on stages {plan.extra.get('over_memory_stages')}")
+    out.append(", ".join(extra))
     return "\n".join(out)

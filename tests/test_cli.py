@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -74,3 +75,106 @@ def test_error_is_one_line_and_nonzero(model_file):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("fxpipe: error: model file")
+
+
+# ---------------------------------------------------------------- presets and graphical formats
+
+import xml.etree.ElementTree as ET  # noqa: E402
+
+from fxpipe import render  # noqa: E402
+
+PRESET = ["dump", "gpt-small-test", "--stages", "2", "--microbatches", "4"]
+
+
+@pytest.fixture(scope="module")
+def preset_plan():
+    """The preset's plan once, as JSON, to compare the other formats against."""
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(PRESET + ["--format", "json"]) == 0
+    return Plan.from_json(buf.getvalue())
+
+
+def test_preset_table(capsys, preset_plan):
+    assert main(PRESET) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["stage", "nodes"]
+    assert "bottleneck" in out and "lower bound" in out and "gap" in out and "solver time" in out
+    assert preset_plan.num_stages == 2 and preset_plan.num_microbatches == 4
+
+
+def test_preset_dot(capsys, preset_plan):
+    assert main(PRESET + ["--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert dot.startswith("digraph")
+    assert "subgraph cluster_stage0 {" in dot and "subgraph cluster_stage1 {" in dot
+    assert preset_plan.cut_edges
+    for u, v in preset_plan.cut_edges:
+        assert re.search(rf'"{u}" -> "{v}" \[color=red, [^\]]*label="[0-9.]+ (B|KiB|MiB)"', dot)
+
+
+def test_preset_svg(capsys):
+    assert main(PRESET + ["--format", "svg"]) == 0
+    cap = capsys.readouterr()
+    root = ET.fromstring(cap.out)
+    assert root.tag.endswith("svg")
+    if render.has_dot():
+        assert "cluster_stage1" in cap.out        # Graphviz keeps cluster ids as <g id=...> titles
+
+
+def test_svg_without_graphviz(capsys, monkeypatch):
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    assert main(PRESET + ["--format", "svg"]) == 0
+    cap = capsys.readouterr()
+    root = ET.fromstring(cap.out)
+    assert root.tag.endswith("svg") and "stage 1" in cap.out and "makespan" in cap.out
+    assert "Graphviz `dot` not found" in cap.err
+
+
+def test_preset_html_to_file(tmp_path, capsys, preset_plan):
+    out = tmp_path / "plan.html"
+    assert main(PRESET + ["--format", "html", "-o", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page
+    for s in range(preset_plan.num_stages):
+        assert f"stage {s}" in page
+    assert 'aria-label="schedule timeline"' in page
+    for u, v in preset_plan.cut_edges:
+        assert u in page and v in page
+
+
+@pytest.mark.parametrize("fmt", ["table", "dot", "svg"])
+def test_output_file(fmt, tmp_path, capsys):
+    out = tmp_path / f"plan.{fmt}"
+    assert main(PRESET + ["--format", fmt, "-o", str(out)]) == 0
+    assert out.stat().st_size > 100 and f"wrote {fmt} to" in capsys.readouterr().err
+
+
+def test_preset_batch_rounded_to_microbatches(capsys):
+    assert main(["dump", "gpt-small-test", "--stages", "3", "--microbatches", "3", "--format", "json"]) == 0
+    cap = capsys.readouterr()
+    assert "using batch 9" in cap.err and Plan.from_json(cap.out).num_microbatches == 3
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["dump", "gpt7-huge", "--stages", "2"], "is not a preset and has no ':factory'; presets: gpt2-small"),
+    (["dump", "gpt-small-test", "--stages", "2", "--memory-limit", "lots"], "--memory-limit 'lots' is not a size"),
+    (["dump", "gpt-small-test", "--stages", "2", "--batch", "6"], "--batch 6 must be a positive multiple"),
+    (["dump", "fxpipe.examples.gpt:gpt_factory", "--stages", "2", "--batch", "8"], "--batch only applies to presets"),
+    (["dump", "gpt-small-test", "--stages", "0"], "num_stages must be an int >= 1"),
+])
+def test_cli_errors_exit_2(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxpipe: error: ") and err.strip().count("\n") == 0 and match in err
+
+
+def test_load_model_spec_presets():
+    model, (idx,) = load_model_spec("gpt-small-test")
+    assert next(model.parameters()).is_meta and idx.is_meta
+    with pytest.raises(ModelSpecError, match="presets: .*resnet-50"):
+        load_model_spec("resnet-5000")
