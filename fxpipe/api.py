@@ -181,25 +181,64 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
     from fxpipe.cost_models.memory import optimizer_slots
     from fxpipe.passes.partition import partition
 
-    cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
-                 device=device, leaf_modules=leaf_modules)
     k = optimizer_slots(optimizer)
     if num_stages is None:
         from fxpipe.passes.search import search_depth_width
 
-        p = search_depth_width(cg.gm, cg.cost_model, num_devices=int(num_devices or 1),
-                               global_batch=global_batch or cg.batch_size, num_microbatches=num_microbatches,
-                               schedule=schedule, memory_limit=memory_limit, optimizer_slots=k,
-                               time_limit=time_limit)
-    else:
-        n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
-        if num_stages > n_compute:
-            raise ConfigError(f"num_stages={num_stages} is more than the {n_compute} operations in the "
-                              f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
-        p = partition(cg.gm, cg.cost_model, num_stages=num_stages, num_microbatches=num_microbatches,
-                      schedule=schedule, memory_limit=None if memory_limit is None else int(memory_limit),
-                      optimizer_slots=k, recompute=recompute, time_limit=time_limit)
+        cached: dict[int, CompiledGraph] = {}
+
+        def graph_for(b: int) -> tuple[torch.fx.GraphModule, CostModel]:
+            if b not in cached:
+                cached[b] = prepare(model, _resize_batch(example_inputs, b), num_microbatches=1,
+                                    cost_model=cost_model, device=device, leaf_modules=leaf_modules)
+            return cached[b].gm, cached[b].cost_model
+
+        batch = global_batch or _batch_size(example_inputs)
+        p = search_depth_width(graph_for, num_devices=int(num_devices or 1), global_batch=int(batch),
+                               schedule=schedule,
+                               memory_limit=None if memory_limit is None else int(memory_limit),
+                               optimizer_slots=k, recompute=recompute, time_limit=time_limit)
+        return p, cached[int(p.microbatch_size or 1)]
+    cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
+                 device=device, leaf_modules=leaf_modules)
+    n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+    if num_stages > n_compute:
+        raise ConfigError(f"num_stages={num_stages} is more than the {n_compute} operations in the "
+                          f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
+    p = partition(cg.gm, cg.cost_model, num_stages=num_stages, num_microbatches=num_microbatches,
+                  schedule=schedule, memory_limit=None if memory_limit is None else int(memory_limit),
+                  optimizer_slots=k, recompute=recompute, time_limit=time_limit)
     return p, cg
+
+
+def _batch_size(example_inputs: Any) -> int:
+    """dim-0 size of the first tensor in ``example_inputs``."""
+    for v in pytree.tree_leaves(example_inputs):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ConfigError("num_stages=None needs a tensor input with a batch dimension (dim 0) or "
+                      "global_batch=B")
+
+
+def _resize_batch(example_inputs: Any, b: int) -> Any:
+    """Every tensor of ``example_inputs`` sliced (or repeated) to size ``b`` along dim 0."""
+    def one(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] == b:
+            return v
+        n = int(v.shape[0])
+        if n >= b:
+            return v[:b]
+        if n == 0:
+            raise ConfigError("example_inputs has an empty batch; give at least one sample")
+        return torch.cat([v] * (-(-b // n)), dim=0)[:b]
+
+    if isinstance(example_inputs, torch.Tensor):
+        return one(example_inputs)
+    if isinstance(example_inputs, dict):
+        return {k: one(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(one(v) for v in example_inputs)
+    return example_inputs
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None = 4,
@@ -247,12 +286,25 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     if any(p.is_meta for p in model.parameters()):
         raise ConfigError(f"{type(model).__name__} has parameters on the meta device: compile needs real "
                           "weights to train; use fxpipe.plan(...) to plan a meta-device model")
+    if executor == "auto":
+        executor = "distributed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+    width = 1
+    if executor == "distributed":
+        # one process per (stage, replica): each of w replicas traces and trains its 1/w share of a batch
+        from fxpipe.runtime.distributed import data_parallel_width, replica_share
+
+        if num_stages is None:
+            raise ConfigError("executor='distributed' needs num_stages=d (WORLD_SIZE = d x replicas)")
+        width = data_parallel_width(num_stages)
+        example_inputs = replica_share(example_inputs, width, 0)
     p, cg = _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
                   schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                   device=device, num_devices=num_devices, global_batch=global_batch,
                   leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit)
-    if executor == "auto":
-        executor = "distributed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+    if width > 1:
+        import dataclasses
+
+        p = dataclasses.replace(p, data_parallel=width)
     return Pipeline(model, cg, p, loss_fn=loss_fn,
                     optimizer=optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)),
                     executor=executor)

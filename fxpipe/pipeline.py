@@ -101,6 +101,8 @@ class Pipeline:
         if self.loss_fn is None:
             raise ConfigError("step() needs a loss: compile(..., loss_fn=torch.nn.functional.cross_entropy) "
                               "or any callable (model_output, targets) -> scalar tensor")
+        if hasattr(self._executor, "shard"):      # distributed: this replica's share of the batch
+            inputs, targets = self._executor.shard(inputs), self._executor.shard(targets)
         mbs = self._microbatches(inputs)
         batch = self._example[0].shape[0] * self.num_microbatches if self._example else None
         for i, t in enumerate(pytree.tree_leaves(targets)):
@@ -112,6 +114,8 @@ class Pipeline:
 
     def __call__(self, inputs: Any) -> Any:
         """Forward only, through all stages, with the newest weights; outputs concatenated along dim 0."""
+        if hasattr(self._executor, "shard"):      # distributed: every replica runs its share
+            inputs = self._executor.shard(inputs)
         outs = self._executor.forward(self._microbatches(inputs))
         leaves = [pytree.tree_flatten(o)[0] for o in outs]
         spec = pytree.tree_flatten(outs[0])[1]
@@ -156,6 +160,40 @@ class Pipeline:
         for rt in self._executor.runtimes:
             rt.weights.reset()
         self._executor.batch = 0
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint directory: both 2BW weight versions, optimizer state, the batch counter.
+
+        Collective under the distributed executor (every rank calls it with the same path).
+
+        Raises:
+            StateDictError: the directory cannot be written.
+        """
+        from fxpipe.runtime import checkpoint
+
+        if self.executor == "distributed":
+            checkpoint.save_distributed(self, path)
+        else:
+            checkpoint.save_local(self, path)
+
+    def load(self, path: str) -> None:
+        """Resume from a directory written by :meth:`save` (of either executor); training continues bit-identically.
+
+        Raises:
+            StateDictError: missing/damaged directory, or a checkpoint of another model or schedule.
+        """
+        from fxpipe.runtime import checkpoint
+
+        if self.executor == "distributed":
+            checkpoint.load_distributed(self, path)
+        else:
+            checkpoint.load_local(self, path)
+
+    def to_torch_pipelining(self, group: Any = None) -> Any:
+        """This rank's stage as a ``torch.distributed.pipelining.PipelineStage`` (see fxpipe.runtime.interop)."""
+        from fxpipe.runtime.interop import to_torch_pipelining
+
+        return to_torch_pipelining(self, group=group)
 
     def __repr__(self) -> str:
         return (f"Pipeline({type(self.model).__name__}, stages={self.plan.num_stages}, "

@@ -1,0 +1,281 @@
+"""One rank of a multi-process test: ``python tests/dist_worker.py MODE OUT_DIR [args]`` under RANK/WORLD_SIZE env.
+
+Also the launcher the tests use (:func:`launch`): one subprocess per rank, like torchrun, each
+with its own exit code and log, all killed after a hard timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+SGDM = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731 - same as test_pipeline
+
+
+# -- building a pipeline (fxpipe.compile once every pass has landed) -----------------
+def _have_full_compiler() -> bool:
+    if os.environ.get("FXPIPE_TEST_UNIFORM_SPLIT") == "1":   # build from a contiguous cut even if compile exists
+        return False
+    try:
+        import fxpipe.passes.annotate  # noqa: F401
+        import fxpipe.passes.partition  # noqa: F401
+        import fxpipe.passes.shape_prop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(model, x, *, stages, m, schedule, loss_fn, optimizer=SGDM, executor="local", recompute=False,
+          uniform=False):
+    """fxpipe.compile(...) if the compiler is complete, else the same Pipeline built from a contiguous cut.
+
+    ``uniform=True`` always cuts the node list into equal contiguous runs: the planner keeps
+    SkipNet's skips short, the uniform cut makes them cross stages (0 -> 2) on purpose.
+    """
+    import fxpipe
+
+    if _have_full_compiler() and not uniform:
+        return fxpipe.compile(model, (x,), num_stages=stages, num_microbatches=m, schedule=schedule,
+                              loss_fn=loss_fn, optimizer=optimizer, executor=executor, recompute=recompute)
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from fxpipe.api import CompiledGraph
+    from fxpipe.ir import Plan, StagePlan
+    from fxpipe.passes.specialize import specialize_shapes
+    from fxpipe.pipeline import Pipeline
+    from fxpipe.trace import trace
+
+    w = 1
+    if executor == "distributed":
+        from fxpipe.runtime.distributed import data_parallel_width, replica_share
+
+        w = data_parallel_width(stages)
+        x = replica_share(x, w, 0)
+    xm = x.chunk(m)[0]
+    gm = trace(model, (xm,))
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(xm)
+    specialize_shapes(gm)
+    nodes = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    per = [[n for i, n in enumerate(nodes) if i * stages // len(nodes) == s] for s in range(stages)]
+    plan = Plan(stages=tuple(StagePlan(index=s, nodes=tuple(ns), recompute=recompute) for s, ns in enumerate(per)),
+                num_microbatches=m, schedule=schedule, bottleneck=0.0, lower_bound=0.0, optimal=False,
+                solver="uniform", data_parallel=w)
+    cg = CompiledGraph(gm=gm, cost_model=None, input_names=[n.name for n in gm.graph.nodes if n.op == "placeholder"],
+                       microbatch_inputs=[xm], batch_size=int(x.shape[0]), trace_seconds=0.0, annotate_seconds=0.0)
+    return Pipeline(model, cg, plan, loss_fn=loss_fn, optimizer=optimizer, executor=executor)
+
+
+# -- launcher -------------------------------------------------------------------------
+@dataclass
+class Result:
+    returncodes: list[int]
+    logs: list[str]
+    seconds: float
+    timed_out: bool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nprocs: int, args: list[str], *, timeout: float = 90.0, env: dict[str, str] | None = None) -> Result:
+    """Start ``nprocs`` ranks of this script; kill everything after ``timeout`` seconds."""
+    port = free_port()
+    procs, logs = [], []
+    t0 = time.time()
+    for r in range(nprocs):
+        e = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env or {}))
+        log = open(Path(args[1]) / f"log{r}.txt", "w+") if len(args) > 1 else subprocess.DEVNULL
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=e,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    timed_out = False
+    codes = []
+    for p in procs:
+        left = max(0.1, timeout - (time.time() - t0))
+        try:
+            codes.append(p.wait(timeout=left))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            codes.append(-9)
+    if timed_out:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        codes = [p.returncode for p in procs]
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    return Result(codes, texts, time.time() - t0, timed_out)
+
+
+# -- modes --------------------------------------------------------------------------------
+def _max_err(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in b)
+
+
+def mode_matrix(out: Path, cases: str, schedules: str, stages: int) -> None:
+    import models
+    from test_pipeline import batches_for, reference_losses
+
+    rank = int(os.environ["RANK"])
+    w = int(os.environ["WORLD_SIZE"]) // stages
+    m = 4
+    res = {}
+    for case in cases.split(","):
+        for sched in schedules.split(","):
+            t0 = time.time()
+            model, x, y, loss_fn = models.CASES[case]()
+            batches = batches_for(x, y)
+            ref_losses, ref = reference_losses(model, batches, loss_fn, m * w, sched)
+            pipe = build(model, x, stages=stages, m=m, schedule=sched, loss_fn=loss_fn, executor="distributed",
+                         recompute=(case == "skip" and sched == "2bw"), uniform=(case == "skip"))
+            got = [pipe.step(bx, by).item() for bx, by in batches]
+            sd = pipe.state_dict()
+            fwd = pipe(x)
+            res[f"{case}/{sched}"] = {
+                "loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
+                "weight_err": _max_err(sd, ref.state_dict()),
+                "keys_match": sorted(sd) == sorted(ref.state_dict()),
+                "forward_err": (fwd.double() - ref(x).double()).abs().max().item(),
+                "seconds": time.time() - t0,
+            }
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+
+
+def mode_resume(out: Path, stages: int, executor: str) -> None:
+    import models
+    from test_pipeline import batches_for
+
+    rank = int(os.environ.get("RANK", "0"))
+    res = {}
+    for case in ("gpt", "skip"):
+        for sched in ("2bw", "flush"):
+            model, x, y, loss_fn = models.CASES[case]()
+            batches = batches_for(x, y, n=4)
+            pipe = build(copy.deepcopy(model), x, stages=stages, m=4, schedule=sched, loss_fn=loss_fn,
+                         executor=executor, uniform=(case == "skip"))
+            for bx, by in batches[:2]:
+                pipe.step(bx, by)
+            ck = out / f"ckpt-{case}-{sched}"
+            pipe.save(str(ck))
+            first = [pipe.step(bx, by).item() for bx, by in batches[2:]]
+            sd1 = pipe.state_dict()
+            fresh = build(copy.deepcopy(model), x, stages=stages, m=4, schedule=sched, loss_fn=loss_fn,
+                          executor=executor, uniform=(case == "skip"))
+            fresh.load(str(ck))
+            second = [fresh.step(bx, by).item() for bx, by in batches[2:]]
+            sd2 = fresh.state_dict()
+            res[f"{case}/{sched}"] = {"first": first, "second": second,
+                                     "identical_weights": all(torch.equal(sd1[k], sd2[k]) for k in sd1)}
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+
+
+def mode_fault(out: Path, how: str, bad_rank: int) -> None:
+    """Rank ``bad_rank`` raises (how="raise") or dies (how="exit") in its 7th forward (batch 1)."""
+    import models
+    from test_pipeline import batches_for
+
+    rank = int(os.environ["RANK"])
+    model, x, y, loss_fn = models.CASES["mlp"]()
+    pipe = build(model, x, stages=int(os.environ["WORLD_SIZE"]), m=4, schedule="2bw", loss_fn=loss_fn,
+                 executor="distributed")
+    ex = pipe._executor
+    real_forward = ex._forward
+    calls = {"n": 0}
+
+    def forward(mb):
+        calls["n"] += 1
+        if rank == bad_rank and calls["n"] == 7:
+            if how == "exit":
+                os._exit(1)
+            raise ValueError("injected failure")
+        return real_forward(mb)
+
+    ex._forward = forward
+    for bx, by in batches_for(x, y, n=6):
+        pipe.step(bx, by)
+    pipe.state_dict()
+    print("finished without error", flush=True)
+
+
+def mode_interop(out: Path, schedule: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    import models
+    from test_pipeline import batches_for, reference_losses
+
+    rank = int(os.environ["RANK"])
+    res = {}
+    for case in ("mlp", "skip"):
+        model, x, y, loss_fn = models.CASES[case]()
+        m = 4
+        batches = batches_for(x, y)
+        ref_losses, ref = reference_losses(model, batches, loss_fn, m, "flush")
+        pipe = build(model, x, stages=int(os.environ["WORLD_SIZE"]), m=m, schedule="flush", loss_fn=loss_fn,
+                     executor="distributed", uniform=(case == "skip"))
+        stage = pipe.to_torch_pipelining()
+        params = list(stage.submod.parameters())
+        opt = SGDM(params) if params else None      # a planner may leave a stage without parameters
+        cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        sch = cls(stage, n_microbatches=m, loss_fn=loss_fn)
+        got = []
+        for bx, by in batches:
+            losses: list = []
+            if rank == 0:
+                sch.step(bx)
+            elif rank == int(os.environ["WORLD_SIZE"]) - 1:
+                sch.step(target=by, losses=losses)
+            else:
+                sch.step()
+            t = torch.tensor([sum(float(v.detach()) for v in losses) / m if losses else 0.0], dtype=torch.float64)
+            dist.all_reduce(t)
+            got.append(t.item())
+            if opt is not None:
+                opt.step()
+                opt.zero_grad()
+        ref_sd = ref.state_dict()
+        werr = max([(p.detach().double() - ref_sd[stage.submod.canonical[n]].double()).abs().max().item()
+                    for n, p in stage.submod.named_parameters()] + [0.0])
+        res[case] = {"loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)), "weight_err": werr}
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mode, out_dir, *rest = sys.argv[1:]
+    out = Path(out_dir)
+    if mode == "matrix":
+        mode_matrix(out, rest[0], rest[1], int(rest[2]))
+    elif mode == "resume":
+        mode_resume(out, int(rest[0]), rest[1])
+    elif mode == "fault":
+        mode_fault(out, rest[0], int(rest[1]))
+    elif mode == "interop":
+        mode_interop(out, rest[0])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,134 @@
+"""The distributed executor across real gloo processes, against the float64 single-device reference.
+
+Every multi-process run goes through ``dist_worker.launch``: one subprocess per rank
+(RANK/WORLD_SIZE/MASTER_* as torchrun sets them) with a hard timeout, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import models
+from dist_worker import build, launch
+
+CASES = ("mlp", "skip", "gpt")
+SCHEDULES = ("2bw", "flush", "gpipe")
+# (world size, stages): 2 and 3 ranks as pure pipelines, 4 ranks as 2 stages x 2 replicas
+LAYOUTS = ((2, 2), (3, 3), (4, 2))
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """Run every case x schedule once per layout; results[(world, stages)][rank][f"{case}/{schedule}"]."""
+    results = {}
+    for world, stages in LAYOUTS:
+        out = tmp_path_factory.mktemp(f"matrix{world}")
+        r = launch(world, ["matrix", str(out), ",".join(CASES), ",".join(SCHEDULES), str(stages)], timeout=120)
+        assert not r.timed_out and r.returncodes == [0] * world, \
+            f"world {world}: exit codes {r.returncodes} after {r.seconds:.0f}s\n" + "\n".join(x[-3000:] for x in r.logs)
+        results[(world, stages)] = [json.loads((out / f"rank{i}.json").read_text()) for i in range(world)]
+    return results
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+def test_matches_reference_on_every_rank(matrix, layout, case, schedule):
+    for rank, res in enumerate(matrix[layout]):
+        got = res[f"{case}/{schedule}"]
+        assert got["keys_match"], f"rank {rank}: state_dict keys differ from the model's"
+        assert got["loss_err"] <= 1e-10, f"rank {rank}: losses differ from the reference by {got['loss_err']}"
+        assert got["weight_err"] <= 1e-10, f"rank {rank}: weights differ from the reference by {got['weight_err']}"
+        assert got["forward_err"] <= 1e-10, f"rank {rank}: pipe(x) differs from the reference by {got['forward_err']}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how,bad_rank", [("raise", 1), ("exit", 1), ("exit", 0)])
+def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):
+    r = launch(3, ["fault", str(tmp_path), how, str(bad_rank)], timeout=90,
+               env={"FXPIPE_TIMEOUT": "20", "FXPIPE_ABORT_GRACE": "5"})
+    assert not r.timed_out, f"ranks still running after 90 s: {r.returncodes}"
+    assert r.seconds < 60, f"took {r.seconds:.0f}s to stop"
+    assert all(c != 0 for c in r.returncodes), f"exit codes {r.returncodes}\n" + "\n".join(r.logs)
+    for rank, log in enumerate(r.logs):
+        assert "finished without error" not in log
+        if rank == bad_rank:
+            if how == "raise":
+                assert f"rank {bad_rank} (stage {bad_rank}, replica 0) failed in action" in log
+                assert "injected failure" in log
+        else:
+            assert "DistributedError" in log and f"rank {rank} (stage {rank}" in log, log[-2000:]
+    # the direct neighbours of the failed rank name it
+    neighbour = 1 if bad_rank == 0 else 0
+    assert f"peer rank {bad_rank} (stage {bad_rank}" in r.logs[neighbour]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world,schedule", [(2, "gpipe"), (3, "1f1b")])
+def test_torch_pipelining_interop_matches_flush_reference(tmp_path, world, schedule):
+    r = launch(world, ["interop", str(tmp_path), schedule], timeout=90)
+    assert r.returncodes == [0] * world, "\n".join(x[-3000:] for x in r.logs)
+    for rank in range(world):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for case, got in res.items():
+            assert got["loss_err"] <= 1e-10, (rank, case, got)
+            assert got["weight_err"] <= 1e-10, (rank, case, got)
+
+
+def test_interop_rejects_tied_weights():
+    from fxpipe.errors import ConfigError
+    from fxpipe.runtime.interop import chain_stages
+
+    model, x, _, loss_fn = models.CASES["gpt"]()
+    pipe = build(model, x, stages=2, m=4, schedule="flush", loss_fn=loss_fn)
+    with pytest.raises(ConfigError, match=r"'wte.weight' is read by stages \[0, 1\].*executor='distributed'"):
+        chain_stages(pipe.program, {id(p): n for n, p in pipe._params.items()})
+
+
+def test_interop_chain_passes_skips_through_middle_stages():
+    from fxpipe.runtime.interop import chain_stages
+
+    model, x, _, loss_fn = models.CASES["skip"]()
+    pipe = build(model, x, stages=3, m=4, schedule="flush", loss_fn=loss_fn, uniform=True)
+    chain = chain_stages(pipe.program, {id(p): n for n, p in pipe._params.items()})
+    assert any(k[0] == "stage" and k[1] == 0 for k in chain[1].carried_out), "stage 0 -> 2 skip must pass stage 1"
+    h = x.chunk(4)[0]
+    for st in chain:
+        h = st(*(h if isinstance(h, tuple) else (h,)))
+    torch.testing.assert_close(h, model(x.chunk(4)[0]), atol=1e-12, rtol=0)
+
+
+def test_distributed_without_process_group_says_how_to_launch(monkeypatch):
+    from fxpipe.errors import DistributedError
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    model, x, _, loss_fn = models.CASES["mlp"]()
+    with pytest.raises(DistributedError, match=r"torchrun --nproc_per_node"):
+        build(model, x, stages=2, m=4, schedule="2bw", loss_fn=loss_fn, executor="distributed")
+
+
+def test_replica_share_needs_divisible_batch():
+    from fxpipe.errors import InputError
+    from fxpipe.runtime.distributed import replica_share
+
+    x = torch.arange(12).reshape(6, 2)
+    assert torch.equal(replica_share(x, 3, 1), x[2:4])
+    assert replica_share({"a": x}, 2, 1)["a"].shape == (3, 2)
+    with pytest.raises(InputError, match=r"shape \(6, 2\) cannot be split among 4 data-parallel replicas"):
+        replica_share(x, 4, 0)
+
+
+def test_world_size_must_be_a_multiple_of_stages(monkeypatch):
+    from fxpipe.errors import ConfigError
+    from fxpipe.runtime.distributed import data_parallel_width
+
+    for k, v in {"WORLD_SIZE": "6", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert data_parallel_width(3) == 2
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=6 is not a multiple of num_stages=4"):
+        data_parallel_width(4)
