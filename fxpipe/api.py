@@ -177,7 +177,7 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
           schedule: str, optimizer: OptimizerFactory | None, cost_model: Any, memory_limit: Any,
           device: Any, num_devices: int | None, global_batch: int | None,
           leaf_modules: Iterable[type | str], recompute: bool | None,
-          time_limit: float) -> tuple[Plan, CompiledGraph]:
+          time_limit: float, given_plan: Plan | None = None) -> tuple[Plan, CompiledGraph]:
     from fxpipe.cost_models.memory import optimizer_slots
     from fxpipe.passes.partition import partition
 
@@ -201,6 +201,26 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         return p, cached[int(p.microbatch_size or 1)]
     cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
                  device=device, leaf_modules=leaf_modules)
+    if given_plan is not None:
+        from fxpipe.passes.partition import plan_from_assignment
+
+        if given_plan.num_stages != num_stages:
+            raise ConfigError(f"plan has {given_plan.num_stages} stages but num_stages={num_stages}; "
+                              f"pass num_stages={given_plan.num_stages} with this plan")
+        names = {n.name for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")}
+        planned = set(given_plan.stage_of())
+        if names != planned:
+            raise ConfigError(
+                f"plan does not match the traced graph of {type(model).__name__}: {len(names - planned)} "
+                f"operations have no stage (e.g. {sorted(names - planned)[:3]}) and {len(planned - names)} "
+                f"planned names are not in the graph (e.g. {sorted(planned - names)[:3]}); re-plan this "
+                "model with fxpipe.plan(...) or `fxpipe dump --format json`")
+        p = plan_from_assignment(cg.gm, cg.cost_model, given_plan.stage_of(),
+                                 [s.recompute for s in given_plan.stages], num_microbatches=num_microbatches,
+                                 schedule=schedule, memory_limit=None if memory_limit is None else int(memory_limit),
+                                 optimizer_slots=optimizer_slots(optimizer), solver=given_plan.solver,
+                                 lower_bound=given_plan.lower_bound, optimal=given_plan.optimal)
+        return p, cg
     n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
     if num_stages > n_compute:
         raise ConfigError(f"num_stages={num_stages} is more than the {n_compute} operations in the "
@@ -248,7 +268,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             memory_limit: int | None = None, device: Any = None, executor: str = "auto",
             num_devices: int | None = None, global_batch: int | None = None,
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
-            time_limit: float = 10.0) -> "Pipeline":
+            time_limit: float = 10.0, plan: Plan | None = None) -> "Pipeline":
     """Compile ``model`` into pipeline stages and an executor that trains them.
 
     Args:
@@ -266,6 +286,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         leaf_modules: module types / qualified names to keep opaque when tracing.
         recompute: force activation recomputation on (True) or off (False); None lets the planner decide.
         time_limit: seconds the solver may spend.
+        plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
+            baseline) instead of solving; it is re-checked against the traced graph.
 
     Returns:
         A :class:`fxpipe.Pipeline`.
@@ -300,7 +322,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     p, cg = _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
                   schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                   device=device, num_devices=num_devices, global_batch=global_batch,
-                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit)
+                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit, given_plan=plan)
     if width > 1:
         import dataclasses
 

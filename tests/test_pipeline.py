@@ -49,6 +49,18 @@ def batches_for(x, y, n=4, seed=0):
     return out
 
 
+def equal_split_plan(model, x, stages, m, schedule):
+    """A plan cutting the traced graph into equal runs of operations (long skips then cross stages)."""
+    from fxpipe.api import prepare
+    from fxpipe.passes.partition import plan_from_assignment
+
+    cg = prepare(model, (x,), num_microbatches=m)
+    compute = [n.name for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    stage_of = {n: i * stages // len(compute) for i, n in enumerate(compute)}
+    return plan_from_assignment(cg.gm, cg.cost_model, stage_of, [False] * stages, num_microbatches=m,
+                                schedule=schedule, solver="equal")
+
+
 @pytest.mark.parametrize("schedule", ["2bw", "flush", "gpipe"])
 @pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("case", ["mlp", "skip", "gpt"])
@@ -57,9 +69,14 @@ def test_matches_reference(case, stages, schedule):
     m = 4
     batches = batches_for(x, y)
     ref_losses, ref = reference_losses(model, batches, loss_fn, m, schedule)
+    # the solver's plan, except for SkipNet whose skips must cross several stages: an equal split
+    given = equal_split_plan(model, x, stages, m, schedule) if case == "skip" else None
     pipe = fxpipe.compile(model, (x,), num_stages=stages, num_microbatches=m, schedule=schedule,
-                          loss_fn=loss_fn, optimizer=SGDM)
+                          loss_fn=loss_fn, optimizer=SGDM, plan=given)
     assert pipe.plan.num_stages == stages and len(pipe.stages) == stages
+    if case == "skip" and stages >= 3:
+        hops = [st.index - src.stage for st in pipe.program.stages for src in st.sources if src.kind == "stage"]
+        assert max(hops) >= 2, "a skip connection must cross at least two stage boundaries"
     assert all(isinstance(s, torch.fx.GraphModule) for s in pipe.stages)
     got = [pipe.step(bx, by).item() for bx, by in batches]
     assert got == pytest.approx(ref_losses, abs=1e-10, rel=0)
@@ -133,3 +150,20 @@ def test_at_most_two_weight_versions_alive_under_2bw():
         for rt in pipe._executor.runtimes:
             assert len(rt.weights.alive) <= 2
     assert max(len(rt.weights.alive) for rt in pipe._executor.runtimes) == 2
+
+
+def test_compile_with_a_plan_for_another_graph_is_rejected():
+    model, x, y, loss_fn = CASES["mlp"]()
+    other, ox, _, _ = CASES["skip"]()
+    wrong = equal_split_plan(other, ox, 2, 4, "2bw")
+    with pytest.raises(fxpipe.ConfigError, match=r"plan does not match the traced graph of MLP"):
+        fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, loss_fn=loss_fn, plan=wrong)
+
+
+def test_plan_json_round_trip_compiles_to_the_same_stages():
+    model, x, y, loss_fn = CASES["gpt"]()
+    p = fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4)
+    again = fxpipe.Plan.from_json(p.to_json())
+    assert again == p
+    pipe = fxpipe.compile(model, (x,), num_stages=3, num_microbatches=4, loss_fn=loss_fn, plan=again)
+    assert [s.nodes for s in pipe.plan.stages] == [s.nodes for s in p.stages]
