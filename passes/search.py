@@ -1,0 +1,238 @@
+"""Depth × width search (PipeDream-2BW's planner, Algorithm 1): pick d, w, b, m for N devices.
+
+For N devices and a global batch B, every candidate is a pipeline of depth d
+replicated w = N // d times (data parallel), a microbatch size b (a power of two
+dividing B / w) and m = B / (w·b) microbatches per batch (2bw needs m >= d)::
+
+    N = 8, B = 64          d=1 w=8   b ∈ {1,2,4,8}          m = 8/b
+                           d=2 w=4   b ∈ {1,2,4,8,16}       m = 16/b   (2bw: m >= 2)
+                           d=4 w=2   ...                    d=8 w=1 ...
+
+Each candidate is cut by :func:`~fxpipe.passes.partition.partition` on the graph
+traced at microbatch size b and priced by this cost model (seconds per batch):
+
+    2bw     t = m·T_max + X          steady state, no flush (the paper's throughput)
+    flush   t = (m + d - 1)·T_max + X        fill and drain every batch
+    gpipe   t = (m + d - 1)·T_max + X        (its memory holds m microbatches: partition's n_s)
+
+    X = max_s max(0, AR_s - B_s)   exposed data-parallel all-reduce
+    AR_s = 2(w-1) · comm_time(P_s / w)        ring all-reduce of stage s's gradients
+         = 2(w-1)/w · P_s / bandwidth           when ``allreduce_bandwidth`` is given
+
+T_max is the plan's bottleneck (seconds per microbatch), P_s the stage's parameter
+bytes and B_s its backward time for one microbatch. The all-reduce runs after the
+stage's last backward of the batch; bucketed like DDP, it overlaps that last
+backward (hence ``- B_s``) and nothing else. Stages reduce in parallel on
+disjoint links, so the slowest one counts. Throughput = B / t samples per second.
+
+Pruning: candidates are visited best-first by an optimistic throughput
+B / (m · max(ΣT/d, max node)); one whose optimistic throughput cannot beat the
+incumbent is skipped, and one whose memory lower bound exceeds the limit is
+marked unfit without solving. Ties go to the smaller d, then the larger b, so the
+answer is deterministic (the partitioner is too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import torch.fx
+
+from fxpipe.errors import ConfigError, InfeasibleMemoryError
+from fxpipe.ir import SCHEDULES, CostModel, Plan
+
+from .coarsen import graph_costs
+from .partition import memory_lower_bound, partition, trivial_lower_bound
+
+__all__ = ["search_depth_width", "batch_time", "allreduce_time", "microbatch_candidates"]
+
+GraphFor = Callable[[int], "tuple[torch.fx.GraphModule, CostModel]"]
+
+_MAX_MICROBATCH = 64          # default cap on b
+_MIN_CANDIDATE_TIME = 0.25    # seconds of solver time each candidate gets at least
+
+
+def microbatch_candidates(per_replica: int, cap: int = _MAX_MICROBATCH,
+                          allowed: Sequence[int] | None = None) -> list[int]:
+    """Powers of two b <= cap dividing ``per_replica`` (or the allowed sizes that divide it)."""
+    if allowed is not None:
+        return sorted({int(b) for b in allowed if b >= 1 and per_replica % b == 0})
+    out, b = [], 1
+    while b <= min(per_replica, cap):
+        if per_replica % b == 0:
+            out.append(b)
+        b *= 2
+    return out
+
+
+def allreduce_time(param_bytes: int, width: int, cost_model: CostModel,
+                   bandwidth: float | None = None) -> float:
+    """Seconds of a ring all-reduce of ``param_bytes`` among ``width`` replicas (0 when w = 1)."""
+    if width <= 1 or param_bytes <= 0:
+        return 0.0
+    if bandwidth is not None:
+        return 2.0 * (width - 1) / width * param_bytes / bandwidth
+    return 2.0 * (width - 1) * float(cost_model.comm_time(int(math.ceil(param_bytes / width))))
+
+
+def batch_time(plan: Plan, *, width: int, cost_model: CostModel,
+               allreduce_bandwidth: float | None = None) -> tuple[float, float]:
+    """(seconds per batch, exposed all-reduce seconds) of ``plan`` replicated ``width`` times.
+
+    See the module docstring for the model.
+    """
+    m, d = plan.num_microbatches, plan.num_stages
+    exposed = max((max(0.0, allreduce_time(st.param_bytes, width, cost_model, allreduce_bandwidth)
+                       - st.bwd_time) for st in plan.stages), default=0.0)
+    steps = m if plan.schedule == "2bw" else m + d - 1
+    return steps * plan.bottleneck + exposed, exposed
+
+
+def _better(thr: float, d: int, b: int, thr0: float, d0: int, b0: int) -> bool:
+    """Higher throughput wins; within 1e-9 relative, the smaller d, then the larger b."""
+    if thr > thr0 * (1 + 1e-9):
+        return True
+    if thr < thr0 * (1 - 1e-9):
+        return False
+    return (d, -b) < (d0, -b0)
+
+
+def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: int,
+                       schedule: str = "2bw", memory_limit: int | None = None,
+                       optimizer_slots: int = 0, microbatch_sizes: Sequence[int] | None = None,
+                       time_limit: float = 10.0, allreduce_bandwidth: float | None = None,
+                       recompute: bool | None = None, num_workers: int = 2) -> Plan:
+    """Best pipeline depth d, width w, microbatch size b and count m for ``num_devices`` devices.
+
+    Args:
+        graph_for: ``graph_for(b) -> (gm, cost_model)``, the annotated graph traced at
+            microbatch size b (called once per distinct b; results are cached here).
+        num_devices: N; candidates use d·(N // d) <= N devices.
+        global_batch: B, samples per optimizer step over all replicas.
+        schedule: "2bw" | "flush" | "gpipe".
+        memory_limit: bytes per device, or None.
+        optimizer_slots: k, optimizer state tensors per parameter.
+        microbatch_sizes: the b to try (each must divide B / w); default powers of two up to 64.
+        time_limit: seconds for the whole search; each candidate gets a share (at least 0.25 s).
+        allreduce_bandwidth: bytes/s of the data-parallel ring; None prices it with
+            ``cost_model.comm_time``.
+        recompute: passed to :func:`partition` (None: chosen per stage).
+        num_workers: CP-SAT workers.
+
+    Returns:
+        The best Plan, with ``data_parallel=w``, ``microbatch_size=b``,
+        ``num_microbatches=m`` and ``extra["search"]``: the candidates table (one dict
+        per candidate: d, w, b, m, samples_per_s, fits, status) and the chosen
+        throughput, batch time and exposed all-reduce time.
+
+    Raises:
+        ConfigError: bad N, B or schedule, or no candidate exists (e.g. B < N·... with 2bw).
+        InfeasibleMemoryError: no candidate fits ``memory_limit``; the message gives the
+            smallest per-device memory seen and the way out.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(num_devices, int) or num_devices < 1:
+        raise ConfigError(f"num_devices must be an int >= 1, got {num_devices!r}")
+    if not isinstance(global_batch, int) or global_batch < 1:
+        raise ConfigError(f"global_batch must be an int >= 1, got {global_batch!r}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if time_limit <= 0:
+        raise ConfigError(f"time_limit must be > 0 seconds, got {time_limit!r}")
+
+    cache: dict[int, tuple[torch.fx.GraphModule, CostModel, Any]] = {}
+
+    def graph(b: int) -> tuple[torch.fx.GraphModule, CostModel, Any]:
+        if b not in cache:
+            gm, cm = graph_for(b)
+            cache[b] = (gm, cm, graph_costs(gm, cm))
+        return cache[b]
+
+    # Enumerate (d, w, b, m); the graph size caps d.
+    n_nodes = graph(1 if microbatch_sizes is None else min(microbatch_sizes))[2].n
+    cands: list[tuple[int, int, int, int]] = []
+    for d in range(1, min(num_devices, n_nodes) + 1):
+        w = num_devices // d
+        if global_batch % w:
+            continue
+        for b in microbatch_candidates(global_batch // w, allowed=microbatch_sizes):
+            m = global_batch // (w * b)
+            if schedule == "2bw" and m < d:
+                continue
+            cands.append((d, w, b, m))
+    if not cands:
+        raise ConfigError(
+            f"no (depth, width, microbatch) fits num_devices={num_devices}, global_batch="
+            f"{global_batch} and schedule={schedule!r}"
+            + (f" with microbatch_sizes={list(microbatch_sizes)}" if microbatch_sizes else "")
+            + "; use a global batch that is a multiple of the device count, or schedule='flush'")
+
+    rows: list[dict[str, Any]] = []
+    optimistic: list[tuple[float, int, int, int, int]] = []
+    for d, w, b, m in cands:
+        gc = graph(b)[2]
+        lb = trivial_lower_bound(gc, d, recompute)
+        steps = m if schedule == "2bw" else m + d - 1
+        optimistic.append((global_batch / (steps * lb) if lb > 0 else math.inf, d, w, b, m))
+    optimistic.sort(key=lambda c: (-c[0], c[1], -c[3]))
+    per = max(_MIN_CANDIDATE_TIME, time_limit / len(optimistic))
+
+    best: tuple[float, int, int, Plan, dict[str, Any]] | None = None    # (thr, d, -b, plan, row)
+    min_memory: int | None = None
+    for ub, d, w, b, m in optimistic:
+        row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "samples_per_s": None,
+                               "fits": None, "status": ""}
+        rows.append(row)
+        if best is not None and ub <= best[0] * (1 + 1e-12):
+            row["status"] = "pruned"
+            continue
+        gm, cm, gc = graph(b)
+        if memory_limit is not None:
+            need = memory_lower_bound(gc, num_stages=d, num_microbatches=m, schedule=schedule,
+                                      optimizer_slots=optimizer_slots, recompute=recompute)
+            if need > memory_limit:
+                row.update(fits=False, status=f"needs >= {need} B")
+                min_memory = need if min_memory is None else min(min_memory, need)
+                continue
+        try:
+            plan = partition(gm, cm, num_stages=d, num_microbatches=m, schedule=schedule,
+                             memory_limit=memory_limit, optimizer_slots=optimizer_slots,
+                             recompute=recompute, time_limit=per, num_workers=num_workers)
+        except InfeasibleMemoryError as e:
+            row.update(fits=False, status="over memory")
+            if e.min_feasible is not None:
+                min_memory = e.min_feasible if min_memory is None else min(min_memory, e.min_feasible)
+            continue
+        t_batch, exposed = batch_time(plan, width=w, cost_model=cm,
+                                      allreduce_bandwidth=allreduce_bandwidth)
+        thr = global_batch / t_batch if t_batch > 0 else math.inf
+        row.update(samples_per_s=thr, fits=True, status="solved", batch_time=t_batch,
+                   allreduce_exposed=exposed, bottleneck=plan.bottleneck, gap=plan.gap)
+        if best is None or _better(thr, d, b, best[0], best[1], -best[2]):
+            best = (thr, d, -b, plan, row)
+
+    if best is None:
+        seen = f"{min_memory} bytes" if min_memory is not None else "more than the limit"
+        raise InfeasibleMemoryError(
+            f"search_depth_width: no (depth, width, microbatch) for num_devices={num_devices}, "
+            f"global_batch={global_batch} fits memory_limit={memory_limit} bytes ({schedule}, "
+            f"k={optimizer_slots} optimizer slots); the smallest per-device memory seen is {seen}. "
+            f"Raise memory_limit to at least {seen}, add devices (deeper pipelines hold fewer "
+            f"parameters per device), use an optimizer with fewer slots, or allow recompute",
+            memory_limit=memory_limit, min_feasible=min_memory)
+    thr, d, neg_b, plan, row = best
+    row["chosen"] = True
+    w, b, m = row["w"], row["b"], row["m"]
+    extra = dict(plan.extra)
+    extra["search"] = {
+        "num_devices": num_devices, "global_batch": global_batch,
+        "samples_per_s": thr, "batch_time": row["batch_time"],
+        "allreduce_exposed": row["allreduce_exposed"],
+        "candidates": sorted(rows, key=lambda r: (r["d"], r["b"])),
+        "search_time": time.perf_counter() - t_start,
+    }
+    return dataclasses.replace(plan, data_parallel=w, microbatch_size=b, num_microbatches=m,
+                               solve_time=time.perf_counter() - t_start, extra=extra)
