@@ -32,8 +32,10 @@ class Pipeline:
         self.model = model
         self.plan = plan
         self.loss_fn = loss_fn
-        self.num_microbatches = plan.num_microbatches
+        # one process holds every replica's share: w data-parallel replicas = w*m microbatches
+        self.num_microbatches = plan.num_microbatches * (plan.data_parallel if executor != "distributed" else 1)
         self.schedule = plan.schedule
+        self._optimizer_factory = optimizer
         self._cg = cg
         self.program: PipelineProgram = split(cg.gm, plan.stage_of(), plan.num_stages)
         self.stages: list[torch.fx.GraphModule] = [st.module for st in self.program.stages]
@@ -52,7 +54,7 @@ class Pipeline:
         else:
             runtimes = build_stage_runtimes(self.program, canonical, self._params, optimizer,
                                             plan.schedule, [s.recompute for s in plan.stages])
-            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, plan.num_microbatches,
+            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, self.num_microbatches,
                                            loss_fn or _no_loss)
         self.executor = executor
 
@@ -194,6 +196,56 @@ class Pipeline:
         from fxpipe.runtime.interop import to_torch_pipelining
 
         return to_torch_pipelining(self, group=group)
+
+    def report(self) -> str:
+        """Predicted against measured per stage (time, saved activations) for the last ``step``.
+
+        Raises:
+            ConfigError: no step has run yet, or the executor is distributed (measure per rank).
+        """
+        from fxpipe.calibrate import measurements, report_table
+
+        if self.executor == "distributed":
+            raise ConfigError("pipe.report() measures the local executor; under torchrun compare the "
+                              "plan with per-rank timings instead")
+        return report_table(self.plan, measurements(self))
+
+    def replan(self, time_limit: float = 10.0) -> "Pipeline":
+        """A new Pipeline planned from this one's measurements (calibrated per-stage costs).
+
+        The new pipeline trains the same model object (newest weights) and carries each
+        parameter's optimizer state over; like ``load_state_dict``, the 2BW delay restarts.
+
+        Raises:
+            ConfigError: no step has run yet, or the executor is distributed.
+        """
+        from fxpipe.calibrate import calibrated_cost_model, measurements
+        from fxpipe.passes.annotate import annotate
+        from fxpipe.passes.partition import partition
+
+        if self.executor == "distributed":
+            raise ConfigError("replan() works on the local executor; re-plan offline and pass plan= to compile")
+        self._executor.flush() if hasattr(self._executor, "flush") else None
+        cm = calibrated_cost_model(self.plan, measurements(self), self._cg.cost_model)
+        annotate(self._cg.gm, cm)
+        p = self.plan
+        new_plan = partition(self._cg.gm, cm, num_stages=p.num_stages, num_microbatches=p.num_microbatches,
+                             schedule=p.schedule, memory_limit=p.memory_limit, optimizer_slots=p.optimizer_slots,
+                             time_limit=time_limit)
+        new = Pipeline(self.model, self._cg, new_plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory,
+                       executor=self.executor)
+        old_state = {}
+        for rt in self._executor.runtimes:
+            if rt.weights is not None and rt.weights.optimizer is not None:
+                old_state.update(rt.weights.optimizer.state)
+        for rt in new._executor.runtimes:
+            opt = rt.weights.optimizer if rt.weights is not None else None
+            if opt is not None:
+                for group in opt.param_groups:
+                    for q in group["params"]:
+                        if q in old_state:
+                            opt.state[q] = old_state[q]
+        return new
 
     def __repr__(self) -> str:
         return (f"Pipeline({type(self.model).__name__}, stages={self.plan.num_stages}, "

@@ -134,17 +134,20 @@ class LocalExecutor:
             out = fn(*args)
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
         weights = {t.untyped_storage().data_ptr() for t in params.values() if t.device.type != "meta"}
-        seen: set[tuple[int, int]] = set()
-        nbytes = 0
+        views: dict[int, tuple[int, set[tuple[int, tuple[int, ...], tuple[int, ...]]], int]] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal nbytes
-            if t.device.type != "meta" and t.untyped_storage().data_ptr() not in weights:
+            # bytes of the saved views, once per view, at most the whole storage
+            if t.device.type != "meta":
                 st = t.untyped_storage()
-                key = (st.data_ptr(), st.nbytes())
-                if key not in seen:
-                    seen.add(key)
-                    nbytes += st.nbytes()
+                ptr = st.data_ptr()
+                if ptr not in weights:
+                    cap, seen, total = views.get(ptr, (st.nbytes(), set(), 0))
+                    key = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                    if key not in seen:
+                        seen.add(key)
+                        total += t.numel() * t.element_size()
+                    views[ptr] = (cap, seen, total)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -152,7 +155,7 @@ class LocalExecutor:
                 out = checkpoint(fn, *args, use_reentrant=False)
             else:
                 out = fn(*args)
-        rt.saved_bytes.append(nbytes)
+        rt.saved_bytes.append(sum(min(cap, total) for cap, _, total in views.values()))
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     # -- forward only ---------------------------------------------------------
