@@ -1,0 +1,242 @@
+"""Device specs for the cost models: datasheet presets for GPUs, and this machine's CPU measured once and cached."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxpipe.errors import ConfigError
+
+__all__ = ["DeviceSpec", "PRESETS", "get_device", "measure_cpu", "cache_dir", "host_fingerprint"]
+
+GB = 10**9
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What a cost model needs to know about one accelerator (or this CPU).
+
+    Example::
+
+        >>> a100 = get_device("a100-80gb")
+        >>> a100.peak(torch.bfloat16)          # dense tensor-core FLOP/s
+        312000000000000.0
+        >>> slow = a100.replace(inter_node_bandwidth=12.5e9)   # a user override
+    """
+
+    name: str
+    peak_flops: dict[str, float] = field(default_factory=dict, hash=False)  # dtype name -> FLOP/s
+    mem_bandwidth: float = 1e11           # device memory bytes/s
+    memory_bytes: int = 16 * GiB          # device memory capacity
+    intra_node_bandwidth: float = 1e10    # bytes/s between two devices of one node (one direction)
+    inter_node_bandwidth: float = 1e10    # bytes/s between nodes (one direction)
+    link_latency: float = 1e-5            # seconds per transfer
+    kernel_overhead: float = 5e-6         # seconds per launched aten kernel (dispatch + launch)
+
+    def __post_init__(self) -> None:
+        if not self.peak_flops:
+            raise ConfigError(f"DeviceSpec {self.name!r} has no peak_flops; give at least "
+                              "peak_flops={'float32': FLOP/s}")
+        for k in ("mem_bandwidth", "intra_node_bandwidth", "inter_node_bandwidth"):
+            v = getattr(self, k)
+            if not v > 0:
+                raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be > 0 bytes/s, got {v!r}")
+        for k in ("link_latency", "kernel_overhead"):
+            v = getattr(self, k)
+            if not v >= 0:
+                raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be >= 0 seconds, got {v!r}")
+        for k, v in self.peak_flops.items():
+            if not v > 0:
+                raise ConfigError(f"DeviceSpec {self.name!r}: peak_flops[{k!r}] must be > 0, got {v!r}")
+
+    def peak(self, dtype: torch.dtype | str) -> float:
+        """Peak FLOP/s for ``dtype`` (a torch dtype or a name like ``"bfloat16"``).
+
+        Dtypes without an entry (integers, complex, fp8...) fall back to ``float32``,
+        or to the slowest entry when there is no ``float32``.
+        """
+        key = str(dtype).removeprefix("torch.")
+        if key in self.peak_flops:
+            return float(self.peak_flops[key])
+        if "float32" in self.peak_flops:
+            return float(self.peak_flops["float32"])
+        return float(min(self.peak_flops.values()))
+
+    def replace(self, **overrides: Any) -> "DeviceSpec":
+        """A copy with some fields changed, e.g. ``spec.replace(memory_bytes=40 * 2**30)``.
+
+        Raises:
+            ConfigError: a field name is unknown.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ConfigError(f"DeviceSpec has no field(s) {sorted(unknown)}; fields are {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16: float, hbm: float,
+         mem: int, nvlink: float, ib_gbit: float) -> DeviceSpec:
+    return DeviceSpec(
+        name=name,
+        peak_flops={"float64": fp64, "float32": fp32, "tfloat32": tf32, "bfloat16": bf16, "float16": fp16},
+        mem_bandwidth=hbm, memory_bytes=mem, intra_node_bandwidth=nvlink,
+        inter_node_bandwidth=ib_gbit * 1e9 / 8, link_latency=1e-5, kernel_overhead=5e-6,
+    )
+
+
+# Datasheet numbers, SXM parts, dense (no sparsity). float32 is the CUDA-core rate
+# (PyTorch does not use TF32 for matmuls by default); tfloat32 is there for users who do.
+# NVLink is per direction (half the bidirectional figure NVIDIA quotes); one IB NIC per GPU.
+PRESETS: dict[str, DeviceSpec] = {
+    "v100-16gb": _gpu("v100-16gb", fp64=7.8e12, fp32=15.7e12, tf32=15.7e12, bf16=15.7e12, fp16=125e12,
+                      hbm=900 * GB, mem=16 * GiB, nvlink=150 * GB, ib_gbit=100),
+    "a100-40gb": _gpu("a100-40gb", fp64=19.5e12, fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12,
+                      hbm=1555 * GB, mem=40 * GiB, nvlink=300 * GB, ib_gbit=200),
+    "a100-80gb": _gpu("a100-80gb", fp64=19.5e12, fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12,
+                      hbm=2039 * GB, mem=80 * GiB, nvlink=300 * GB, ib_gbit=200),
+    "h100-80gb": _gpu("h100-80gb", fp64=67e12, fp32=67e12, tf32=494.7e12, bf16=989.4e12, fp16=989.4e12,
+                      hbm=3350 * GB, mem=80 * GiB, nvlink=450 * GB, ib_gbit=400),
+    "h200-141gb": _gpu("h200-141gb", fp64=67e12, fp32=67e12, tf32=494.7e12, bf16=989.4e12, fp16=989.4e12,
+                       hbm=4800 * GB, mem=141 * GB, nvlink=450 * GB, ib_gbit=400),
+}
+
+_MEASURE_VERSION = "measure v2"  # bump when measure_cpu changes: older cache entries are ignored
+
+# gloo over loopback between two local processes (DESIGN.md: a 4 MB send/recv ~12 ms).
+_CPU_LINK_BANDWIDTH = 3.5e8
+_CPU_LINK_LATENCY = 2e-4
+
+
+def cache_dir() -> Path:
+    """Where fxpipe caches measurements: ``$FXPIPE_CACHE_DIR`` or ``~/.cache/fxpipe``."""
+    return Path(os.environ.get("FXPIPE_CACHE_DIR") or Path.home() / ".cache" / "fxpipe")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def host_fingerprint() -> str:
+    """CPU model + torch version + thread count: what the ``cpu`` measurement depends on."""
+    return f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _best_time(fn: Any, budget: float, min_reps: int = 3) -> float:
+    """Shortest of repeated runs within ``budget`` seconds (a peak rate wants the best run)."""
+    fn()  # warm-up: thread pool start, first-call initialisation
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < budget:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return min(times)
+
+
+def measure_cpu() -> DeviceSpec:
+    """Measure this CPU once (< 2 s): matmul FLOP/s (float32, float64), copy bandwidth, op overhead.
+
+    Returns:
+        A DeviceSpec named ``"cpu"``. bfloat16/float16 get the float32 rate (CPUs
+        without AMX run them no faster). Links model gloo between local processes.
+    """
+    n = 1024
+    rates: dict[str, float] = {}
+    for dt in (torch.float32, torch.float64):
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        out = torch.empty(n, n, dtype=dt)
+        t = _best_time(lambda: torch.mm(a, b, out=out), 0.4)
+        rates[str(dt).removeprefix("torch.")] = 2 * n**3 / t
+    rates["bfloat16"] = rates["float16"] = rates["float32"]
+    src = torch.empty(64 * 2**20 // 4, dtype=torch.float32).fill_(1.0)  # 64 MiB: beyond the caches
+    dst = torch.empty_like(src).fill_(0.0)
+    t = _best_time(lambda: dst.copy_(src), 0.3)
+    bandwidth = 2 * src.nbytes / t  # read + write
+    x, y = torch.ones(1, requires_grad=True), torch.ones(1)  # a training op: autograd records it
+    t_op = _best_time(lambda: [torch.add(x, y) for _ in range(100)], 0.1) / 100
+    return DeviceSpec(name="cpu", peak_flops=rates, mem_bandwidth=bandwidth,
+                      memory_bytes=_host_memory(), intra_node_bandwidth=_CPU_LINK_BANDWIDTH,
+                      inter_node_bandwidth=_CPU_LINK_BANDWIDTH, link_latency=_CPU_LINK_LATENCY,
+                      kernel_overhead=t_op)
+
+
+def _host_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+@lru_cache(maxsize=4)
+def _cpu_spec(fingerprint: str, directory: str) -> DeviceSpec:
+    path = Path(directory) / "devices.json"
+    table: dict[str, Any] = {}
+    try:
+        table = json.loads(path.read_text())
+        d = table[fingerprint]
+        return DeviceSpec(**d)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        pass
+    spec = measure_cpu()
+    table[fingerprint] = spec.to_dict()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home still gets the measured spec, just not cached
+    return spec
+
+
+def get_device(spec: str | DeviceSpec | None = None) -> DeviceSpec:
+    """Resolve a device argument to a DeviceSpec.
+
+    Args:
+        spec: a DeviceSpec (returned as is), a preset name (``"a100-80gb"``, case
+            insensitive), ``"cpu"`` or None for this machine (measured once, cached
+            in ``$FXPIPE_CACHE_DIR`` or ``~/.cache/fxpipe/devices.json``).
+
+    Returns:
+        The DeviceSpec.
+
+    Raises:
+        ConfigError: ``spec`` is an unknown name or of the wrong type.
+    """
+    if isinstance(spec, DeviceSpec):
+        return spec
+    if spec is None:
+        spec = "cpu"
+    if not isinstance(spec, str):
+        raise ConfigError(f"device must be a preset name, a DeviceSpec or None, got {type(spec).__name__} "
+                          f"{spec!r}; valid names: {['cpu', *PRESETS]}")
+    key = spec.strip().lower()
+    if key == "cpu":
+        return _cpu_spec(f"{host_fingerprint()}|{_MEASURE_VERSION}", str(cache_dir()))
+    if key in PRESETS:
+        return PRESETS[key]
+    raise ConfigError(f"unknown device {spec!r}; valid names: {['cpu', *PRESETS]}, or pass "
+                      "fxpipe.cost_models.device.DeviceSpec(name=..., peak_flops={...}, ...)")

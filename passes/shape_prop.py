@@ -1,0 +1,236 @@
+"""Shape propagation with fake tensors: every node gets ``meta["val"]`` and ``meta["tensor_meta"]``, no real memory."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._subclasses import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                           unset_fake_temporarily)
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
+
+from fxpipe.errors import TraceError
+from fxpipe.ir import META_VAL
+
+__all__ = ["shape_prop", "FakeShapeProp"]
+
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
+
+
+class FakeShapeProp(torch.fx.Interpreter):
+    """An Interpreter that runs every node on fake tensors and records what it produced.
+
+    Like ``torch.fx.passes.shape_prop.ShapeProp`` (``meta["tensor_meta"]``) and
+    ``FakeTensorProp`` (``meta["val"]``), but wraps failures in :class:`TraceError`
+    naming the node, and keeps ``requires_grad`` on the recorded values so that
+    cost models know which inputs autograd differentiates.
+
+    A node whose result depends on tensor values (an opaque leaf module with an
+    ``if x.sum() > 0``) cannot run on fakes: it runs once on real random tensors
+    of its input shapes (its own real parameters, or random ones for meta
+    parameters), and its output is turned back into a fake.
+
+    Args:
+        gm: the graph module.
+        mode: the FakeTensorMode the run uses.
+        state: the module's original parameters and buffers by qualified name.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode, state: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.mode = mode
+        self.state = state
+
+    def _run_real(self, n: torch.fx.Node) -> Any:
+        """Run ``n`` on real tensors shaped like its fake inputs; return fake outputs."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        with unset_fake_temporarily():
+            def real(t: Any) -> Any:
+                if not isinstance(t, torch.Tensor):
+                    return t
+                dev = t.device if t.device.type != "meta" else torch.device("cpu")
+                r = torch.randn(t.shape, device=dev).to(t.dtype) if t.dtype.is_floating_point else \
+                    torch.zeros(t.shape, dtype=t.dtype, device=dev)
+                return r.requires_grad_(t.requires_grad)
+
+            args, kwargs = pytree.tree_map(real, (args, kwargs))
+            if n.op == "call_module":
+                mod = self.module.get_submodule(str(n.target))
+                prefix = f"{n.target}."
+                own = {k[len(prefix):]: (real(v) if v.device.type == "meta" else v)
+                       for k, v in self.state.items() if k.startswith(prefix)}
+                out = torch.func.functional_call(mod, own, tuple(args), kwargs, tie_weights=True, strict=False)
+            elif n.op == "call_method":
+                out = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+            else:
+                out = n.target(*args, **kwargs)  # type: ignore[operator]
+
+        def back(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            f = self.mode.from_tensor(t.detach(), static_shapes=True)
+            return f.requires_grad_(True) if t.requires_grad else f
+
+        return pytree.tree_map(back, out)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            try:
+                result = super().run_node(n)
+            except _DATA_DEPENDENT:
+                if n.op not in ("call_module", "call_function", "call_method"):
+                    raise
+                result = self._run_real(n)
+        except TraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any op failure is reported with its node
+            raise TraceError(
+                f"shape_prop: node {n.format_node()} failed on fake tensors: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. Check that the example inputs have the "
+                "shapes/dtypes the model expects; data-dependent operations (.item(), nonzero, "
+                "tensor-valued `if`) cannot be planned: move them into a leaf module or make them static"
+            ) from e
+        if isinstance(result, torch.Tensor) or any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(result)):
+            n.meta[META_VAL] = pytree.tree_map(_storable, result)
+        else:
+            n.meta[META_VAL] = result  # Python values (torch.Size, int, device...) as they are
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = torch.fx.node.map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)
+        return result
+
+
+def _storable(v: Any) -> Any:
+    """A value safe to keep in node.meta: a detached leaf (deepcopy-able) that keeps requires_grad."""
+    if isinstance(v, torch.Tensor):
+        rg = v.requires_grad
+        v = v.detach()
+        if rg:
+            v.requires_grad_(True)
+    elif isinstance(v, torch.SymInt) and v.node.is_constant():
+        v = int(v)
+    return v
+
+
+def _target_device(tensors: list[torch.Tensor]) -> torch.device:
+    """Device the fakes live on: that of the first non-meta tensor, else CPU."""
+    for t in tensors:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _faker(mode: FakeTensorMode, device: torch.device) -> Callable[[Any], Any]:
+    """Converts tensors to fakes of ``mode`` once each (tied parameters stay tied)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def fake(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) in memo:
+            return memo[id(t)]
+        foreign = isinstance(t, FakeTensor) and t.fake_mode is not mode  # from another FakeTensorMode
+        if t.device.type == "meta" or foreign:
+            with mode:
+                f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                        device=device if t.device.type == "meta" else t.device)
+            if t.requires_grad:
+                f.requires_grad_(True)
+        elif isinstance(t, FakeTensor):  # already ours
+            f = t
+        else:
+            f = mode.from_tensor(t.detach() if isinstance(t, torch.nn.Parameter) else t, static_shapes=True)
+            if t.requires_grad and not f.requires_grad:
+                f.requires_grad_(True)
+        memo[id(t)] = f
+        return f
+
+    return fake
+
+
+def _bind_placeholders(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(args) > len(placeholders):
+        raise TraceError(
+            f"shape_prop: got {len(args)} positional inputs but the graph has {len(placeholders)} "
+            f"placeholders ({[p.target for p in placeholders]}); pass one value per placeholder"
+        )
+    bound = list(args)
+    for p in placeholders[len(args):]:
+        name = str(p.target).lstrip("*")
+        if name in kwargs:
+            bound.append(kwargs[name])
+        elif p.args:
+            bound.append(p.args[0])
+        else:
+            raise TraceError(
+                f"shape_prop: no example value for placeholder {p.format_node()}; given "
+                f"{len(args)} positional inputs and keywords {sorted(kwargs)}. Pass it positionally "
+                f"or as {name}=..."
+            )
+    unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders[len(args):]}
+    if unknown:
+        raise TraceError(
+            f"shape_prop: keyword inputs {sorted(unknown)} match no placeholder; placeholders are "
+            f"{[str(p.target) for p in placeholders]}"
+        )
+    return bound
+
+
+def shape_prop(gm: torch.fx.GraphModule, *example_inputs: Any, **example_kwargs: Any) -> torch.fx.GraphModule:
+    """Run ``gm`` on fake tensors and record every node's value and tensor metadata.
+
+    Parameters, buffers and inputs (real, meta-device or fake) are replaced by fake
+    tensors of the same shape, stride and dtype, so no real memory is used and
+    meta-device models work. Meta tensors become fakes on the device of the first
+    real tensor seen (CPU if there is none).
+
+    Args:
+        gm: the traced graph module (modified in place: ``node.meta`` only).
+        *example_inputs: one example value per placeholder, in order (one microbatch).
+        **example_kwargs: values for the remaining placeholders, by name.
+
+    Returns:
+        ``gm``, with ``node.meta["val"]`` (a FakeTensor, a pytree of them, or a Python
+        value such as an int for shape arithmetic) and ``node.meta["tensor_meta"]``
+        (``TensorMetadata`` or a pytree of them) on every node with tensor outputs.
+
+    Raises:
+        TraceError: an input is missing or unknown, or a node fails on fake tensors;
+            the message names the node (``node.format_node()``) and the original error.
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TraceError(f"shape_prop: expected a torch.fx.GraphModule, got {type(gm).__name__}; "
+                         "trace the model first (fxpipe.trace.trace)")
+    bound = _bind_placeholders(gm, example_inputs, dict(example_kwargs))
+    state = dict(gm.named_parameters(remove_duplicate=False))
+    state.update(gm.named_buffers(remove_duplicate=False))
+    device = _target_device([t for t in pytree.tree_leaves((bound, list(state.values())))
+                             if isinstance(t, torch.Tensor)])
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = _faker(mode, device)
+    fake_state = {k: fake(v) for k, v in state.items()}
+    fake_inputs = pytree.tree_map(fake, bound)
+    interp = FakeShapeProp(gm, mode, state)
+    with _reparametrize_module(gm, fake_state, tie_weights=True), mode, torch.enable_grad():
+        kw = {"enable_io_processing": False} if "enable_io_processing" in inspect.signature(interp.run).parameters else {}
+        interp.run(*fake_inputs, **kw)
+    return gm

@@ -1,0 +1,75 @@
+"""Tests of cost_models/device.py: presets, lookup errors, overrides, the measured and cached CPU spec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fxpipe.cost_models.device as device_mod
+from fxpipe.cost_models.device import PRESETS, DeviceSpec, get_device
+from fxpipe.errors import ConfigError
+
+
+def test_presets_are_realistic() -> None:
+    assert set(PRESETS) == {"v100-16gb", "a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"}
+    a100, h100, h200 = get_device("a100-80gb"), get_device("h100-80gb"), get_device("h200-141gb")
+    assert a100.peak(torch.bfloat16) == 312e12 and a100.peak("float32") == 19.5e12
+    assert h100.peak(torch.bfloat16) > a100.peak(torch.bfloat16) > get_device("v100-16gb").peak(torch.bfloat16)
+    assert h200.mem_bandwidth > h100.mem_bandwidth > a100.mem_bandwidth > get_device("a100-40gb").mem_bandwidth
+    assert h200.memory_bytes > a100.memory_bytes > get_device("a100-40gb").memory_bytes
+    for spec in PRESETS.values():
+        assert spec.intra_node_bandwidth > spec.inter_node_bandwidth  # NVLink beats InfiniBand
+        assert 12.5e9 <= spec.inter_node_bandwidth <= 50e9           # 100-400 Gb/s
+
+
+def test_lookup_is_case_insensitive_and_passes_specs_through() -> None:
+    assert get_device("A100-80GB") is PRESETS["a100-80gb"]
+    spec = DeviceSpec(name="toy", peak_flops={"float32": 1e12})
+    assert get_device(spec) is spec
+
+
+def test_unknown_device_lists_valid_names() -> None:
+    with pytest.raises(ConfigError, match=r"unknown device 'tpu-v9'.*'a100-80gb'.*'h200-141gb'"):
+        get_device("tpu-v9")
+    with pytest.raises(ConfigError, match=r"got int 3"):
+        get_device(3)  # type: ignore[arg-type]
+
+
+def test_peak_falls_back_to_float32() -> None:
+    spec = DeviceSpec(name="toy", peak_flops={"float32": 2e12, "bfloat16": 8e12})
+    assert spec.peak(torch.int64) == 2e12 and spec.peak(torch.bfloat16) == 8e12
+    assert DeviceSpec(name="t", peak_flops={"float16": 3e12, "bfloat16": 5e12}).peak("float64") == 3e12
+
+
+def test_replace_and_validation() -> None:
+    a100 = get_device("a100-80gb")
+    slow = a100.replace(inter_node_bandwidth=12.5e9, name="a100-slow-ib")
+    assert slow.inter_node_bandwidth == 12.5e9 and slow.peak_flops == a100.peak_flops
+    assert a100.inter_node_bandwidth == 25e9  # presets are frozen
+    with pytest.raises(ConfigError, match=r"no field\(s\) \['bandwith'\]"):
+        a100.replace(bandwith=1.0)
+    with pytest.raises(ConfigError, match=r"mem_bandwidth must be > 0 bytes/s, got -1"):
+        a100.replace(mem_bandwidth=-1)
+    with pytest.raises(ConfigError, match="no peak_flops"):
+        DeviceSpec(name="empty")
+
+
+def test_cpu_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FXPIPE_CACHE_DIR", str(tmp_path))
+    device_mod._cpu_spec.cache_clear()
+    cpu = get_device(None)
+    assert cpu.name == "cpu" and cpu.peak(torch.float32) > 1e8 and cpu.mem_bandwidth > 1e8
+    assert 0 < cpu.kernel_overhead < 1e-3
+    table = json.loads((tmp_path / "devices.json").read_text())
+    assert list(table) == [f"{device_mod.host_fingerprint()}|{device_mod._MEASURE_VERSION}"]
+    assert f"threads {torch.get_num_threads()}" in device_mod.host_fingerprint()
+
+    def no_measuring() -> DeviceSpec:
+        raise AssertionError("measured again instead of reading the cache")
+
+    device_mod._cpu_spec.cache_clear()
+    monkeypatch.setattr(device_mod, "measure_cpu", no_measuring)
+    assert get_device("cpu") == cpu
+    device_mod._cpu_spec.cache_clear()
