@@ -56,6 +56,7 @@ from fxpipe.ir import Plan
 from fxpipe.passes.split import PipelineProgram, Source
 from fxpipe.runtime.schedules import Action, build_schedule
 from fxpipe.runtime.weights import WeightVersions, version_for_batch
+from fxpipe.runtime.executor import _detach_input, _get_attr
 
 __all__ = ["DistributedExecutor", "init_distributed", "data_parallel_width", "replica_share",
            "timeout_seconds", "stage_params"]
@@ -160,21 +161,6 @@ def stage_params(program: PipelineProgram, canonical: dict[int, str]) -> list[di
                     names.setdefault(src.name, canonical[id(obj)])
         out.append(names)
     return out
-
-
-def _get_attr(root: torch.nn.Module, qualname: str) -> Any:
-    obj: Any = root
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _detach_input(x: Any) -> Any:
-    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
-        return x.detach().requires_grad_(True)
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    return x
 
 
 def _shift(a: Action, batches: int, m: int) -> Action:
