@@ -174,6 +174,15 @@ def _render(a: argparse.Namespace, plan: Any, edges: list[Any], labels: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":   # its options belong to the demo's own parser
+        from fxpipe.examples.train_gpt import main as demo_main
+
+        try:
+            return demo_main(argv[1:])
+        except FxpipeError as e:
+            print(f"fxpipe: error: {e}", file=sys.stderr)
+            return 2
     ap = argparse.ArgumentParser(prog="fxpipe", description="Pipeline-parallel compiler for PyTorch models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dump", help="plan a model and print the stages")
