@@ -173,6 +173,45 @@ def _render(a: argparse.Namespace, plan: Any, edges: list[Any], labels: dict[str
     return svg
 
 
+def _calibrate(a: argparse.Namespace) -> int:
+    """Compile with real weights, train ``--steps`` steps on random data, print predicted vs measured."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    import fxpipe
+    from fxpipe.presets import PRESETS, get_preset
+
+    if a.model in PRESETS:
+        model, example = get_preset(a.model, device="cpu")
+    else:
+        model, example = load_model_spec(a.model)
+    if any(p.is_meta for p in model.parameters()):
+        raise ModelSpecError(f"{a.model!r} builds its model on the meta device; calibrate trains it, so the "
+                             "factory must create real weights")
+
+    def loss_fn(out: object, _targets: object) -> torch.Tensor:
+        # the timing does not depend on the loss: mean square of every floating-point output
+        leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return sum(t.float().pow(2).mean() for t in leaves) / max(1, len(leaves))
+
+    pipe = fxpipe.compile(model, example, num_stages=a.stages, num_microbatches=a.microbatches,
+                          schedule=a.schedule, cost_model=a.cost_model, loss_fn=loss_fn,
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    leaves = pytree.tree_leaves(example)
+    batch = next(t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0)
+    targets = torch.zeros(batch)
+    for _ in range(max(1, a.steps)):
+        pipe.step(example, targets)
+    print(pipe.plan.summary())
+    print()
+    print(pipe.report())
+    if a.replan:
+        print()
+        print("re-planned from the measurements:")
+        print(pipe.replan().plan.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":   # its options belong to the demo's own parser
@@ -201,17 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-nodes", type=int, default=400,
                    help="dot/svg/html: collapse stage interiors of graphs with more nodes than this")
     d.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    c = sub.add_parser("calibrate", help="train a few steps on random data; predicted vs measured per stage")
+    c.add_argument("model", help="path/to/file.py:factory or pkg.module:factory with REAL weights, or a preset "
+                   "(built with real weights on this CPU: use a small one)")
+    c.add_argument("--stages", type=int, required=True)
+    c.add_argument("--microbatches", type=int, default=None, help="default: max(stages, 4)")
+    c.add_argument("--schedule", default="2bw", choices=["2bw", "flush", "gpipe"])
+    c.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
+    c.add_argument("--steps", type=int, default=3, help="training steps; the last one is measured")
+    c.add_argument("--replan", action="store_true", help="also re-plan from the measurements and show the new plan")
     demo = sub.add_parser("demo", help="the main job: train a small GPT under 2BW", add_help=False)
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     try:
-        if a.cmd == "dump":
-            if a.microbatches is None:
-                a.microbatches = max(a.stages, 4)
-            return _dump(a)
-        from fxpipe.examples.train_gpt import main as demo_main
-
-        return demo_main(a.rest)
+        if a.microbatches is None:
+            a.microbatches = max(a.stages, 4)
+        if a.cmd == "calibrate":
+            return _calibrate(a)
+        return _dump(a)
     except FxpipeError as e:
         print(f"fxpipe: error: {e}", file=sys.stderr)
         return 2

@@ -178,3 +178,20 @@ def test_load_model_spec_presets():
     assert next(model.parameters()).is_meta and idx.is_meta
     with pytest.raises(ModelSpecError, match="presets: .*resnet-50"):
         load_model_spec("resnet-5000")
+
+
+def test_calibrate_prints_predicted_and_measured(model_file, capsys):
+    assert main(["calibrate", f"{model_file}:make", "--stages", "2", "--steps", "2", "--replan"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd pred" in out and "fwd meas" in out and "F+B err" in out
+    assert "re-planned from the measurements:" in out
+    assert out.count("schedule=2bw stages=2") == 2
+
+
+def test_calibrate_rejects_meta_models(tmp_path, capsys):
+    f = tmp_path / "meta.py"
+    f.write_text("import torch\ndef make():\n    with torch.device('meta'):\n"
+                 "        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), "
+                 "(torch.randn(8, 4),)\n")
+    assert main(["calibrate", f"{f}:make", "--stages", "2"]) == 2
+    assert "builds its model on the meta device" in capsys.readouterr().err
