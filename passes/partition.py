@@ -43,6 +43,10 @@ __all__ = ["partition", "plan_from_assignment", "trivial_lower_bound", "memory_l
            "articulation_lower_bound"]
 
 _TIME_UNITS = 2 ** 30        # the largest possible T is scaled to about this many integer units
+# refinement after the first coarse solve: at most this many blocks per stage / in all
+# (CP-SAT stops proving anything within seconds past ~600 blocks x 16 stages)
+_MAX_BLOCKS_PER_STAGE = 48
+_MAX_REFINED_BLOCKS = 640
 _DET_PER_SECOND = 0.5        # CP-SAT deterministic time granted per second of time_limit
 _FINE_DP_MAX = 2000          # graphs up to this many nodes get the O(d n^2) DP (~14 n^2 doubles) on the graph order
 
@@ -745,7 +749,8 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
     if len(blocks) < d:
         blocks = singletons
 
-    def attempt(blocks: list[list[int]], limit: float) -> tuple[
+    def attempt(blocks: list[list[int]], limit: float,
+                incumbent: tuple[list[int], list[bool]] | None = None) -> tuple[
             BlockProblem, SplitResult | None, bool, _Solution]:
         exact = len(blocks) == gc.n
         prob = fine_prob if exact and fine_prob is not None else build_problem(
@@ -757,6 +762,8 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
             hints.append((dp.stage_of_block(), list(dp.recompute)))
         if fine_dp is not None and fine_stage is not None and prob is not fine_prob:
             hints.append(([fine_stage[vs[0]] for vs in blocks], list(fine_dp.recompute)))
+        if incumbent is not None:   # the best plan so far; blocks never straddle its cuts
+            hints.append(([incumbent[0][vs[0]] for vs in blocks], list(incumbent[1])))
         best_hint: tuple[list[int], list[bool], int] | None = None
         for bs, flags in hints:
             times, mems = evaluate(prob, bs, flags)
@@ -815,8 +822,34 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         if best is None or plan.bottleneck < best.bottleneck * (1 - 1e-12):
             best, source = plan, name
     assert best is not None
-    exact_model = not coarsened
     lower = max(trivial, articulation_lower_bound(gc, d, recompute, upper=best.bottleneck))
+    # Refine: while the plan is more than 1% above the bound and half the time budget is
+    # left, re-coarsen twice as finely around the best plan's cuts (so it stays feasible
+    # and is the hint) and solve again. The bottleneck can only go down.
+    per_stage, first_blocks, refinements = 12, len(blocks), 0
+    while (coarsened and best.bottleneck > lower * 1.01 and per_stage < _MAX_BLOCKS_PER_STAGE
+           and time.perf_counter() - t_start < 0.5 * time_limit):
+        per_stage *= 2
+        refinements += 1
+        where = best.stage_of()
+        incumbent_stage = [where[name] for name in gc.names]
+        finer = coarsen_costs(gc, num_stages=d, blocks_per_stage=per_stage, stage_hint=incumbent_stage)
+        if len(finer) <= len(blocks) or len(finer) > _MAX_REFINED_BLOCKS:
+            break
+        blocks = finer
+        coarsened = len(blocks) < gc.n
+        left = max(0.5, time_limit - (time.perf_counter() - t_start))
+        prob, dp, chain, sol = attempt(blocks, left, (incumbent_stage, [st.recompute for st in best.stages]))
+        if sol.block_stage is None:
+            break
+        flags = _drop_needless_recompute(gm, cost_model, gc, _assignment(gc, blocks, sol.block_stage),
+                                         list(sol.recompute or []), recompute, opts)
+        plan = plan_from_assignment(gm, cost_model, _assignment(gc, blocks, sol.block_stage), flags,
+                                    costs=gc, **opts)
+        if plan.bottleneck < best.bottleneck * (1 - 1e-12):
+            best, source = plan, "cp-sat"
+            lower = max(lower, articulation_lower_bound(gc, d, recompute, upper=best.bottleneck))
+    exact_model = not coarsened
     slack = (2 * gc.n + len(prob.values)) / scale    # rounding of the integer times
     if exact_model and sol.status in ("OPTIMAL", "FEASIBLE"):
         lower = max(lower, sol.bound / scale - slack)
@@ -831,7 +864,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         "blocks": len(blocks), "nodes": gc.n, "coarsened": coarsened,
         "dp_bottleneck": (fine_dp.bottleneck / scale) if fine_dp is not None else None,
         "wall_time": sol.wall, "deterministic_time": sol.deterministic, "source": source,
-        "chain": fine_chain,
+        "chain": fine_chain, "first_blocks": first_blocks, "refinements": refinements,
     }
     return plan_from_assignment(
         gm, cost_model, best.stage_of(), [st.recompute for st in best.stages], costs=gc,

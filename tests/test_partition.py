@@ -435,7 +435,7 @@ def test_coarsened_gpt_like_beats_or_ties_the_dp() -> None:
     kw = dict(num_stages=8, num_microbatches=8, memory_limit=4 * 10**9, optimizer_slots=2)
     plan = partition(gm, cm, time_limit=4.0, **kw)
     check_plan(plan, gm, cm, m=8, k=2)
-    assert plan.extra["coarsened"] and plan.extra["blocks"] < 200
+    assert plan.extra["first_blocks"] < 200          # solved on a coarsened graph first
     assert plan.bottleneck <= dp_plan(gm, cm, **kw).bottleneck * (1 + 1e-9)
     assert plan.solve_time < 10
 
