@@ -133,8 +133,11 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
     names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
     flat_given = list(args) + list(kwargs.values())
     mbs = split_batch(flat_given, num_microbatches, "example_inputs")
-    mb_args = tuple(mbs[0][: len(args)])
-    mb_kwargs = dict(zip(names[len(args):], mbs[0][len(args):]))
+    # a microbatch of its own (not a view of the batch): what autograd saves of an input is then charged
+    # at the microbatch's size, not at the size of the whole batch's storage
+    mb0 = [v.clone() if isinstance(v, torch.Tensor) and num_microbatches > 1 else v for v in mbs[0]]
+    mb_args = tuple(mb0[: len(args)])
+    mb_kwargs = dict(zip(names[len(args):], mb0[len(args):]))
     t0 = time.perf_counter()
     gm = trace(model, mb_args, mb_kwargs, leaf_modules=leaf_modules)
     flat = _flatten_for_graph(gm, model, mb_args, mb_kwargs)

@@ -28,7 +28,7 @@ from fxpipe.report import fmt_bytes, fmt_time
 if TYPE_CHECKING:
     from fxpipe.pipeline import Pipeline
 
-__all__ = ["StageMeasurement", "measurements", "report_table", "CalibratedCostModel", "calibrated_cost_model"]
+__all__ = ["StageMeasurement", "measurements", "report_table", "rank_table", "CalibratedCostModel", "calibrated_cost_model"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,17 @@ def measurements(pipe: "Pipeline") -> list[StageMeasurement]:
     Raises:
         ConfigError: nothing has been measured yet (call ``pipe.step`` first).
     """
+    gather = getattr(pipe._executor, "gather_measurements", None)
+    if gather is not None:                     # distributed: collective; replica 0's rank of each stage
+        ranks = gather()
+        if any(not r["fwd"] for r in ranks):
+            raise ConfigError("no measurements yet: call pipe.step(inputs, targets) at least once on every "
+                              "rank before pipe.report()")
+        first = {}
+        for r in ranks:
+            first.setdefault(r["stage"], r)
+        return [StageMeasurement(index=s, fwd_time=first[s]["fwd"], bwd_time=first[s]["bwd"],
+                                 saved_bytes=first[s]["saved"]) for s in sorted(first)]
     runtimes = getattr(pipe._executor, "runtimes", None)
     if not runtimes or not runtimes[0].fwd_seconds:
         raise ConfigError("no measurements yet: call pipe.step(inputs, targets) at least once "
@@ -66,7 +77,8 @@ def _err(pred: float, meas: float) -> str:
     return f"{(meas - pred) / pred * 100:+.0f}%"
 
 
-def report_table(plan: Plan, meas: list[StageMeasurement]) -> str:
+def report_table(plan: Plan, meas: list[StageMeasurement],
+                 where: str = "measured in this process; stages ran one after another") -> str:
     """Predicted vs measured per stage: forward, backward, their sum, and saved activations."""
     head = ["stage", "fwd pred", "fwd meas", "bwd pred", "bwd meas", "F+B err", "act pred", "act meas", "act err"]
     rows = []
@@ -83,7 +95,20 @@ def report_table(plan: Plan, meas: list[StageMeasurement]) -> str:
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append("")
     lines.append(f"bottleneck compute: predicted {fmt_time(pred_b)}, measured {fmt_time(meas_b)} per microbatch "
-                 "(measured in this process; stages ran one after another)")
+                 f"({where})")
+    return "\n".join(lines)
+
+
+def rank_table(ranks: list[dict]) -> str:
+    """Per rank of a distributed run: compute, waiting and wall time of its last step (gather_measurements)."""
+    lines = [f"{'rank':>4}  {'stage':>5}  {'replica':>7}  {'compute':>9}  {'waiting':>9}  {'step wall':>9}  busy",
+             "-" * 62]
+    for r in ranks:
+        busy = f"{r['compute'] / r['wall'] * 100:.0f}%" if r["wall"] > 0 else "-"
+        lines.append(f"{r['rank']:>4}  {r['stage']:>5}  {r['replica']:>7}  {fmt_time(r['compute']):>9}  "
+                     f"{fmt_time(r['wait']):>9}  {fmt_time(r['wall']):>9}  {busy}")
+    lines.append("compute = forward+backward of the rank's last m microbatches; waiting = blocked on receives "
+                 "and all-reduces in the last step")
     return "\n".join(lines)
 
 

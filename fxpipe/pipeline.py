@@ -200,14 +200,19 @@ class Pipeline:
     def report(self) -> str:
         """Predicted against measured per stage (time, saved activations) for the last ``step``.
 
+        Under the distributed executor this is collective (every rank must call it) and adds,
+        per rank, its compute, waiting and wall time, so bubbles and slow links show.
+
         Raises:
-            ConfigError: no step has run yet, or the executor is distributed (measure per rank).
+            ConfigError: no step has run yet.
         """
-        from fxpipe.calibrate import measurements, report_table
+        from fxpipe.calibrate import measurements, rank_table, report_table
 
         if self.executor == "distributed":
-            raise ConfigError("pipe.report() measures the local executor; under torchrun compare the "
-                              "plan with per-rank timings instead")
+            meas = measurements(self)
+            ranks = self._executor.gather_measurements()
+            return (report_table(self.plan, meas, where="stage s measured on replica 0's rank s, all stages "
+                                 "running at once") + "\n\n" + rank_table(ranks))
         return report_table(self.plan, measurements(self))
 
     def replan(self, time_limit: float = 10.0) -> "Pipeline":

@@ -152,7 +152,9 @@ def mode_matrix(out: Path, cases: str, schedules: str, stages: int) -> None:
             got = [pipe.step(bx, by).item() for bx, by in batches]
             sd = pipe.state_dict()
             fwd = pipe(x)
+            report = pipe.report()          # collective; measured per stage and per rank
             res[f"{case}/{sched}"] = {
+                "report": report,
                 "loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
                 "weight_err": _max_err(sd, ref.state_dict()),
                 "keys_match": sorted(sd) == sorted(ref.state_dict()),

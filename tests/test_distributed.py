@@ -46,6 +46,25 @@ def test_matches_reference_on_every_rank(matrix, layout, case, schedule):
         assert got["forward_err"] <= 1e-10, f"rank {rank}: pipe(x) differs from the reference by {got['forward_err']}"
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+def test_report_shows_every_stage_and_rank_measured(matrix, layout):
+    world, stages = layout
+    for rank, res in enumerate(matrix[layout]):
+        text = res["gpt/2bw"]["report"]
+        assert text == matrix[layout][0]["gpt/2bw"]["report"], f"rank {rank} printed a different report than rank 0"
+        lines = text.splitlines()
+        stage_rows = [l.split() for l in lines[2:2 + stages]]      # stage, then "<value> <unit>" cells
+        assert [r[0] for r in stage_rows] == [str(s) for s in range(stages)], text
+        for row in stage_rows:
+            assert float(row[3]) > 0 and float(row[7]) > 0, f"unmeasured forward/backward time:\n{text}"
+        head = next(i for i, l in enumerate(lines) if l.split()[:2] == ["rank", "stage"])
+        rank_rows = [l.split() for l in lines[head + 2:head + 2 + world]]
+        assert [(int(r[0]), int(r[1]), int(r[2])) for r in rank_rows] == \
+            [(r, r % stages, r // stages) for r in range(world)], text
+        assert all(r[-1].endswith("%") and 0 < int(r[-1][:-1]) <= 100 for r in rank_rows), text
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how,bad_rank", [("raise", 1), ("exit", 1), ("exit", 0)])
 def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):

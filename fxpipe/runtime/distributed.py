@@ -39,9 +39,11 @@ then see its connection close and fail the same way.
 
 from __future__ import annotations
 
+import collections
 import faulthandler
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -56,7 +58,7 @@ from fxpipe.ir import Plan
 from fxpipe.passes.split import PipelineProgram, Source
 from fxpipe.runtime.schedules import Action, build_schedule
 from fxpipe.runtime.weights import WeightVersions, version_for_batch
-from fxpipe.runtime.executor import _detach_input, _get_attr
+from fxpipe.runtime.executor import SavedBytes, _detach_input, _get_attr, stage_param_names
 
 __all__ = ["DistributedExecutor", "init_distributed", "data_parallel_width", "replica_share",
            "timeout_seconds", "stage_params"]
@@ -151,16 +153,7 @@ def replica_share(tree: Any, w: int, replica: int) -> Any:
 
 def stage_params(program: PipelineProgram, canonical: dict[int, str]) -> list[dict[str, str]]:
     """Per stage: stage-module parameter name (or attr name) -> canonical name, tied parameters included."""
-    out = []
-    for st in program.stages:
-        names = {n: canonical[id(p)] for n, p in st.module.named_parameters(remove_duplicate=False)}
-        for src in st.sources:
-            if src.kind == "attr":
-                obj = _get_attr(program.root, src.name)
-                if isinstance(obj, torch.nn.Parameter) and id(obj) in canonical:
-                    names.setdefault(src.name, canonical[id(obj)])
-        out.append(names)
-    return out
+    return [stage_param_names(program, st, canonical) for st in program.stages]
 
 
 def _shift(a: Action, batches: int, m: int) -> Action:
@@ -254,6 +247,12 @@ class DistributedExecutor:
         self._loss_work: dict[int, tuple[Any, torch.Tensor]] = {}
         self._sends: list[tuple[Any, torch.Tensor]] = []
         self._prefetched: dict[tuple[str, int], tuple] = {}
+        # measured, for pipe.report(): this stage's last m microbatches, and the last step's wall/wait time
+        self.fwd_seconds: collections.deque[float] = collections.deque(maxlen=self.m)
+        self.bwd_seconds: collections.deque[float] = collections.deque(maxlen=self.m)
+        self.saved_bytes: collections.deque[int] = collections.deque(maxlen=self.m)
+        self.wait_seconds = 0.0            # blocked on receives / all-reduces during the last step
+        self.step_seconds = 0.0            # wall time of the last step
 
     # -- layout ---------------------------------------------------------------
     def rank_of(self, stage: int, replica: int | None = None) -> int:
@@ -304,11 +303,14 @@ class DistributedExecutor:
                                    "continue — restart all ranks, e.g. from a checkpoint (pipe.load(dir))")
 
     def _wait(self, works: list[Any], what: str, peers: list[int]) -> None:
+        t0 = time.perf_counter()
         try:
             for wk in works:
                 wk.wait(timeout=timedelta(seconds=self.timeout))
         except Exception as e:  # noqa: BLE001
             raise self._fail(what, e, peers[0] if len(peers) == 1 else None) from e
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
 
     def _reap_sends(self, wait: bool = False) -> None:
         keep = []
@@ -404,7 +406,12 @@ class DistributedExecutor:
         def fn(*xs: Any) -> tuple[Any, ...]:
             return functional_call(st.module, mod_params, xs)
 
-        out = checkpoint(fn, *args, use_reentrant=False) if (grad and self.recompute) else fn(*args)
+        if not grad:
+            out = fn(*args)
+        else:
+            with SavedBytes(params.values()) as saved:
+                out = checkpoint(fn, *args, use_reentrant=False) if self.recompute else fn(*args)
+            self.saved_bytes.append(saved.total)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     def _receive_inputs(self, what: str, mb: int | None = None) -> dict[tuple[int, int], torch.Tensor]:
@@ -427,14 +434,17 @@ class DistributedExecutor:
         batch = mb // self.m
         what = f"{self.stage}F{mb} (batch {batch})"
         received = self._receive_inputs(what, mb)
+        t0 = time.perf_counter()
         params = self._params(version_for_batch(self.schedule, batch))
         leaves = {key: _detach_input(v) for key, v in received.items()}
         st = self.program.stages[self.stage]
         args = [self._resolve(s, self._inputs[mb], leaves, params) for s in st.sources]
         outs = self._run_stage(args, params, grad=True)
+        compute = time.perf_counter() - t0
         self._send_outputs(outs, what)
         loss = None
         if self.stage == self.d - 1:
+            t0 = time.perf_counter()
             out_leaves = [outs[s.index] if s.kind == "stage" and s.stage == self.stage
                           else self._resolve(s, self._inputs[mb], leaves, params)
                           for s in self.program.output_sources]
@@ -443,9 +453,11 @@ class DistributedExecutor:
             tgt = pytree.tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t,
                                   self._targets.pop(mb))
             loss = self.loss_fn(model_out, tgt)
+            compute += time.perf_counter() - t0
             self._losses.setdefault(batch, []).append(loss.detach())
             if len(self._losses[batch]) == self.m:
                 self._start_loss_reduce(batch)
+        self.fwd_seconds.append(compute)
         self._inputs.pop(mb, None)
         self._saved[mb] = ({k: v for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad},
                            outs, loss)
@@ -468,8 +480,10 @@ class DistributedExecutor:
             if isinstance(o, torch.Tensor) and o.requires_grad:
                 tensors.append(o)
                 gvals.append(g)
+        t0 = time.perf_counter()
         if tensors:
             torch.autograd.backward(tensors, gvals)
+        self.bwd_seconds.append(time.perf_counter() - t0)
         pairs = []
         for p in self.producers:
             ks = self._grad_keys(p, self.stage)
@@ -578,6 +592,7 @@ class DistributedExecutor:
     def step(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
         """Train batch ``self.batch`` (this replica's m microbatches); returns the mean loss over all replicas."""
         self._check_alive()
+        start, self.wait_seconds = time.perf_counter(), 0.0
         t = self.batch
         if self._stream_base is None:
             self._stream_base = t
@@ -594,6 +609,7 @@ class DistributedExecutor:
         self.batch += 1
         if self.schedule != "2bw" or k > 10_000:
             self.drain()           # nothing left to drain for flush/gpipe; keeps 2bw indices bounded
+        self.step_seconds = time.perf_counter() - start
         dtype = _LOSS_DTYPES[int(round(buf[1].item()))]
         return buf[0].to(dtype).cpu()
 
@@ -682,6 +698,26 @@ class DistributedExecutor:
         except Exception as e:  # noqa: BLE001
             raise self._fail(what, e) from e
         self._wait([work], what, [])
+
+    def gather_measurements(self) -> list[dict[str, Any]]:
+        """Every rank's measurements of its last step, on every rank (collective), in rank order.
+
+        Each entry: rank, stage, replica, fwd/bwd (median seconds per microbatch), saved (median bytes),
+        compute (seconds of forward+backward in the last m microbatches), wait and wall (last step).
+        """
+        import statistics
+
+        med = lambda xs: float(statistics.median(xs)) if xs else 0.0  # noqa: E731
+        mine = {"rank": self.rank, "stage": self.stage, "replica": self.replica,
+                "fwd": med(self.fwd_seconds), "bwd": med(self.bwd_seconds), "saved": int(med(self.saved_bytes)),
+                "compute": float(sum(self.fwd_seconds) + sum(self.bwd_seconds)),
+                "wait": self.wait_seconds, "wall": self.step_seconds}
+        out: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(out, mine, group=self.loss_group)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail("report (gathering measurements)", e) from e
+        return out
 
     def agree(self, ok: bool, what: str) -> bool:
         """True on every rank iff ``ok`` on every rank (collective)."""

@@ -23,7 +23,7 @@ from fxpipe.passes.split import PipelineProgram, Source, StageProgram
 from fxpipe.runtime.schedules import Action, build_schedule, render
 from fxpipe.runtime.weights import WeightVersions, version_for_batch
 
-__all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes"]
+__all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes", "stage_param_names", "SavedBytes"]
 
 
 @dataclass
@@ -58,12 +58,7 @@ def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
     owner: dict[str, int] = {}
     runtimes = []
     for st in program.stages:
-        names = {n: canonical[id(p)] for n, p in st.module.named_parameters(remove_duplicate=False)}
-        for src in st.sources:
-            if src.kind == "attr":
-                obj = _get_attr(program.root, src.name)
-                if isinstance(obj, torch.nn.Parameter) and id(obj) in canonical:
-                    names.setdefault(src.name, canonical[id(obj)])
+        names = stage_param_names(program, st, canonical)
         for c in names.values():
             owner.setdefault(c, st.index)
         runtimes.append(StageRuntime(program=st, param_names=names, owned=[], recompute=bool(recompute[st.index])))
@@ -72,6 +67,51 @@ def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
     for rt in runtimes:
         rt.weights = WeightVersions({c: params[c] for c in rt.owned}, optimizer, schedule)
     return runtimes
+
+
+def stage_param_names(program: PipelineProgram, st: StageProgram, canonical: dict[int, str]) -> dict[str, str]:
+    """Stage-module parameter name (or attr name read as a stage input) -> canonical name, tied ones included."""
+    names = {n: canonical[id(p)] for n, p in st.module.named_parameters(remove_duplicate=False)}
+    for src in st.sources:
+        if src.kind == "attr":
+            obj = _get_attr(program.root, src.name)
+            if isinstance(obj, torch.nn.Parameter) and id(obj) in canonical:
+                names.setdefault(src.name, canonical[id(obj)])
+    return names
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward inside ``with``: once per view, at most the whole
+    storage, parameters (``weights``) excluded.  ``total`` holds the count after the block."""
+
+    def __init__(self, weights: Any) -> None:
+        self._weights = {t.untyped_storage().data_ptr() for t in weights if t.device.type != "meta"}
+        self._views: dict[int, tuple[int, set[tuple[int, tuple[int, ...], tuple[int, ...]]], int]] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in self._weights:
+                cap, seen, total = self._views.get(ptr, (st.nbytes(), set(), 0))
+                key = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                if key not in seen:
+                    seen.add(key)
+                    total += t.numel() * t.element_size()
+                self._views[ptr] = (cap, seen, total)
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(min(cap, total) for cap, _, total in self._views.values())
+
+    def __enter__(self) -> "SavedBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
 
 
 def _detach_input(x: Any) -> Any:
@@ -133,29 +173,12 @@ class LocalExecutor:
         if not grad:
             out = fn(*args)
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        weights = {t.untyped_storage().data_ptr() for t in params.values() if t.device.type != "meta"}
-        views: dict[int, tuple[int, set[tuple[int, tuple[int, ...], tuple[int, ...]]], int]] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            # bytes of the saved views, once per view, at most the whole storage
-            if t.device.type != "meta":
-                st = t.untyped_storage()
-                ptr = st.data_ptr()
-                if ptr not in weights:
-                    cap, seen, total = views.get(ptr, (st.nbytes(), set(), 0))
-                    key = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-                    if key not in seen:
-                        seen.add(key)
-                        total += t.numel() * t.element_size()
-                    views[ptr] = (cap, seen, total)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(params.values()) as saved:
             if rt.recompute:
                 out = checkpoint(fn, *args, use_reentrant=False)
             else:
                 out = fn(*args)
-        rt.saved_bytes.append(sum(min(cap, total) for cap, _, total in views.values()))
+        rt.saved_bytes.append(saved.total)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     # -- forward only ---------------------------------------------------------
