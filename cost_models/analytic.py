@@ -539,22 +539,25 @@ class GraphCostModel:
                 todo.setdefault(op.key, op)
         if todo:
             self._profile_many(list(todo.values()))
+        # Saved bytes: a storage once per graph, charged to the node that produced it when that is a
+        # compute node (the producing stage keeps its outputs until their backward; a later stage
+        # that saves a received tensor holds its own copy, X_s of the memory model), else to the saver.
         charged: set[Any] = set()
-        costs: dict[str, tuple[Any, NodeCost]] = {}
+        acts: dict[str, int] = {}
         for n, op in ops.items():
             if op is None:
-                out = sum(t.numel() * t.element_size() for t in _tensors(n.meta.get(META_VAL)))
-                costs[n.name] = (n.target, NodeCost(output_bytes=int(out) if n.op != "get_attr" else 0))
                 continue
-            prof = self._profiles[op.key]
-            act = 0
-            for kind, i, nbytes in prof.saved:
+            for kind, i, nbytes in self._profiles[op.key].saved:
+                owner = n.name
                 if kind == "in":
                     if op.in_is_state[i]:
                         continue
                     v = op.in_vals[i]
                     key: Any = _storage_key(v)
                     nbytes = _storage_nbytes(v)
+                    src = op.in_nodes[i]
+                    if src is not None and src.op in ("call_function", "call_module", "call_method"):
+                        owner = src.name
                 elif kind == "out" and i < len(op.out_vals):
                     v = op.out_vals[i]
                     key, nbytes = _storage_key(v), _storage_nbytes(v)
@@ -562,7 +565,16 @@ class GraphCostModel:
                     key = (n.name, kind, i)
                 if key not in charged:
                     charged.add(key)
-                    act += int(nbytes)
+                    acts[owner] = acts.get(owner, 0) + int(nbytes)
+        costs: dict[str, tuple[Any, NodeCost]] = {}
+        for n, op in ops.items():
+            if op is None:
+                out = sum(t.numel() * t.element_size() for t in _tensors(n.meta.get(META_VAL)))
+                costs[n.name] = (n.target, NodeCost(output_bytes=int(out) if n.op != "get_attr" else 0,
+                                                    activation_bytes=acts.get(n.name, 0)))
+                continue
+            prof = self._profiles[op.key]
+            act = acts.get(n.name, 0)
             out_bytes = sum(t.numel() * t.element_size() for t in op.out_vals)
             pbytes = op.param_bytes + sum(int(v.numel() * v.element_size()) for v, st, nd in
                                           zip(op.in_vals, op.in_is_state, op.in_nodes) if st and nd is not None)

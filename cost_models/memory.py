@@ -3,11 +3,19 @@
 For stage s of d, per device::
 
     M_s = P_s * (1 weights + 1 grads + k optimizer slots + [1 second version if 2bw])
-        + (r_s ? n_s * I_s + A_s : n_s * A_s)
+        + (r_s ? n_s * I_s + A_s : n_s * (A_s + X_s))
     n_s = min(d - s, m) for 2bw / flush (1F1B),   m for gpipe
 
-Worked example: P=100, A=10, I=2, d=4, s=0, m=8, SGD (k=0), 2bw:
-n=4, M = 100*3 + 4*10 = 340 without recompute, 100*3 + 4*2 + 10 = 318 with it.
+A_s: bytes autograd saves in the stage (a tensor saved by several nodes counted
+once, charged to the node that produced it); I_s: every tensor entering the stage
+(model inputs included); X_s <= I_s: the tensors received from earlier stages.
+The executor keeps each received tensor of an in-flight microbatch until that
+microbatch's backward (the gradient sent back is read from it), so X_s is held
+per in-flight microbatch even when no node of the stage saves it; a recomputing
+stage holds all its inputs and, during one backward, its whole A_s.
+
+Worked example: P=100, A=10, I=X=2, d=4, s=1, m=8, SGD (k=0), 2bw:
+n=3, M = 100*3 + 3*(10+2) = 336 without recompute, 100*3 + 3*2 + 10 = 316 with it.
 """
 
 from __future__ import annotations
@@ -34,13 +42,13 @@ def weight_copies(schedule: str, optimizer_slots: int) -> int:
 
 
 def stage_memory(*, param_bytes: int, activation_bytes: int, input_bytes: int, in_flight: int,
-                 recompute: bool, optimizer_slots: int, schedule: str) -> int:
-    """M_s of DESIGN.md in bytes (see the module docstring)."""
+                 recompute: bool, optimizer_slots: int, schedule: str, received_bytes: int = 0) -> int:
+    """M_s in bytes (see the module docstring); ``received_bytes`` is X_s."""
     weights = param_bytes * weight_copies(schedule, optimizer_slots)
     if recompute:
         stash = in_flight * input_bytes + activation_bytes
     else:
-        stash = in_flight * activation_bytes
+        stash = in_flight * (activation_bytes + received_bytes)
     return int(weights + stash)
 
 

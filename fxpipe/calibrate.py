@@ -84,7 +84,7 @@ def report_table(plan: Plan, meas: list[StageMeasurement],
     rows = []
     for s, m in zip(plan.stages, meas):
         pred_fb, meas_fb = s.fwd_time + s.bwd_time, m.fwd_time + m.bwd_time
-        act_pred = s.activation_bytes if not s.recompute else s.input_bytes
+        act_pred = s.activation_bytes + s.received_bytes if not s.recompute else s.input_bytes
         rows.append([str(s.index), fmt_time(s.fwd_time), fmt_time(m.fwd_time), fmt_time(s.bwd_time),
                      fmt_time(m.bwd_time), _err(pred_fb, meas_fb), fmt_bytes(act_pred), fmt_bytes(m.saved_bytes),
                      _err(act_pred, m.saved_bytes)])
@@ -139,7 +139,7 @@ def calibrated_cost_model(plan: Plan, meas: list[StageMeasurement], base: CostMo
         return got / pred if pred > 0 and got > 0 else 1.0
 
     for s, m in zip(plan.stages, meas):
-        act_pred = s.activation_bytes if not s.recompute else 0
+        act_pred = s.activation_bytes + s.received_bytes if not s.recompute else 0
         f = (ratio(s.fwd_time, m.fwd_time), ratio(s.bwd_time, m.bwd_time), ratio(act_pred, m.saved_bytes))
         for n in s.nodes:
             factors[n] = f

@@ -104,6 +104,7 @@ class StagePlan:
     activation_bytes: int = 0        # A_s saved for backward, one microbatch
     input_bytes: int = 0             # I_s bytes entering the stage, one microbatch
     in_flight: int = 1               # n_s microbatches whose activations are stashed
+    received_bytes: int = 0          # X_s: the part of I_s received from earlier stages
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def _finish(gm: torch.fx.GraphModule, cost_model: CostModel, gc: GraphCosts, sta
                 rec = stage_memory(param_bytes=st.param_bytes, activation_bytes=st.activation_bytes,
                                    input_bytes=st.input_bytes, in_flight=st.in_flight,
                                    recompute=True, optimizer_slots=optimizer_slots,
-                                   schedule=schedule)
+                                   schedule=schedule, received_bytes=st.received_bytes)
                 flags[st.index] = rec < st.memory
     info = dict(extra or {})
     info.setdefault("over_memory", False)

@@ -18,7 +18,7 @@ Stage times follow DESIGN.md: T_s = F_s + B_s + r_s*F_s + C_s, where C_s sums
 output produced before the last stage is paid by the last stage). The
 per-stage recompute choice r_s is the cheapest that fits the memory limit:
 
-    M_s = P_s*(2 + k + [2bw]) + (r_s ? n_s*I_s + A_s : n_s*A_s) <= limit
+    M_s = P_s*(2 + k + [2bw]) + (r_s ? n_s*I_s + A_s : n_s*(A_s + X_s)) <= limit
 
 All O(n^2) stage figures come from prefix sums and 2-D difference arrays, so
 the whole DP costs O(d*n^2) numpy work and O(n^2) memory (n = sequence length).
@@ -210,6 +210,7 @@ def split_sequence(prob: BlockProblem) -> SplitResult | None:
     FB, F, A = pref(fb), pref(fwd), pref(act)
     C = _rectangles(n, [(v.producer, v.consumers, v.comm) for v in prob.values if v.producer >= 0])
     I = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values])
+    X = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values if v.producer >= 0])
     P = _rectangles(n, [(-1, r, float(b)) for b, r in prob.params])
     ret_c = np.zeros(n + 1)
     ret_i = np.zeros(n + 1)
@@ -227,13 +228,13 @@ def split_sequence(prob: BlockProblem) -> SplitResult | None:
     for s in range(d):
         ns = prob.in_flight[s]
         if s < d - 1:
-            Cs, Is, FBs, Fs, As, Ps = C, I, FB, F, A, P
+            Cs, Is, Xs, FBs, Fs, As, Ps = C, I, X, FB, F, A, P
         else:  # only j = n matters; add the model outputs entering the last stage
-            Cs, Is = C[:, n] + ret_c, I[:, n] + ret_i
+            Cs, Is, Xs = C[:, n] + ret_c, I[:, n] + ret_i, X[:, n] + ret_i
             FBs, Fs, As, Ps = FB[:, n], F[:, n], A[:, n], P[:, n]
         t_nr = FBs + Cs
         t_r = t_nr + Fs
-        m_nr = wc * Ps + ns * As
+        m_nr = wc * Ps + ns * (As + Xs)
         m_r = wc * Ps + ns * Is + As
         T, R = _stage_options(t_nr, t_r, m_nr, m_r, limit, prob.recompute)
         if s < d - 1:
@@ -304,6 +305,7 @@ def evaluate(prob: BlockProblem, block_stage: Sequence[int],
         t[s] += prob.fwd[b] + prob.bwd[b]
         a[s] += prob.act[b]
     ib = [0] * d
+    xb = [0] * d
     for v in prob.values:
         ps = block_stage[v.producer] if v.producer >= 0 else -1
         into = {block_stage[c] for c in v.consumers}
@@ -313,6 +315,7 @@ def evaluate(prob: BlockProblem, block_stage: Sequence[int],
             if s > ps:
                 t[s] += v.comm if v.producer >= 0 else 0.0
                 ib[s] += v.nbytes
+                xb[s] += v.nbytes if v.producer >= 0 else 0
     pb = [0] * d
     for nbytes, readers in prob.params:
         for s in {block_stage[c] for c in readers}:
@@ -321,7 +324,7 @@ def evaluate(prob: BlockProblem, block_stage: Sequence[int],
     for s in range(d):
         times.append(t[s] + (f[s] if flags[s] else 0.0))
         n_s = prob.in_flight[s]
-        stash = n_s * ib[s] + a[s] if flags[s] else n_s * a[s]
+        stash = n_s * ib[s] + a[s] if flags[s] else n_s * (a[s] + xb[s])
         mems.append(pb[s] * prob.weight_copies + stash)
     return times, mems
 

@@ -10,7 +10,7 @@ The model (DESIGN.md, "Cost and memory model"), on blocks b (see coarsen.py)::
     e[u,d-1] >= 1 - z[u,d-1]        a model output enters the last stage
     F_s = sum_b F_b x[b,s],  B_s likewise,  C_s = sum_u 2*comm_time(bytes_u) e[u,s]
     T >= F_s + B_s + C_s,   T >= F_s + B_s + F_s + C_s  if r_s
-    M_s = P_s*(2 + k + [2bw]) + (r_s ? n_s*I_s + A_s : n_s*A_s) <= memory_limit
+    M_s = P_s*(2 + k + [2bw]) + (r_s ? n_s*I_s + A_s : n_s*(A_s + X_s)) <= memory_limit
     minimise T
 
 e.g. a skip connection a -> d over 4 stages [a][b][c][d] sets only e[a,3]: the
@@ -399,23 +399,26 @@ def plan_from_assignment(gm: torch.fx.GraphModule, cost_model: CostModel, stage_
         params = {p for v in vs for p in gc.params[v]}
         p_bytes = sum(gc.param_bytes[p] for p in params)
         a_bytes = sum(gc.act[v] for v in vs)
-        i_bytes = input_bytes[s] + sum(gc.out_bytes[u] for u in entering[s])
+        x_bytes = sum(gc.out_bytes[u] for u in entering[s])
+        i_bytes = input_bytes[s] + x_bytes
         n_s = in_flight(schedule, d, s, num_microbatches)
         mem = stage_memory(param_bytes=p_bytes, activation_bytes=a_bytes, input_bytes=i_bytes,
                            in_flight=n_s, recompute=r, optimizer_slots=optimizer_slots,
-                           schedule=schedule)
+                           schedule=schedule, received_bytes=x_bytes)
         if memory_limit is not None and mem > memory_limit:
             over.append((s, mem))
         stages.append(StagePlan(
             index=s, nodes=tuple(gc.names[v] for v in vs), recompute=r,
             time=f + b + (f if r else 0.0) + c, fwd_time=f, bwd_time=b, comm_time=c, memory=mem,
-            param_bytes=p_bytes, activation_bytes=a_bytes, input_bytes=i_bytes, in_flight=n_s))
+            param_bytes=p_bytes, activation_bytes=a_bytes, input_bytes=i_bytes, in_flight=n_s,
+            received_bytes=x_bytes))
     if over and check_memory:
         s, mem = over[0]
         raise PartitionError(
             f"plan_from_assignment: stage {s} needs {mem} bytes, over memory_limit={memory_limit} "
             f"(P={stages[s].param_bytes}, A={stages[s].activation_bytes}, "
-            f"I={stages[s].input_bytes}, n={stages[s].in_flight}, recompute={stages[s].recompute})")
+            f"I={stages[s].input_bytes}, X={stages[s].received_bytes}, n={stages[s].in_flight}, "
+            f"recompute={stages[s].recompute})")
     cut = tuple((gc.names[v], gc.names[c]) for v in range(gc.n) for c in gc.consumers[v]
                 if stage[c] != stage[v])
     bottleneck = max(st.time for st in stages)
@@ -503,14 +506,17 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
 
     # e[u,s]: value u enters stage s.  Lists of (stage -> var) per value.
     comm_terms: list[list[tuple[Any, int]]] = [[] for _ in range(d)]
-    ibytes_terms: list[list[tuple[Any, int]]] = [[] for _ in range(d)]
+    ibytes_terms: list[list[tuple[Any, int]]] = [[] for _ in range(d)]   # I_s (recompute)
+    xbytes_terms: list[list[tuple[Any, int]]] = [[] for _ in range(d)]   # X_s (no recompute)
     need_ibytes = use_memory and prob.recompute is not False
+    need_xbytes = use_memory and prob.recompute is not True
     hint_stage = list(hint[0]) if hint is not None else None
     hints: list[tuple[Any, int]] = []
     for k, val in enumerate(prob.values):
         w_comm = int(val.comm)
         w_bytes = val.nbytes if need_ibytes else 0
-        if w_comm == 0 and w_bytes == 0:
+        w_x = val.nbytes if (need_xbytes and val.producer >= 0) else 0
+        if w_comm == 0 and w_bytes == 0 and w_x == 0:
             continue
         p = val.producer
         for s in range(0 if p < 0 else 1, d):
@@ -538,6 +544,8 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
                 comm_terms[s].append((e, w_comm))
             if w_bytes:
                 ibytes_terms[s].append((e, w_bytes))
+            if w_x:
+                xbytes_terms[s].append((e, w_x))
             if hint_stage is not None:
                 enters = any(hint_stage[c] == s for c in val.consumers) or (
                     val.returned and s == d - 1)
@@ -586,7 +594,7 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
         A = _x_sum(z, prob.act, s)
         ns = prob.in_flight[s]
         wc = prob.weight_copies
-        mem_nr = wc * P + ns * A
+        mem_nr = wc * P + ns * (A + lin(xbytes_terms[s]))
         mem_r = wc * P + ns * lin(ibytes_terms[s]) + A
         if objective == "memory":
             if isinstance(r[s], int):
@@ -886,7 +894,7 @@ def _drop_needless_recompute(gm: torch.fx.GraphModule, cost_model: CostModel, gc
             mem = stage_memory(param_bytes=st.param_bytes, activation_bytes=st.activation_bytes,
                                input_bytes=st.input_bytes, in_flight=st.in_flight,
                                recompute=False, optimizer_slots=opts["optimizer_slots"],
-                               schedule=opts["schedule"])
+                               schedule=opts["schedule"], received_bytes=st.received_bytes)
             if limit is None or mem <= limit:
                 out[st.index] = False
     return out
@@ -927,12 +935,12 @@ def _stage_memories(gc: GraphCosts, stage: Sequence[int], flags: Sequence[bool],
         vs = [v for v in range(gc.n) if stage[v] == s]
         p = sum(gc.param_bytes[q] for q in {q for v in vs for q in gc.params[v]})
         a = sum(gc.act[v] for v in vs)
-        i = sum(gc.out_bytes[u] for u in entering[s]) + sum(
-            x.nbytes for x in gc.inputs if any(stage[c] == s for c in x.consumers))
+        x = sum(gc.out_bytes[u] for u in entering[s])
+        i = x + sum(inp.nbytes for inp in gc.inputs if any(stage[c] == s for c in inp.consumers))
         out.append(stage_memory(param_bytes=p, activation_bytes=a, input_bytes=i,
                                 in_flight=in_flight(schedule, d, s, num_microbatches),
                                 recompute=bool(flags[s]), optimizer_slots=optimizer_slots,
-                                schedule=schedule))
+                                schedule=schedule, received_bytes=x))
     return out
 
 

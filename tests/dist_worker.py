@@ -150,11 +150,17 @@ def mode_matrix(out: Path, cases: str, schedules: str, stages: int) -> None:
             pipe = build(model, x, stages=stages, m=m, schedule=sched, loss_fn=loss_fn, executor="distributed",
                          recompute=(case == "skip" and sched == "2bw"), uniform=(case == "skip"))
             got = [pipe.step(bx, by).item() for bx, by in batches]
+            # 2bw leaves the last batch's tail in flight: what is kept of each sent output for its backward
+            kept = [type(o).__name__ for _, outs, _ in pipe._executor._saved.values() for o in outs]
+            from fxpipe.calibrate import measurements
+
+            act = [(s.activation_bytes + s.received_bytes if not s.recompute else s.input_bytes, ms.saved_bytes)
+                   for s, ms in zip(pipe.plan.stages, measurements(pipe))]     # collective
             sd = pipe.state_dict()
             fwd = pipe(x)
             report = pipe.report()          # collective; measured per stage and per rank
             res[f"{case}/{sched}"] = {
-                "report": report,
+                "report": report, "kept": kept, "act": act,
                 "loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
                 "weight_err": _max_err(sd, ref.state_dict()),
                 "keys_match": sorted(sd) == sorted(ref.state_dict()),

@@ -41,6 +41,24 @@ def test_measured_saved_bytes_match_autograd_for_a_linear_chain():
     assert pipe._executor.runtimes[0].saved_bytes == [8 * (4 * 16 + 4 * 32)] * 2
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_predicted_stash_per_stage_is_what_the_stage_holds(stages):
+    """A_s + X_s per microbatch against what autograd saved plus the received inputs, stage by stage.
+
+    Tanh saves its output, so every cut of this chain is a tensor both sides keep: the producing
+    stage in autograd, the consuming stage as its received input (charged once in A, once in X).
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(24, 24), torch.nn.Tanh())]).double()
+    x, y = torch.randn(16, 24, dtype=torch.float64), torch.randn(16, 24, dtype=torch.float64)
+    pipe = fxpipe.compile(model, (x,), num_stages=stages, num_microbatches=4, schedule="flush",
+                          loss_fn=torch.nn.functional.mse_loss)
+    pipe.step(x, y)
+    for st, rt in zip(pipe.plan.stages, pipe._executor.runtimes):
+        assert st.received_bytes == (0 if st.index == 0 else 4 * 24 * 8)
+        assert rt.saved_bytes == [st.activation_bytes + st.received_bytes] * 4, (st.index, st.nodes)
+
+
 def test_calibrated_costs_scale_by_stage_ratio():
     model, x, y, loss_fn = CASES["mlp"]()
     plan = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=4, schedule="flush")

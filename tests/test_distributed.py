@@ -65,6 +65,20 @@ def test_report_shows_every_stage_and_rank_measured(matrix, layout):
         assert all(r[-1].endswith("%") and 0 < int(r[-1][:-1]) <= 100 for r in rank_rows), text
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+def test_sent_outputs_are_not_kept_and_activations_match_the_plan(matrix, layout):
+    world, stages = layout
+    for rank, res in enumerate(matrix[layout]):
+        kept = res["mlp/2bw"]["kept"]
+        if rank % stages < stages - 1:      # 2bw: the first stages hold the last batch's tail in flight
+            assert kept, f"rank {rank}: expected in-flight microbatches after 2bw steps"
+        assert set(kept) <= {"GradientEdge"}, f"rank {rank} keeps sent outputs alive until backward: {kept}"
+        # the MLP saves every stage boundary on both sides (tanh saves its output), so A_s + X_s is exact
+        for s, (pred, meas) in enumerate(res["mlp/2bw"]["act"]):
+            assert pred == meas, f"rank {rank}, stage {s}: predicted {pred} bytes held per microbatch, measured {meas}"
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how,bad_rank", [("raise", 1), ("exit", 1), ("exit", 0)])
 def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):

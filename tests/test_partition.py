@@ -167,7 +167,7 @@ def ref_eval(gm: torch.fx.GraphModule, cm: FakeCostModel, stage_of: dict[str, in
                 params.update({p: pb[p] for p in n.meta[META_PARAMS]})
             elif c.param_bytes:
                 params[n.name] = c.param_bytes
-        comm, ibytes, seen = 0.0, 0, set()
+        comm, ibytes, xbytes, seen = 0.0, 0, 0, set()   # I_s: all inputs; X_s: from earlier stages
         for n in mine:
             for a_ in n.all_input_nodes:
                 if a_.name in seen:
@@ -180,16 +180,19 @@ def ref_eval(gm: torch.fx.GraphModule, cm: FakeCostModel, stage_of: dict[str, in
                     ob = a_.meta[META_COST].output_bytes
                     comm += 2 * cm.comm_time(ob) if ob else 0.0
                     ibytes += ob
+                    xbytes += ob
         if s == d - 1:
             for n in comp:
                 if n.name in returned and stage_of[n.name] < s and n.name not in seen:
                     ob = n.meta[META_COST].output_bytes
                     comm += 2 * cm.comm_time(ob) if ob else 0.0
                     ibytes += ob
+                    xbytes += ob
         times.append(f + b + (f if flags[s] else 0.0) + comm)
-        mems.append(stage_memory(param_bytes=sum(params.values()), activation_bytes=a,
-                                 input_bytes=ibytes, in_flight=in_flight(schedule, d, s, m),
-                                 recompute=flags[s], optimizer_slots=k, schedule=schedule))
+        n_s = in_flight(schedule, d, s, m)
+        copies = 2 + k + (1 if schedule == "2bw" else 0)
+        stash = n_s * ibytes + a if flags[s] else n_s * (a + xbytes)   # written out, not stage_memory
+        mems.append(sum(params.values()) * copies + stash)
     return max(times), mems
 
 

@@ -53,6 +53,12 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+try:  # torch >= 2.4: backward from an autograd edge
+    from torch.autograd.graph import GradientEdge, get_gradient_edge
+except ImportError:  # pragma: no cover - older torch keeps the output tensors
+    GradientEdge = None  # type: ignore[assignment,misc]
+    get_gradient_edge = None  # type: ignore[assignment]
+
 from fxpipe.errors import ConfigError, DistributedError, InputError
 from fxpipe.ir import Plan
 from fxpipe.passes.split import PipelineProgram, Source
@@ -154,6 +160,18 @@ def replica_share(tree: Any, w: int, replica: int) -> Any:
 def stage_params(program: PipelineProgram, canonical: dict[int, str]) -> list[dict[str, str]]:
     """Per stage: stage-module parameter name (or attr name) -> canonical name, tied parameters included."""
     return [stage_param_names(program, st, canonical) for st in program.stages]
+
+
+def _edge(t: Any) -> Any:
+    """What the backward of a sent output needs: its autograd edge, not its data.
+
+    Keeping the output tensor until the microbatch's backward would hold its memory
+    (Megatron frees it by swapping ``.data``); a ``GradientEdge`` keeps the graph and
+    lets the storage go as soon as the send completes, unless autograd saved it.
+    """
+    if GradientEdge is not None and isinstance(t, torch.Tensor) and t.grad_fn is not None:
+        return get_gradient_edge(t)
+    return t
 
 
 def _shift(a: Action, batches: int, m: int) -> Action:
@@ -410,6 +428,7 @@ class DistributedExecutor:
             out = fn(*args)
         else:
             with SavedBytes(params.values()) as saved:
+                saved.hold(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
                 out = checkpoint(fn, *args, use_reentrant=False) if self.recompute else fn(*args)
             self.saved_bytes.append(saved.total)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -460,7 +479,7 @@ class DistributedExecutor:
         self.fwd_seconds.append(compute)
         self._inputs.pop(mb, None)
         self._saved[mb] = ({k: v for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad},
-                           outs, loss)
+                           tuple(_edge(o) for o in outs), loss)
 
     def _backward(self, mb: int) -> None:
         what = f"{self.stage}B{mb} (batch {mb // self.m})"
@@ -477,7 +496,8 @@ class DistributedExecutor:
             gvals.append(None)
         for k, g in grads.items():
             o = outs[k]
-            if isinstance(o, torch.Tensor) and o.requires_grad:
+            if (GradientEdge is not None and isinstance(o, GradientEdge)) or \
+                    (isinstance(o, torch.Tensor) and o.requires_grad):
                 tensors.append(o)
                 gvals.append(g)
         t0 = time.perf_counter()
@@ -707,6 +727,7 @@ class DistributedExecutor:
         """
         import statistics
 
+        self.drain()     # a peer may be blocked in this batch's update (tied weights) until we finish it
         med = lambda xs: float(statistics.median(xs)) if xs else 0.0  # noqa: E731
         mine = {"rank": self.rank, "stage": self.stage, "replica": self.replica,
                 "fwd": med(self.fwd_seconds), "bwd": med(self.bwd_seconds), "saved": int(med(self.saved_bytes)),

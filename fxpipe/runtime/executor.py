@@ -82,7 +82,8 @@ def stage_param_names(program: PipelineProgram, st: StageProgram, canonical: dic
 
 class SavedBytes:
     """Counts the bytes autograd saves for backward inside ``with``: once per view, at most the whole
-    storage, parameters (``weights``) excluded.  ``total`` holds the count after the block."""
+    storage, parameters (``weights``) excluded; :meth:`hold` adds tensors the executor keeps anyway
+    (a stage's received inputs).  ``total`` holds the count after the block."""
 
     def __init__(self, weights: Any) -> None:
         self._weights = {t.untyped_storage().data_ptr() for t in weights if t.device.type != "meta"}
@@ -101,6 +102,12 @@ class SavedBytes:
                     total += t.numel() * t.element_size()
                 self._views[ptr] = (cap, seen, total)
         return t
+
+    def hold(self, tensors: Any) -> None:
+        """Count ``tensors`` (those that are tensors) as held for the backward too."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._pack(t)
 
     @property
     def total(self) -> int:
@@ -174,6 +181,7 @@ class LocalExecutor:
             out = fn(*args)
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
         with SavedBytes(params.values()) as saved:
+            saved.hold(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
             if rt.recompute:
                 out = checkpoint(fn, *args, use_reentrant=False)
             else:
