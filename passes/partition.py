@@ -796,11 +796,13 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
 
     coarsened = len(blocks) < gc.n
     prob, dp, chain, sol = attempt(blocks, time_limit)
+    det_used = sol.deterministic
     if sol.block_stage is None and dp is None and fine_dp is None and coarsened:
         # Blocks may be what makes the limit infeasible: retry on single nodes.
         blocks = singletons
         coarsened = False
         prob, dp, chain, sol = attempt(blocks, time_limit)
+        det_used += sol.deterministic
 
     candidates: list[tuple[str, dict[str, int], list[bool]]] = []
     if sol.block_stage is not None:
@@ -831,12 +833,16 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
             best, source = plan, name
     assert best is not None
     lower = max(trivial, articulation_lower_bound(gc, d, recompute, upper=best.bottleneck))
-    # Refine: while the plan is more than 1% above the bound and half the time budget is
-    # left, re-coarsen twice as finely around the best plan's cuts (so it stays feasible
-    # and is the hint) and solve again. The bottleneck can only go down.
+    # Refine: while the plan is more than 1% above the bound and half the budget is left,
+    # re-coarsen twice as finely around the best plan's cuts (so it stays feasible and is
+    # the hint) and solve again. The bottleneck can only go down. The budget is counted in
+    # CP-SAT's deterministic time, not the wall clock, so the plan does not depend on the
+    # machine's speed or load.
+    det_budget = max(0.05, time_limit * _DET_PER_SECOND)
     per_stage, first_blocks, refinements = 12, len(blocks), 0
     while (coarsened and best.bottleneck > lower * 1.01 and per_stage < _MAX_BLOCKS_PER_STAGE
-           and time.perf_counter() - t_start < 0.5 * time_limit):
+           and det_used < 0.5 * det_budget
+           and time.perf_counter() - t_start < time_limit):    # safety on an overloaded machine
         per_stage *= 2
         refinements += 1
         where = best.stage_of()
@@ -846,8 +852,9 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
             break
         blocks = finer
         coarsened = len(blocks) < gc.n
-        left = max(0.5, time_limit - (time.perf_counter() - t_start))
+        left = max(0.5, (det_budget - det_used) / _DET_PER_SECOND)
         prob, dp, chain, sol = attempt(blocks, left, (incumbent_stage, [st.recompute for st in best.stages]))
+        det_used += sol.deterministic
         if sol.block_stage is None:
             break
         flags = _drop_needless_recompute(gm, cost_model, gc, _assignment(gc, blocks, sol.block_stage),
