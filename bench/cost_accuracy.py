@@ -1,6 +1,6 @@
 """Predicted vs measured forward+backward time and saved activation bytes, analytic and profiled cost models.
 
-Usage: ``python bench/cost_accuracy.py [--repeats 15]``. For each model the sum
+Usage: ``python bench/cost_accuracy.py [--repeats 15] [--rounds 3]``. For each model the sum
 of the per-node predictions is set beside one real training step of the whole
 model (median of repeats) and the bytes autograd saves for it (parameters and
 buffers excluded, each storage once). Three predictors::
@@ -11,7 +11,9 @@ buffers excluded, each storage once). Three predictors::
                      whole step in thread CPU time: insensitive to other processes
 
 Prints one row per (model, predictor) and the machine load, since wall-clock
-numbers on a shared machine move with it.
+numbers on a shared machine move with it: each round profiles afresh and then
+measures; the rows give medians over rounds, and err is the median of the per-round
+errors (not of the median columns) with their range.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def _err(pred: float, meas: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15, help="timed whole-model steps (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="profile-then-measure rounds (median, [range])")
     args = ap.parse_args(argv)
     os.environ.setdefault("FXPIPE_QUIET", "1")
     threads = torch.get_num_threads()
@@ -113,35 +116,48 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, load average {load:.2f}; "
           f"cpu spec: {cpu.peak('float32') / 1e9:.0f} GFLOP/s fp32, {cpu.mem_bandwidth / 1e9:.1f} GB/s, "
           f"{cpu.kernel_overhead * 1e6:.2f} us/kernel")
-    head = f"{'model':5s} {'predictor':16s} {'nodes':>5s} {'pred F+B':>10s} {'meas F+B':>10s} {'err':>7s} " \
+    head = f"{'model':5s} {'predictor':16s} {'nodes':>5s} {'pred F+B':>10s} {'meas F+B':>10s} {'err [range]':>19s} " \
            f"{'pred act':>10s} {'meas act':>10s} {'err':>7s} {'annotate':>8s}"
     print(head)
     print("-" * len(head))
-    with tempfile.TemporaryDirectory() as cache:
-        for name, model, x in _models():
-            act_meas = saved_bytes(model, x)
-            gm = trace(model, (x,))
-            shape_prop(gm, x)
-            n_nodes = sum(1 for n in gm.graph.nodes if n.op.startswith("call"))
-            runs = [("analytic", AnalyticCostModel(cpu), threads, time.perf_counter),
-                    ("profiled", ProfiledCostModel(cpu, cache_dir=cache), threads, time.perf_counter),
-                    ("profiled/cpu-1t", ProfiledCostModel(cpu, cache_dir=cache, timer=time.thread_time), 1,
-                     time.thread_time)]
-            for label, cm, n_threads, clock in runs:
-                torch.set_num_threads(n_threads)
-                try:
-                    t0 = time.perf_counter()
-                    annotate(gm, cm)
-                    t_annotate = time.perf_counter() - t0
-                    costs = [n.meta[META_COST] for n in gm.graph.nodes]
-                    pred = sum(c.fwd_time + c.bwd_time for c in costs)
-                    act_pred = sum(c.activation_bytes for c in costs)
-                    meas = measure_step(model, x, clock, args.repeats)
-                finally:
-                    torch.set_num_threads(threads)
-                print(f"{name:5s} {label:16s} {n_nodes:5d} {pred * 1e3:8.2f}ms {meas * 1e3:8.2f}ms "
-                      f"{_err(pred, meas)} {act_pred / 2**20:8.2f}MB {act_meas / 2**20:8.2f}MB "
-                      f"{_err(act_pred, act_meas)} {t_annotate:7.2f}s")
+    rows: dict[tuple[str, str], list[tuple[float, float, float, float, float, int]]] = {}
+    nodes: dict[str, int] = {}
+    for _ in range(args.rounds):                       # fresh profile cache every round
+        with tempfile.TemporaryDirectory() as cache:
+            for name, model, x in _models():
+                act_meas = saved_bytes(model, x)
+                gm = trace(model, (x,))
+                shape_prop(gm, x)
+                nodes[name] = sum(1 for n in gm.graph.nodes if n.op.startswith("call"))
+                runs = [("analytic", AnalyticCostModel(cpu), threads, time.perf_counter),
+                        ("profiled", ProfiledCostModel(cpu, cache_dir=cache), threads, time.perf_counter),
+                        ("profiled/cpu-1t", ProfiledCostModel(cpu, cache_dir=cache, timer=time.thread_time), 1,
+                         time.thread_time)]
+                for label, cm, n_threads, clock in runs:
+                    torch.set_num_threads(n_threads)
+                    try:
+                        t0 = time.perf_counter()
+                        annotate(gm, cm)
+                        t_annotate = time.perf_counter() - t0
+                        costs = [n.meta[META_COST] for n in gm.graph.nodes]
+                        pred = sum(c.fwd_time + c.bwd_time for c in costs)
+                        act_pred = sum(c.activation_bytes for c in costs)
+                        meas = measure_step(model, x, clock, args.repeats)
+                    finally:
+                        torch.set_num_threads(threads)
+                    rows.setdefault((name, label), []).append((pred, meas, (pred - meas) / meas, t_annotate,
+                                                               act_pred, act_meas))
+    for (name, label), rs in rows.items():
+        med = lambda i: statistics.median(r[i] for r in rs)  # noqa: E731
+        errs = sorted(r[2] * 100 for r in rs)
+        spread = f" [{errs[0]:+.0f}..{errs[-1]:+.0f}]" if len(rs) > 1 else ""
+        print(f"{name:5s} {label:16s} {nodes[name]:5d} {med(0) * 1e3:8.2f}ms {med(1) * 1e3:8.2f}ms "
+              f"{med(2) * 100:+6.1f}%{spread:>12s} {med(4) / 2**20:8.2f}MB {med(5) / 2**20:8.2f}MB "
+              f"{_err(med(4), med(5))} {med(3):7.2f}s")
+    abs_med = {label: statistics.median(abs(statistics.median(r[2] for r in rs)) * 100
+                                        for (n, l), rs in rows.items() if l == label)
+               for label in ("analytic", "profiled", "profiled/cpu-1t")}
+    print("median |time error| over the models: " + ", ".join(f"{k} {v:.1f}%" for k, v in abs_med.items()))
     print("err = (predicted - measured) / measured. Activation bytes: the fx graph folds TinyGPT's ~mask "
           "into a constant, so 1 KiB per layer that eager mode saves is not predicted.")
 

@@ -123,7 +123,10 @@ def main() -> None:
             try:
                 p = partition(cg.gm, cg.cost_model, time_limit=args.time_limit, **kw)
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"{d:>3} limit {limit / GiB:6.2f} GiB: fxpipe {type(e).__name__}")
+                need = getattr(e, "min_feasible", None)
+                why = f" (no plan fits under {need / GiB:.2f} GiB)" \
+                    if need else ""
+                print(f"{d:>3} limit {limit / GiB:6.2f} GiB: fxpipe {type(e).__name__}{why}")
                 continue
             dt = time.perf_counter() - t0
             cells = [fmt(fn(cg.gm, cg.cost_model, **kw), p.lower_bound, limit)
