@@ -152,6 +152,7 @@ def mode_matrix(out: Path, cases: str, schedules: str, stages: int) -> None:
             got = [pipe.step(bx, by).item() for bx, by in batches]
             # 2bw leaves the last batch's tail in flight: what is kept of each sent output for its backward
             kept = [type(o).__name__ for _, outs, _ in pipe._executor._saved.values() for o in outs]
+            pending = pipe._executor._pending_update is not None     # 2bw: an update still overlapping
             from fxpipe.calibrate import measurements
 
             act = [(s.activation_bytes + s.received_bytes if not s.recompute else s.input_bytes, ms.saved_bytes)
@@ -160,7 +161,7 @@ def mode_matrix(out: Path, cases: str, schedules: str, stages: int) -> None:
             fwd = pipe(x)
             report = pipe.report()          # collective; measured per stage and per rank
             res[f"{case}/{sched}"] = {
-                "report": report, "kept": kept, "act": act,
+                "report": report, "kept": kept, "act": act, "pending": pending,
                 "loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
                 "weight_err": _max_err(sd, ref.state_dict()),
                 "keys_match": sorted(sd) == sorted(ref.state_dict()),

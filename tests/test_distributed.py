@@ -79,6 +79,21 @@ def test_sent_outputs_are_not_kept_and_activations_match_the_plan(matrix, layout
             assert pred == meas, f"rank {rank}, stage {s}: predicted {pred} bytes held per microbatch, measured {meas}"
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+def test_2bw_update_with_an_all_reduce_overlaps_the_next_batch(matrix, layout):
+    """Tied weights (gpt) or replicas (w > 1) need an all-reduce at U; under 2bw it is still in
+    flight when step() returns (and the numbers match the reference, test above); without one,
+    or under flush, the update is done."""
+    world, stages = layout
+    for rank, res in enumerate(matrix[layout]):
+        for case in CASES:
+            tied_here = case == "gpt" and rank % stages in (0, stages - 1)   # embedding and head
+            needs = tied_here or world > stages
+            assert res[f"{case}/2bw"]["pending"] == needs, (rank, case)
+            assert res[f"{case}/flush"]["pending"] is False, (rank, case)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how,bad_rank", [("raise", 1), ("exit", 1), ("exit", 0)])
 def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):

@@ -70,10 +70,17 @@ class WeightVersions:
         """The newest weights, for forward-only use."""
         return {k: p.detach() for k, p in self.params.items()}
 
-    def update(self, batch: int) -> None:
-        """Step the optimizer after ``batch`` with the gradient of the version it used."""
+    def update(self, batch: int, grads: dict[str, torch.Tensor | None] | None = None) -> None:
+        """Step the optimizer after ``batch`` with the gradient of the version it used.
+
+        ``grads`` (canonical name -> gradient) replaces the leaves' ``.grad`` when the
+        caller has taken them already (the distributed executor reduces them first);
+        the leaves' gradients are then left alone.
+        """
         used = version_for_batch(self.schedule, batch)
-        grads = {k: t.grad for k, t in self._leaves.get(used, {}).items()}
+        given = grads is not None
+        if grads is None:
+            grads = {k: t.grad for k, t in self._leaves.get(used, {}).items()}
         if self.schedule == "2bw":
             keep = {batch, batch + 1}  # batch+1 computes with version `batch`
             dead = [v for v in self._bufs if v not in keep and v != self.current]
@@ -104,7 +111,7 @@ class WeightVersions:
             # version `used` is done (batch was its last user unless used == batch == 0)
             if used in self._leaves and used < batch:
                 del self._leaves[used]
-            elif used in self._leaves:
+            elif used in self._leaves and not given:
                 for t in self._leaves[used].values():
                     t.grad = None
 
