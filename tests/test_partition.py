@@ -443,6 +443,20 @@ def test_coarsened_gpt_like_beats_or_ties_the_dp() -> None:
     assert plan.solve_time < 10
 
 
+def test_memory_limited_plan_is_proven_on_the_uncoarsened_model() -> None:
+    """A binding limit leaves the coarse plan above the memory-blind bound; the fine solve proves it."""
+    gm = gpt_like(12)          # ~390 nodes
+    cm = FakeCostModel(bandwidth=1e10)
+    free = partition(gm, cm, num_stages=8, num_microbatches=16, time_limit=10.0)
+    limit = int(0.85 * max(s.memory for s in free.stages))
+    plan = partition(gm, cm, num_stages=8, num_microbatches=16, memory_limit=limit, time_limit=10.0)
+    check_plan(plan, gm, cm, m=16)
+    assert max(s.memory for s in plan.stages) <= limit
+    assert plan.bottleneck > free.bottleneck * 1.01        # the limit costs time: the first bound is loose
+    assert plan.extra["fine_proof"] and plan.extra["first_blocks"] < 389
+    assert plan.optimal and plan.gap < 1e-3, (plan.gap, plan.extra["status"])
+
+
 def test_forced_recompute_flags_are_kept() -> None:
     gm = chain(random.Random(1), 6)
     cm = FakeCostModel()
