@@ -195,6 +195,9 @@ class Pipeline:
         """This rank's stage as a ``torch.distributed.pipelining.PipelineStage`` (see fxpipe.runtime.interop)."""
         from fxpipe.runtime.interop import to_torch_pipelining
 
+        drain = getattr(self._executor, "drain", None)
+        if drain is not None:       # finish a 2bw stream so the stages hold the newest weights
+            drain()
         return to_torch_pipelining(self, group=group)
 
     def report(self) -> str:
