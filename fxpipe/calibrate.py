@@ -41,15 +41,18 @@ class StageMeasurement:
     saved_bytes: int         # bytes autograd saved per microbatch (parameters excluded)
 
 
-def measurements(pipe: "Pipeline") -> list[StageMeasurement]:
+def measurements(pipe: "Pipeline", ranks: list[dict] | None = None) -> list[StageMeasurement]:
     """Per-stage measurements of the last ``pipe.step``.
+
+    Under the distributed executor this is collective (or reads ``ranks``, what
+    ``gather_measurements`` returned): stage s as measured on replica 0's rank s.
 
     Raises:
         ConfigError: nothing has been measured yet (call ``pipe.step`` first).
     """
     gather = getattr(pipe._executor, "gather_measurements", None)
-    if gather is not None:                     # distributed: collective; replica 0's rank of each stage
-        ranks = gather()
+    if gather is not None:
+        ranks = gather() if ranks is None else ranks
         if any(not r["fwd"] for r in ranks):
             raise ConfigError("no measurements yet: call pipe.step(inputs, targets) at least once on every "
                               "rank before pipe.report()")

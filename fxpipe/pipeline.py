@@ -212,8 +212,8 @@ class Pipeline:
         from fxpipe.calibrate import measurements, rank_table, report_table
 
         if self.executor == "distributed":
-            meas = measurements(self)
-            ranks = self._executor.gather_measurements()
+            ranks = self._executor.gather_measurements()      # collective, once
+            meas = measurements(self, ranks)
             return (report_table(self.plan, meas, where="stage s measured on replica 0's rank s, all stages "
                                  "running at once") + "\n\n" + rank_table(ranks))
         return report_table(self.plan, measurements(self))

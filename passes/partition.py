@@ -841,6 +841,20 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
     # CP-SAT's deterministic time, not the wall clock, so the plan does not depend on the
     # machine's speed or load.
     det_budget = max(0.05, time_limit * _DET_PER_SECOND)
+
+    def resolve(blocks: list[list[int]], incumbent: Plan) -> tuple[BlockProblem, _Solution, Plan | None]:
+        """Solve on ``blocks`` with what is left of the budget, hinted by ``incumbent``; its plan or None."""
+        nonlocal det_used
+        where = incumbent.stage_of()
+        hint = ([where[name] for name in gc.names], [st.recompute for st in incumbent.stages])
+        rprob, _, _, rsol = attempt(blocks, max(0.5, (det_budget - det_used) / _DET_PER_SECOND), hint)
+        det_used += rsol.deterministic
+        if rsol.block_stage is None:
+            return rprob, rsol, None
+        assign = _assignment(gc, blocks, rsol.block_stage)
+        flags = _drop_needless_recompute(gm, cost_model, gc, assign, list(rsol.recompute or []), recompute, opts)
+        return rprob, rsol, plan_from_assignment(gm, cost_model, assign, flags, costs=gc, **opts)
+
     per_stage, first_blocks, refinements = 12, len(blocks), 0
     while (coarsened and best.bottleneck > lower * 1.01 and per_stage < _MAX_BLOCKS_PER_STAGE
            and det_used < 0.5 * det_budget
@@ -854,15 +868,9 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
             break
         blocks = finer
         coarsened = len(blocks) < gc.n
-        left = max(0.5, (det_budget - det_used) / _DET_PER_SECOND)
-        prob, dp, chain, sol = attempt(blocks, left, (incumbent_stage, [st.recompute for st in best.stages]))
-        det_used += sol.deterministic
-        if sol.block_stage is None:
+        prob, sol, plan = resolve(blocks, best)
+        if plan is None:
             break
-        flags = _drop_needless_recompute(gm, cost_model, gc, _assignment(gc, blocks, sol.block_stage),
-                                         list(sol.recompute or []), recompute, opts)
-        plan = plan_from_assignment(gm, cost_model, _assignment(gc, blocks, sol.block_stage), flags,
-                                    costs=gc, **opts)
         if plan.bottleneck < best.bottleneck * (1 - 1e-12):
             best, source = plan, "cp-sat"
             lower = max(lower, articulation_lower_bound(gc, d, recompute, upper=best.bottleneck))
@@ -871,18 +879,10 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
     fine_proof = False
     if (coarsened and best.bottleneck > lower * 1.01 and gc.n * (d - 1) <= _FINE_PROOF_MAX_VARS
             and det_used < det_budget and time.perf_counter() - t_start < time_limit):
-        where = best.stage_of()
-        incumbent_stage = [where[name] for name in gc.names]
-        left = max(0.5, (det_budget - det_used) / _DET_PER_SECOND)
-        fprob, _, _, fsol = attempt(singletons, left, (incumbent_stage, [st.recompute for st in best.stages]))
-        det_used += fsol.deterministic
-        if fsol.status in ("OPTIMAL", "FEASIBLE"):
+        fprob, fsol, plan = resolve(singletons, best)
+        if fsol.status in ("OPTIMAL", "FEASIBLE") and plan is not None:
             fine_proof = True
             prob, sol, blocks, coarsened = fprob, fsol, singletons, False
-            flags = _drop_needless_recompute(gm, cost_model, gc, _assignment(gc, blocks, fsol.block_stage),
-                                             list(fsol.recompute or []), recompute, opts)
-            plan = plan_from_assignment(gm, cost_model, _assignment(gc, blocks, fsol.block_stage), flags,
-                                        costs=gc, **opts)
             if plan.bottleneck < best.bottleneck * (1 - 1e-12):
                 best, source = plan, "cp-sat"
     exact_model = not coarsened

@@ -18,6 +18,7 @@ CASES = ("mlp", "skip", "gpt")
 SCHEDULES = ("2bw", "flush", "gpipe")
 # (world size, stages): 2 and 3 ranks as pure pipelines, 4 ranks as 2 stages x 2 replicas
 LAYOUTS = ((2, 2), (3, 3), (4, 2))
+EACH_LAYOUT = pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def matrix(tmp_path_factory):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+@EACH_LAYOUT
 def test_matches_reference_on_every_rank(matrix, layout, case, schedule):
     for rank, res in enumerate(matrix[layout]):
         got = res[f"{case}/{schedule}"]
@@ -47,7 +48,7 @@ def test_matches_reference_on_every_rank(matrix, layout, case, schedule):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+@EACH_LAYOUT
 def test_report_shows_every_stage_and_rank_measured(matrix, layout):
     world, stages = layout
     for rank, res in enumerate(matrix[layout]):
@@ -66,7 +67,7 @@ def test_report_shows_every_stage_and_rank_measured(matrix, layout):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+@EACH_LAYOUT
 def test_sent_outputs_are_not_kept_and_activations_match_the_plan(matrix, layout):
     world, stages = layout
     for rank, res in enumerate(matrix[layout]):
@@ -80,7 +81,7 @@ def test_sent_outputs_are_not_kept_and_activations_match_the_plan(matrix, layout
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}ranks-{l[1]}stages")
+@EACH_LAYOUT
 def test_2bw_update_with_an_all_reduce_overlaps_the_next_batch(matrix, layout):
     """Tied weights (gpt) or replicas (w > 1) need an all-reduce at U; under 2bw it is still in
     flight when step() returns (and the numbers match the reference, test above); without one,

@@ -564,9 +564,9 @@ class DistributedExecutor:
             self._wait([work], f"{self.stage}U{batch} (gradient all-reduce)", [])
             off = 0
             for i, c in enumerate(cs):
-                n = grads[c].numel() if grads[c] is not None else self.weights.params[c].numel()
-                present = flat[len(flat) - len(cs) + i].item() > 0
                 shape = self.weights.params[c].shape
+                n = shape.numel()
+                present = flat[len(flat) - len(cs) + i].item() > 0
                 grads[c] = (flat[off:off + n].view(shape) / self.w) if present else None
                 off += n
         self.weights.update(batch, grads=grads)
