@@ -116,7 +116,7 @@ PRESETS: dict[str, DeviceSpec] = {
 
 _MEASURE_VERSION = "measure v2"  # bump when measure_cpu changes: older cache entries are ignored
 
-# gloo over loopback between two local processes (DESIGN.md: a 4 MB send/recv ~12 ms).
+# gloo over loopback between two local processes (docs/cost-model.md: a 4 MB send/recv ~12 ms).
 _CPU_LINK_BANDWIDTH = 3.5e8
 _CPU_LINK_LATENCY = 2e-4
 

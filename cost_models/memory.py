@@ -1,4 +1,4 @@
-"""The memory model of DESIGN.md: bytes a pipeline stage holds on its device.
+"""The memory model of docs/cost-model.md: bytes a pipeline stage holds on its device.
 
 For stage s of d, per device::
 

@@ -12,7 +12,7 @@ communication, d = 2. T[i, j] is the time of a stage holding nodes i..j-1::
               = min(max(3, 5), max(4, 4), max(6, 2)) = 4   (i = 2)
     split: [a b | c d], bottleneck 4
 
-Stage times follow DESIGN.md: T_s = F_s + B_s + r_s*F_s + C_s, where C_s sums
+Stage times follow docs/cost-model.md: T_s = F_s + B_s + r_s*F_s + C_s, where C_s sums
 2*comm_time over the DISTINCT values produced before the stage and read in it
 (a skip connection from stage 0 to stage 3 is paid by stage 3 only; a model
 output produced before the last stage is paid by the last stage). The

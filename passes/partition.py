@@ -1,6 +1,6 @@
 """CP-SAT partitioner: node -> stage and recompute per stage, minimising the bottleneck stage time.
 
-The model (DESIGN.md, "Cost and memory model"), on blocks b (see coarsen.py)::
+The model (docs/planner.md; symbols in docs/cost-model.md), on blocks b (see coarsen.py)::
 
     z[b,s] = [stage(b) >= s]        z[b,0] = 1,  z[b,d] = 0,  z[b,s+1] <= z[b,s]
     x[b,s] = z[b,s] - z[b,s+1]      (block b runs on stage s)

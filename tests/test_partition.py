@@ -219,7 +219,7 @@ def brute_force(gm: torch.fx.GraphModule, cm: FakeCostModel, d: int, *, m: int,
 
 def check_plan(plan: Plan, gm: torch.fx.GraphModule, cm: FakeCostModel, *, m: int,
                schedule: str = "2bw", k: int = 0) -> None:
-    """The plan's own figures agree with ref_eval; n_s as DESIGN.md."""
+    """The plan's own figures agree with ref_eval; n_s as docs/cost-model.md."""
     d = plan.num_stages
     t, mems = ref_eval(gm, cm, plan.stage_of(), [s.recompute for s in plan.stages], m=m,
                        schedule=schedule, k=k)

@@ -1,4 +1,4 @@
-"""End to end: fxpipe.compile + Pipeline.step against a float64 single-device reference (DESIGN.md semantics)."""
+"""End to end: fxpipe.compile + Pipeline.step against a float64 single-device reference (docs/semantics.md)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ __all__ = ["WeightVersions", "version_for_batch"]
 
 
 def version_for_batch(schedule: str, batch: int) -> int:
-    """The weight version every microbatch of ``batch`` computes with (DESIGN.md semantics)."""
+    """The weight version every microbatch of ``batch`` computes with (docs/semantics.md)."""
     if schedule == "2bw":
         return max(batch - 1, 0)
     return batch
