@@ -39,7 +39,9 @@ class DeviceSpec:
     mem_bandwidth: float = 1e11           # device memory bytes/s
     memory_bytes: int = 16 * GiB          # device memory capacity
     intra_node_bandwidth: float = 1e10    # bytes/s between two devices of one node (one direction)
-    inter_node_bandwidth: float = 1e10    # bytes/s between nodes (one direction)
+    inter_node_bandwidth: float = 1e10    # bytes/s one device gets between nodes (one direction) while all
+                                          # devices of its node use the network at once: NIC rate x NICs / devices
+    devices_per_node: int = 8             # devices that share a node (intra_node_bandwidth among them)
     link_latency: float = 1e-5            # seconds per transfer
     kernel_overhead: float = 5e-6         # seconds per launched aten kernel (dispatch + launch)
 
@@ -51,6 +53,10 @@ class DeviceSpec:
             v = getattr(self, k)
             if not v > 0:
                 raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be > 0 bytes/s, got {v!r}")
+        if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) \
+                or self.devices_per_node < 1:
+            raise ConfigError(f"DeviceSpec {self.name!r}: devices_per_node must be an int >= 1, "
+                              f"got {self.devices_per_node!r}")
         for k in ("link_latency", "kernel_overhead"):
             v = getattr(self, k)
             if not v >= 0:
@@ -89,21 +95,24 @@ class DeviceSpec:
 
 
 def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16: float, hbm: float,
-         mem: int, nvlink: float, ib_gbit: float) -> DeviceSpec:
+         mem: int, nvlink: float, ib_gbit: float, gpus_per_nic: int = 1) -> DeviceSpec:
     return DeviceSpec(
         name=name,
         peak_flops={"float64": fp64, "float32": fp32, "tfloat32": tf32, "bfloat16": bf16, "float16": fp16},
         mem_bandwidth=hbm, memory_bytes=mem, intra_node_bandwidth=nvlink,
-        inter_node_bandwidth=ib_gbit * 1e9 / 8, link_latency=1e-5, kernel_overhead=5e-6,
+        inter_node_bandwidth=ib_gbit * 1e9 / 8 / gpus_per_nic, devices_per_node=8, link_latency=1e-5,
+        kernel_overhead=5e-6,
     )
 
 
 # Datasheet numbers, SXM parts, dense (no sparsity). float32 is the CUDA-core rate
 # (PyTorch does not use TF32 for matmuls by default); tfloat32 is there for users who do.
-# NVLink is per direction (half the bidirectional figure NVIDIA quotes); one IB NIC per GPU.
+# NVLink is per direction (half the bidirectional figure NVIDIA quotes); one IB NIC per GPU, 8 GPUs a node,
+# except v100-16gb: the PipeDream-2BW paper's servers (AWS p3.16xlarge: 8 V100-16GB with NVLink, one
+# 25 Gbit/s link per server, so 25/8 Gbit/s per GPU when all eight talk to other servers at once).
 PRESETS: dict[str, DeviceSpec] = {
     "v100-16gb": _gpu("v100-16gb", fp64=7.8e12, fp32=15.7e12, tf32=15.7e12, bf16=15.7e12, fp16=125e12,
-                      hbm=900 * GB, mem=16 * GiB, nvlink=150 * GB, ib_gbit=100),
+                      hbm=900 * GB, mem=16 * GiB, nvlink=150 * GB, ib_gbit=25, gpus_per_nic=8),
     "a100-40gb": _gpu("a100-40gb", fp64=19.5e12, fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12,
                       hbm=1555 * GB, mem=40 * GiB, nvlink=300 * GB, ib_gbit=200),
     "a100-80gb": _gpu("a100-80gb", fp64=19.5e12, fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12,
@@ -179,7 +188,7 @@ def measure_cpu() -> DeviceSpec:
     t_op = _best_time(lambda: [torch.add(x, y) for _ in range(100)], 0.1) / 100
     return DeviceSpec(name="cpu", peak_flops=rates, mem_bandwidth=bandwidth,
                       memory_bytes=_host_memory(), intra_node_bandwidth=_CPU_LINK_BANDWIDTH,
-                      inter_node_bandwidth=_CPU_LINK_BANDWIDTH, link_latency=_CPU_LINK_LATENCY,
+                      inter_node_bandwidth=_CPU_LINK_BANDWIDTH, devices_per_node=1, link_latency=_CPU_LINK_LATENCY,
                       kernel_overhead=t_op)
 
 

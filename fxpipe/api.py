@@ -15,9 +15,64 @@ import torch.utils._pytree as pytree
 from fxpipe.errors import ConfigError, InputError, ScheduleError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 
-__all__ = ["compile", "plan", "CompiledGraph", "prepare", "split_batch"]
+__all__ = ["compile", "plan", "CompiledGraph", "prepare", "split_batch", "DEVICE_MEMORY", "resolve_memory_limit"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class _DeviceMemory:
+    """Type of :data:`DEVICE_MEMORY`, the default ``memory_limit``."""
+
+    _instance: "_DeviceMemory | None" = None
+
+    def __new__(cls) -> "_DeviceMemory":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DEVICE_MEMORY"
+
+    def __reduce__(self) -> str:
+        return "DEVICE_MEMORY"
+
+
+DEVICE_MEMORY = _DeviceMemory()
+"""Default of ``memory_limit``: the memory of the device named by ``device=`` (no limit when
+``device`` is None, i.e. this machine). Pass ``memory_limit=None`` to lift the limit."""
+
+
+def resolve_memory_limit(memory_limit: Any, device: Any) -> int | None:
+    """Bytes per device that a plan must fit, from ``memory_limit=`` and ``device=``.
+
+    ``DEVICE_MEMORY`` (the default) gives ``device``'s ``memory_bytes`` when ``device`` is given, else
+    None; None gives None (no limit); a string such as ``"16GiB"`` or ``"8e9"`` is parsed; a number
+    is taken as bytes.
+
+    Raises:
+        ConfigError: a string that is not a size, a number <= 0, or another type.
+    """
+    if memory_limit is DEVICE_MEMORY:
+        if device is None:
+            return None
+        from fxpipe.cost_models.device import get_device
+
+        return int(get_device(device).memory_bytes)
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, str):
+        from fxpipe.report import parse_bytes
+
+        try:
+            return parse_bytes(memory_limit)
+        except ValueError:
+            raise ConfigError(f"memory_limit {memory_limit!r} is not a size; write e.g. '16GiB', '80GB' or "
+                              "8e9 (bytes), or None for no limit") from None
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float)) or not memory_limit > 0 \
+            or memory_limit == float("inf"):
+        raise ConfigError(f"memory_limit must be a positive number of bytes or None, got {memory_limit!r}; "
+                          "give bytes, a size string like '16GiB', or None (no limit)")
+    return int(memory_limit)
 
 
 @dataclass
@@ -53,8 +108,8 @@ def _check_common(model: Any, num_stages: int | None, num_microbatches: int, sch
             f"schedule '2bw' needs num_microbatches >= num_stages, got num_microbatches="
             f"{num_microbatches} < num_stages={num_stages}; raise num_microbatches to at least "
             f"{num_stages} or use schedule='flush'")
-    if memory_limit is not None and (not isinstance(memory_limit, (int, float)) or memory_limit <= 0):
-        raise ConfigError(f"memory_limit must be a positive number of bytes or None, got {memory_limit!r}")
+    if memory_limit is not DEVICE_MEMORY:
+        resolve_memory_limit(memory_limit, None)  # validates strings and numbers
 
 
 def _bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -155,7 +210,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
 def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None = 4,
          num_microbatches: int = 8, schedule: str = "2bw", loss_fn: Callable | None = None,
          optimizer: OptimizerFactory | None = None, cost_model: str | CostModel = "analytic",
-         memory_limit: int | None = None, device: Any = None, executor: str = "auto",
+         memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
          num_devices: int | None = None, global_batch: int | None = None,
          leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
          time_limit: float = 10.0) -> Plan:
@@ -185,6 +240,7 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
     from fxpipe.passes.partition import partition
 
     k = optimizer_slots(optimizer)
+    limit = resolve_memory_limit(memory_limit, device)
     if num_stages is None:
         from fxpipe.passes.search import search_depth_width
 
@@ -199,7 +255,7 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         batch = global_batch or _batch_size(example_inputs)
         p = search_depth_width(graph_for, num_devices=int(num_devices or 1), global_batch=int(batch),
                                schedule=schedule,
-                               memory_limit=None if memory_limit is None else int(memory_limit),
+                               memory_limit=limit,
                                optimizer_slots=k, recompute=recompute, time_limit=time_limit)
         return p, cached[int(p.microbatch_size or 1)]
     cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
@@ -220,7 +276,7 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
                 "model with fxpipe.plan(...) or `fxpipe dump --format json`")
         p = plan_from_assignment(cg.gm, cg.cost_model, given_plan.stage_of(),
                                  [s.recompute for s in given_plan.stages], num_microbatches=num_microbatches,
-                                 schedule=schedule, memory_limit=None if memory_limit is None else int(memory_limit),
+                                 schedule=schedule, memory_limit=limit,
                                  optimizer_slots=optimizer_slots(optimizer), solver=given_plan.solver,
                                  lower_bound=given_plan.lower_bound, optimal=given_plan.optimal)
         return p, cg
@@ -229,7 +285,7 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         raise ConfigError(f"num_stages={num_stages} is more than the {n_compute} operations in the "
                           f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
     p = partition(cg.gm, cg.cost_model, num_stages=num_stages, num_microbatches=num_microbatches,
-                  schedule=schedule, memory_limit=None if memory_limit is None else int(memory_limit),
+                  schedule=schedule, memory_limit=limit,
                   optimizer_slots=k, recompute=recompute, time_limit=time_limit)
     return p, cg
 
@@ -268,7 +324,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             num_microbatches: int = 8, schedule: str = "2bw",
             loss_fn: Callable[..., torch.Tensor] | None = None,
             optimizer: OptimizerFactory | None = None, cost_model: str | CostModel = "analytic",
-            memory_limit: int | None = None, device: Any = None, executor: str = "auto",
+            memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
             num_devices: int | None = None, global_batch: int | None = None,
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
             time_limit: float = 10.0, plan: Plan | None = None) -> "Pipeline":
@@ -283,7 +339,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         loss_fn: ``loss_fn(model_output, targets) -> scalar``; required for ``step``.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``; default SGD(lr=0.01).
         cost_model: "analytic", "profile", or a CostModel instance.
-        memory_limit: bytes per device, or None.
+        memory_limit: bytes per device (a number, or a size string like ``"16GiB"``); the default,
+            ``DEVICE_MEMORY``, is the memory of ``device`` when it is given; None lifts the limit.
         device: a DeviceSpec, a preset name ("a100-80gb"), or None for this machine.
         executor: "local", "distributed", or "auto" (distributed under torchrun with WORLD_SIZE > 1).
         leaf_modules: module types / qualified names to keep opaque when tracing.

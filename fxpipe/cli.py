@@ -120,14 +120,18 @@ def resolve_model(spec: str, num_microbatches: int, batch: int | None = None) ->
 
 def _dump(a: argparse.Namespace) -> int:
     import fxpipe
+    from fxpipe import api
     from fxpipe.report import parse_bytes
 
-    limit = None
-    if a.memory_limit:
+    limit: Any = api.DEVICE_MEMORY        # --device's memory unless --memory-limit says otherwise
+    if a.memory_limit and a.memory_limit.strip().lower() == "none":
+        limit = None
+    elif a.memory_limit:
         try:
             limit = parse_bytes(a.memory_limit)
         except ValueError:
-            raise ModelSpecError(f"--memory-limit {a.memory_limit!r} is not a size; write e.g. 16GiB or 8e9") from None
+            raise ModelSpecError(f"--memory-limit {a.memory_limit!r} is not a size; write e.g. 16GiB or 8e9, "
+                                 "or none for no limit") from None
     model, example = resolve_model(a.model, a.microbatches, a.batch)
     kwargs = dict(num_stages=a.stages, num_microbatches=a.microbatches, schedule=a.schedule,
                   memory_limit=limit, device=a.device, cost_model=a.cost_model, time_limit=a.time_limit)
@@ -135,7 +139,13 @@ def _dump(a: argparse.Namespace) -> int:
         plan = fxpipe.plan(model, example, **kwargs)
         text = plan.to_json() if a.format == "json" else plan.summary()
     else:
-        text = _render(a, *_plan_with_graph(model, example, kwargs))
+        plan, edges, labels = _plan_with_graph(model, example, kwargs)
+        text = _render(a, plan, edges, labels)
+    if a.device is not None:
+        for line in _over_device_memory(plan, a.device):
+            print(f"fxpipe: warning: {line}", file=sys.stderr)
+            if a.format == "table":
+                text += f"\nWARNING: {line}"
     if a.output:
         with open(a.output, "w", encoding="utf-8") as f:
             f.write(text if text.endswith("\n") else text + "\n")
@@ -143,6 +153,17 @@ def _dump(a: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def _over_device_memory(plan: Any, device: str) -> list[str]:
+    """One line per stage whose predicted memory exceeds ``device``'s memory (only when the limit was lifted)."""
+    from fxpipe.cost_models.device import get_device
+    from fxpipe.report import fmt_bytes
+
+    spec = get_device(device)
+    return [f"stage {st.index} needs {fmt_bytes(st.memory)}, more than the {fmt_bytes(spec.memory_bytes)} of "
+            f"one {spec.name}; drop --memory-limit none (the planner then fits the device), add stages, or "
+            "allow recompute" for st in plan.stages if st.memory > spec.memory_bytes]
 
 
 def _plan_with_graph(model: Any, example: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any], dict[str, str]]:
@@ -231,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--stages", type=int, required=True)
     d.add_argument("--microbatches", type=int, default=None, help="default: max(stages, 4)")
     d.add_argument("--schedule", default="2bw", choices=["2bw", "flush", "gpipe"])
-    d.add_argument("--memory-limit", default=None, help="bytes per device, e.g. 16GiB")
+    d.add_argument("--memory-limit", default=None, help="bytes per device, e.g. 16GiB; default: --device's memory; none: no limit")
     d.add_argument("--device", default=None, help="device preset, e.g. a100-80gb (default: this machine)")
     d.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
     d.add_argument("--time-limit", type=float, default=10.0)

@@ -19,9 +19,19 @@ def test_presets_are_realistic() -> None:
     assert h100.peak(torch.bfloat16) > a100.peak(torch.bfloat16) > get_device("v100-16gb").peak(torch.bfloat16)
     assert h200.mem_bandwidth > h100.mem_bandwidth > a100.mem_bandwidth > get_device("a100-40gb").mem_bandwidth
     assert h200.memory_bytes > a100.memory_bytes > get_device("a100-40gb").memory_bytes
-    for spec in PRESETS.values():
+    for name, spec in PRESETS.items():
         assert spec.intra_node_bandwidth > spec.inter_node_bandwidth  # NVLink beats InfiniBand
-        assert 12.5e9 <= spec.inter_node_bandwidth <= 50e9           # 100-400 Gb/s
+        assert spec.devices_per_node == 8
+        if name != "v100-16gb":
+            assert 12.5e9 <= spec.inter_node_bandwidth <= 50e9           # 100-400 Gb/s, a NIC per GPU
+
+
+def test_v100_is_the_papers_server() -> None:
+    """PipeDream-2BW's cluster: p3.16xlarge, 8 x V100-16GB over NVLink, 25 Gbit/s per server."""
+    v100 = get_device("v100-16gb")
+    assert v100.memory_bytes == 16 * 2**30 and v100.peak("float16") == 125e12 and v100.peak("float32") == 15.7e12
+    assert v100.mem_bandwidth == 900e9 and v100.intra_node_bandwidth == 150e9
+    assert v100.inter_node_bandwidth == pytest.approx(25e9 / 8 / 8)  # one 25 Gbit/s NIC shared by 8 GPUs
 
 
 def test_lookup_is_case_insensitive_and_passes_specs_through() -> None:
@@ -73,3 +83,57 @@ def test_cpu_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(device_mod, "measure_cpu", no_measuring)
     assert get_device("cpu") == cpu
     device_mod._cpu_spec.cache_clear()
+
+
+def test_devices_per_node_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"devices_per_node must be an int >= 1, got 0"):
+        get_device("a100-80gb").replace(devices_per_node=0)
+
+
+# ----------------------------------------------------------------------------- the device's memory as the limit
+
+
+def _mlp_plan(**kw):
+    import fxpipe
+    from models import MLP
+
+    return fxpipe.plan(MLP(), (torch.randn(16, 16),), num_stages=2, num_microbatches=2, time_limit=2.0, **kw)
+
+
+def test_device_memory_is_the_default_limit_and_none_lifts_it() -> None:
+    from fxpipe.errors import InfeasibleMemoryError
+
+    need = max(s.memory for s in _mlp_plan(device="a100-80gb").stages)
+    assert _mlp_plan(device="a100-80gb").memory_limit == 80 * 2**30
+    tiny = get_device("a100-80gb").replace(name="tiny", memory_bytes=need // 4)
+    with pytest.raises(InfeasibleMemoryError, match=r"memory_limit"):
+        _mlp_plan(device=tiny, recompute=False)
+    lifted = _mlp_plan(device=tiny, recompute=False, memory_limit=None)
+    assert lifted.memory_limit is None and max(s.memory for s in lifted.stages) > tiny.memory_bytes
+    assert _mlp_plan().memory_limit is None  # this machine: no limit unless given
+
+
+def test_memory_limit_accepts_size_strings() -> None:
+    assert _mlp_plan(memory_limit="1GiB").memory_limit == 2**30
+    assert _mlp_plan(memory_limit="8e9").memory_limit == 8 * 10**9
+    with pytest.raises(ConfigError, match=r"memory_limit '16 gigs' is not a size.*'16GiB'"):
+        _mlp_plan(memory_limit="16 gigs")
+    with pytest.raises(ConfigError, match=r"memory_limit must be a positive number of bytes or None, got -5"):
+        _mlp_plan(memory_limit=-5)
+
+
+def test_dump_marks_stages_over_the_device_memory(tmp_path, monkeypatch, capsys) -> None:
+    from fxpipe import cli
+
+    small = get_device("a100-80gb").replace(name="small", memory_bytes=1)
+    monkeypatch.setitem(device_mod.PRESETS, "small-test", small)
+    path = tmp_path / "m.py"
+    path.write_text("import torch\n"
+                    "def make():\n"
+                    "    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))\n"
+                    "    return m, (torch.randn(4, 8),)\n")
+    assert cli.main(["dump", f"{path}:make", "--stages", "2", "--microbatches", "2", "--device", "small-test",
+                     "--memory-limit", "none"]) == 0
+    out = capsys.readouterr()
+    assert "WARNING: stage 0 needs" in out.out and "WARNING: stage 1 needs" in out.out
+    assert "more than the 1 B of one small" in out.err
