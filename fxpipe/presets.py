@@ -157,16 +157,6 @@ def bert(*, n_layer: int = 24, d: int = 1024, n_head: int = 16, vocab: int = 305
 # --------------------------------------------------------------------------- Llama decoder
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
 def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
     """``(x1, x2) -> (-x2, x1)`` over the last dim; ``half`` is a Python int so fx can trace it."""
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -179,12 +169,12 @@ class _LlamaLayer(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.half = d // n_head // 2
-        self.attn_norm = _RMSNorm(d)
+        self.attn_norm = nn.RMSNorm(d, eps=1e-6)
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.mlp_norm = _RMSNorm(d)
+        self.mlp_norm = nn.RMSNorm(d, eps=1e-6)
         self.gate_proj = nn.Linear(d, d_ff, bias=False)
         self.up_proj = nn.Linear(d, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d, bias=False)
@@ -215,7 +205,7 @@ class Llama(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(_LlamaLayer(d, n_head, d_ff) for _ in range(n_layer))
-        self.norm = _RMSNorm(d)
+        self.norm = nn.RMSNorm(d, eps=1e-6)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         hd = d // n_head
         inv = 1.0 / (rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
