@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from fxpipe import __version__
 from fxpipe.errors import FxpipeError, ModelSpecError
 
 __all__ = ["main", "load_model_spec", "resolve_model"]
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fxpipe: error: {e}", file=sys.stderr)
             return 2
     ap = argparse.ArgumentParser(prog="fxpipe", description="Pipeline-parallel compiler for PyTorch models.")
+    ap.add_argument("--version", action="version", version=f"fxpipe {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dump", help="plan a model and print the stages")
     d.add_argument("model", help="a preset (gpt2-small, gpt2-xl, bert-large, llama-7b, resnet-50, ...; see "
