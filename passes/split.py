@@ -87,12 +87,17 @@ def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -
         if n.op in ("call_function", "call_method", "call_module") and n.name not in stage_of:
             raise PartitionError(f"split: node {n.format_node()} has no stage in the plan; "
                                  "the plan was made for another graph — re-plan this model")
+        for a in n.all_input_nodes:
+            if n.name in stage_of and a.name in stage_of and stage_of[a.name] > stage_of[n.name]:
+                raise PartitionError(f"split: node {n.name!r} on stage {stage_of[n.name]} reads {a.name!r} on "
+                                     f"stage {stage_of[a.name]}; stage order must not decrease along an edge "
+                                     "— re-plan this model")
 
     def callback(node: torch.fx.Node) -> int:
         return stage_of[node.name]
 
-    top = split_module(gm, gm, callback, keep_original_order=True, keep_original_node_name=True,
-                       tuple_return=True)
+    top = split_module(_stage_ordered(gm, stage_of), gm, callback, keep_original_order=True,
+                       keep_original_node_name=True, tuple_return=True)
     sub_index: dict[str, int] = {}
     for n in top.graph.nodes:
         if n.op == "call_module" and n.target.startswith("submod_"):
@@ -147,3 +152,33 @@ def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -
             stages[src.stage].consumers.add(num_stages)  # the loss, on the last stage
     return PipelineProgram(stages=stages, output_sources=output_sources, output_spec=spec,
                            input_names=[p.name for p in placeholders], root=gm)
+
+
+def _stage_ordered(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> torch.fx.GraphModule:
+    """``gm`` with its nodes ordered by (stage, graph position), sharing gm's parameters and submodules.
+
+    ``split_module(keep_original_order=True)`` emits the stages in the order their first node
+    appears; a node that reads no input (``torch.arange``, export's ``_assert_tensor_metadata``)
+    may sit early in graph order yet belong to a late stage, which would emit that stage before
+    the stages it reads from. Since stages never decrease along an edge, sorting by
+    (stage, position) is a topological order, so the copy computes the same thing::
+
+        graph order:   arange(s1)  a(s0)  relu(s0)  b(s1)  add(s1)
+        stage order:   a(s0)  relu(s0)  arange(s1)  b(s1)  add(s1)
+
+    Placeholders and ``get_attr`` nodes (no stage) come first, the output last.
+    """
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    head = [n for n in nodes if n.op in ("placeholder", "get_attr")]
+    body = sorted((n for n in nodes if n.name in stage_of and n.op not in ("placeholder", "get_attr", "output")),
+                  key=lambda n: (stage_of[n.name], pos[n]))
+    order = head + body + [n for n in nodes if n.op == "output"]
+    if [n.name for n in order] == [n.name for n in nodes]:
+        return gm
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in order:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    return torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
