@@ -9,27 +9,24 @@ dividing B / w) and m = B / (w·b) microbatches per batch (2bw needs m >= d)::
                            d=4 w=2   ...                    d=8 w=1 ...
 
 Each candidate is cut by :func:`~fxpipe.passes.partition.partition` on the graph
-traced at microbatch size b and priced by this cost model (seconds per batch):
+traced at microbatch size b and priced by ``price(plan, w)`` (seconds per batch;
+default :func:`batch_time`).
+Throughput = B / t samples per second.
 
-    2bw     t = m·T_max + X          steady state, no flush (the paper's throughput)
-    flush   t = (m + d - 1)·T_max + X        fill and drain every batch
-    gpipe   t = (m + d - 1)·T_max + X        (its memory holds m microbatches: partition's n_s)
+Every candidate ends with one outcome, recorded in ``extra["search"]["candidates"]``::
 
-    X = max_s max(0, AR_s - B_s)   exposed data-parallel all-reduce
-    AR_s = 2(w-1) · comm_time(P_s / w)        ring all-reduce of stage s's gradients
-         = 2(w-1)/w · P_s / bandwidth           when ``allreduce_bandwidth`` is given
+    solved       partitioned and priced
+    infeasible   proven not to fit memory_limit (lower bound, or the partitioner's proof)
+    pruned       its optimistic throughput B / (m · max(ΣT/d, max node)) cannot beat the incumbent
+    gave up      the partitioner found no plan in its share (the reason is recorded), or the
+                 search's time_limit ran out before the candidate's turn (tracing included)
 
-T_max is the plan's bottleneck (seconds per microbatch), P_s the stage's parameter
-bytes and B_s its backward time for one microbatch. The all-reduce runs after the
-stage's last backward of the batch; bucketed like DDP, it overlaps that last
-backward (hence ``- B_s``) and nothing else. Stages reduce in parallel on
-disjoint links, so the slowest one counts. Throughput = B / t samples per second.
-
-Pruning: candidates are visited best-first by an optimistic throughput
-B / (m · max(ΣT/d, max node)); one whose optimistic throughput cannot beat the
-incumbent is skipped, and one whose memory lower bound exceeds the limit is
-marked unfit without solving. Ties go to the smaller d, then the larger b, so the
-answer is deterministic (the partitioner is too).
+so one hard candidate never aborts the search. Candidates are visited best-first
+by their optimistic throughput. Each gets the same CP-SAT share, counted in
+CP-SAT's deterministic time, so the answer does not depend on the machine's load;
+the wall clock only decides when the whole search must stop (then the remaining
+candidates are "gave up" and say so). Ties go to the smaller d, then the larger
+b, so the answer is deterministic (the partitioner is too).
 """
 
 from __future__ import annotations
@@ -41,18 +38,23 @@ from typing import Any, Callable, Sequence
 
 import torch.fx
 
-from fxpipe.errors import ConfigError, InfeasibleMemoryError
+from fxpipe.errors import ConfigError, FxpipeError, InfeasibleMemoryError, PartitionError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 
 from .coarsen import graph_costs
 from .partition import memory_lower_bound, partition, trivial_lower_bound
 
-__all__ = ["search_depth_width", "batch_time", "allreduce_time", "microbatch_candidates"]
+__all__ = ["search_depth_width", "batch_time", "allreduce_time", "microbatch_candidates", "SOLVED",
+           "INFEASIBLE", "PRUNED", "GAVE_UP"]
 
 GraphFor = Callable[[int], "tuple[torch.fx.GraphModule, CostModel]"]
+Price = Callable[[Plan, int, CostModel], "tuple[float, float]"]
+
+SOLVED, INFEASIBLE, PRUNED, GAVE_UP = "solved", "infeasible", "pruned", "gave up"
 
 _MAX_MICROBATCH = 64          # default cap on b
 _MIN_CANDIDATE_TIME = 0.25    # seconds of solver time each candidate gets at least
+_SOLVE_SHARE = 0.6            # of time_limit for solving; the rest covers tracing and pricing
 
 
 def microbatch_candidates(per_replica: int, cap: int = _MAX_MICROBATCH,
@@ -82,7 +84,8 @@ def batch_time(plan: Plan, *, width: int, cost_model: CostModel,
                allreduce_bandwidth: float | None = None) -> tuple[float, float]:
     """(seconds per batch, exposed all-reduce seconds) of ``plan`` replicated ``width`` times.
 
-    See the module docstring for the model.
+    2bw: ``m·T_max + X``; flush and gpipe: ``(m + d - 1)·T_max + X``, with
+    ``X = max_s max(0, AR_s - B_s)`` the exposed ring all-reduce of stage s's P_s.
     """
     m, d = plan.num_microbatches, plan.num_stages
     exposed = max((max(0.0, allreduce_time(st.param_bytes, width, cost_model, allreduce_bandwidth)
@@ -100,63 +103,21 @@ def _better(thr: float, d: int, b: int, thr0: float, d0: int, b0: int) -> bool:
     return (d, -b) < (d0, -b0)
 
 
-def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: int,
-                       schedule: str = "2bw", memory_limit: int | None = None,
-                       optimizer_slots: int = 0, microbatch_sizes: Sequence[int] | None = None,
-                       time_limit: float = 10.0, allreduce_bandwidth: float | None = None,
-                       recompute: bool | None = None, num_workers: int = 2) -> Plan:
-    """Best pipeline depth d, width w, microbatch size b and count m for ``num_devices`` devices.
-
-    Args:
-        graph_for: ``graph_for(b) -> (gm, cost_model)``, the annotated graph traced at
-            microbatch size b (called once per distinct b; results are cached here).
-        num_devices: N; candidates use d·(N // d) <= N devices.
-        global_batch: B, samples per optimizer step over all replicas.
-        schedule: "2bw" | "flush" | "gpipe".
-        memory_limit: bytes per device, or None.
-        optimizer_slots: k, optimizer state tensors per parameter.
-        microbatch_sizes: the b to try (each must divide B / w); default powers of two up to 64.
-        time_limit: seconds of solving for the whole search; each candidate gets an equal, fixed share
-            (at least 0.25 s) so the chosen plan does not depend on the clock. Tracing each new
-            microbatch size comes on top (about 1 s for GPT-2 XL on the meta device).
-        allreduce_bandwidth: bytes/s of the data-parallel ring; None prices it with
-            ``cost_model.comm_time``.
-        recompute: passed to :func:`partition` (None: chosen per stage).
-        num_workers: CP-SAT workers.
-
-    Returns:
-        The best Plan, with ``data_parallel=w``, ``microbatch_size=b``,
-        ``num_microbatches=m`` and ``extra["search"]``: the candidates table (one dict
-        per candidate: d, w, b, m, samples_per_s, fits, status) and the chosen
-        throughput, batch time and exposed all-reduce time.
-
-    Raises:
-        ConfigError: bad N, B or schedule, or no candidate exists (e.g. B < N·... with 2bw).
-        InfeasibleMemoryError: no candidate fits ``memory_limit``; the message gives the
-            smallest per-device memory seen and the way out.
-    """
-    t_start = time.perf_counter()
-    if not isinstance(num_devices, int) or num_devices < 1:
+def _check(num_devices: Any, global_batch: Any, schedule: str, time_limit: Any) -> None:
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
         raise ConfigError(f"num_devices must be an int >= 1, got {num_devices!r}")
-    if not isinstance(global_batch, int) or global_batch < 1:
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
         raise ConfigError(f"global_batch must be an int >= 1, got {global_batch!r}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if time_limit <= 0:
+    if not isinstance(time_limit, (int, float)) or not time_limit > 0:
         raise ConfigError(f"time_limit must be > 0 seconds, got {time_limit!r}")
 
-    cache: dict[int, tuple[torch.fx.GraphModule, CostModel, Any]] = {}
 
-    def graph(b: int) -> tuple[torch.fx.GraphModule, CostModel, Any]:
-        if b not in cache:
-            gm, cm = graph_for(b)
-            cache[b] = (gm, cm, graph_costs(gm, cm))
-        return cache[b]
-
-    # Enumerate (d, w, b, m); the graph size caps d.
-    n_nodes = graph(1 if microbatch_sizes is None else min(microbatch_sizes))[2].n
+def _enumerate(num_devices: int, global_batch: int, schedule: str, max_depth: int,
+               microbatch_sizes: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
     cands: list[tuple[int, int, int, int]] = []
-    for d in range(1, min(num_devices, n_nodes) + 1):
+    for d in range(1, min(num_devices, max_depth) + 1):
         w = num_devices // d
         if global_batch % w:
             continue
@@ -171,52 +132,142 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             f"{global_batch} and schedule={schedule!r}"
             + (f" with microbatch_sizes={list(microbatch_sizes)}" if microbatch_sizes else "")
             + "; use a global batch that is a multiple of the device count, or schedule='flush'")
+    return cands
 
+
+def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: int,
+                       schedule: str = "2bw", memory_limit: int | None = None,
+                       optimizer_slots: int = 0, microbatch_sizes: Sequence[int] | None = None,
+                       time_limit: float = 10.0, allreduce_bandwidth: float | None = None,
+                       recompute: bool | None = None, num_workers: int = 2,
+                       price: Price | None = None) -> Plan:
+    """Best pipeline depth d, width w, microbatch size b and count m for ``num_devices`` devices.
+
+    Args:
+        graph_for: ``graph_for(b) -> (gm, cost_model)``, the annotated graph traced at
+            microbatch size b (called once per distinct b; results are cached here).
+        num_devices: N; candidates use d·(N // d) <= N devices.
+        global_batch: B, samples per optimizer step over all replicas.
+        schedule: "2bw" | "flush" | "gpipe".
+        memory_limit: bytes per device, or None.
+        optimizer_slots: k, optimizer state tensors per parameter.
+        microbatch_sizes: the b to try (each must divide B / w); default powers of two up to 64.
+        time_limit: seconds for the whole search, tracing included. Each candidate gets an equal,
+            fixed CP-SAT share (at least 0.25 s) of 60% of it; a candidate whose turn comes after
+            the limit is recorded as given up (except the best-first one: there is always an answer).
+        allreduce_bandwidth: bytes/s of the data-parallel ring; None prices it with
+            ``cost_model.comm_time``.
+        recompute: passed to :func:`partition` (None: chosen per stage).
+        num_workers: CP-SAT workers.
+        price: ``price(plan, w, cost_model) -> (seconds per batch, exposed all-reduce seconds)``;
+            default :func:`batch_time` with ``allreduce_bandwidth``.
+
+    Returns:
+        The best Plan, with ``data_parallel=w``, ``microbatch_size=b``,
+        ``num_microbatches=m`` and ``extra["search"]``: the candidates table (one dict
+        per candidate: d, w, b, m, recompute, samples_per_s, fits, status, reason), the
+        chosen throughput, batch time and exposed all-reduce time, and the seconds spent
+        tracing, solving and in all.
+
+    Raises:
+        ConfigError: bad N, B or schedule, or no candidate exists (e.g. B < N·... with 2bw).
+        InfeasibleMemoryError: no candidate fits ``memory_limit``; the message gives the
+            smallest per-device memory seen and the way out.
+        PartitionError: no candidate was solved and some were given up (the message says why).
+    """
+    t_start = time.perf_counter()
+    deadline = t_start + float(time_limit)
+    _check(num_devices, global_batch, schedule, time_limit)
+    if price is None:
+        def price(plan: Plan, w: int, cm: CostModel) -> tuple[float, float]:
+            return batch_time(plan, width=w, cost_model=cm, allreduce_bandwidth=allreduce_bandwidth)
+
+    cache: dict[int, tuple[torch.fx.GraphModule, CostModel, Any]] = {}
+    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0}
+
+    def graph(b: int) -> tuple[torch.fx.GraphModule, CostModel, Any]:
+        if b not in cache:
+            t0 = time.perf_counter()
+            gm, cm = graph_for(b)
+            cache[b] = (gm, cm, graph_costs(gm, cm))
+            took = time.perf_counter() - t0
+            timing["trace"] += took
+            timing["longest_trace"] = max(timing["longest_trace"], took)
+        return cache[b]
+
+    # Enumerate (d, w, b, m); the graph size caps d.
+    n_nodes = graph(1 if microbatch_sizes is None else min(microbatch_sizes))[2].n
+    cands = _enumerate(num_devices, global_batch, schedule, n_nodes, microbatch_sizes)
+    rec_label = "per stage" if recompute is None else ("all" if recompute else "none")
     rows: list[dict[str, Any]] = []
-    optimistic: list[tuple[float, int, int, int, int]] = []
+    order: list[tuple[float, int, int, int, int, dict[str, Any]]] = []
     for d, w, b, m in cands:
-        gc = graph(b)[2]
+        row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": rec_label,
+                               "samples_per_s": None, "fits": None, "status": "", "reason": ""}
+        rows.append(row)
+        if b not in cache and time.perf_counter() + timing["longest_trace"] > deadline:
+            row.update(status=GAVE_UP, reason=f"time_limit={time_limit} s ran out before tracing b={b}")
+            continue
+        try:
+            gc = graph(b)[2]
+        except FxpipeError as e:
+            row.update(status=GAVE_UP, reason=f"tracing at b={b} failed: {e}")
+            continue
         lb = trivial_lower_bound(gc, d, recompute)
         steps = m if schedule == "2bw" else m + d - 1
-        optimistic.append((global_batch / (steps * lb) if lb > 0 else math.inf, d, w, b, m))
-    optimistic.sort(key=lambda c: (-c[0], c[1], -c[3]))
-    per = max(_MIN_CANDIDATE_TIME, time_limit / len(optimistic))
+        row["optimistic_samples_per_s"] = global_batch / (steps * lb) if lb > 0 else math.inf
+        order.append((row["optimistic_samples_per_s"], d, w, b, m, row))
+    order.sort(key=lambda c: (-c[0], c[1], -c[3]))
+    per = max(_MIN_CANDIDATE_TIME, _SOLVE_SHARE * time_limit / max(1, len(order)))
 
     best: tuple[float, int, int, Plan, dict[str, Any]] | None = None    # (thr, d, -b, plan, row)
     min_memory: int | None = None
-    for ub, d, w, b, m in optimistic:
-        row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "samples_per_s": None,
-                               "fits": None, "status": ""}
-        rows.append(row)
+    for ub, d, w, b, m, row in order:
         if best is not None and ub <= best[0] * (1 + 1e-12):
-            row["status"] = "pruned"
+            row.update(status=PRUNED, reason=f"optimistic {ub:.4g} samples/s <= incumbent {best[0]:.4g}")
             continue
         gm, cm, gc = graph(b)
         if memory_limit is not None:
             need = memory_lower_bound(gc, num_stages=d, num_microbatches=m, schedule=schedule,
                                       optimizer_slots=optimizer_slots, recompute=recompute)
             if need > memory_limit:
-                row.update(fits=False, status=f"needs >= {need} B")
+                row.update(fits=False, status=INFEASIBLE, reason=f"needs >= {need} B per device")
                 min_memory = need if min_memory is None else min(min_memory, need)
                 continue
+        if best is not None and time.perf_counter() + per > deadline:   # the first one always runs
+            row.update(status=GAVE_UP, reason=f"time_limit={time_limit} s ran out before its turn")
+            continue
+        t0 = time.perf_counter()
         try:
             plan = partition(gm, cm, num_stages=d, num_microbatches=m, schedule=schedule,
                              memory_limit=memory_limit, optimizer_slots=optimizer_slots,
                              recompute=recompute, time_limit=per, num_workers=num_workers)
         except InfeasibleMemoryError as e:
-            row.update(fits=False, status="over memory")
+            row.update(fits=False, status=INFEASIBLE, reason="over memory"
+                       + (f" (needs >= {e.min_feasible} B)" if e.min_feasible is not None else ""))
             if e.min_feasible is not None:
                 min_memory = e.min_feasible if min_memory is None else min(min_memory, e.min_feasible)
             continue
-        t_batch, exposed = batch_time(plan, width=w, cost_model=cm,
-                                      allreduce_bandwidth=allreduce_bandwidth)
+        except PartitionError as e:
+            row.update(status=GAVE_UP, reason=f"partition found no plan in {per:.3g} s: {e}")
+            continue
+        finally:
+            timing["solve"] += time.perf_counter() - t0
+        t_batch, exposed = price(plan, w, cm)
         thr = global_batch / t_batch if t_batch > 0 else math.inf
-        row.update(samples_per_s=thr, fits=True, status="solved", batch_time=t_batch,
+        row.update(samples_per_s=thr, fits=True, status=SOLVED, batch_time=t_batch,
                    allreduce_exposed=exposed, bottleneck=plan.bottleneck, gap=plan.gap)
         if best is None or _better(thr, d, b, best[0], best[1], -best[2]):
             best = (thr, d, -b, plan, row)
 
     if best is None:
+        gave_up = [r for r in rows if r["status"] == GAVE_UP]
+        if gave_up:
+            raise PartitionError(
+                f"search_depth_width: no (depth, width, microbatch) candidate for num_devices={num_devices}, "
+                f"global_batch={global_batch} was solved: {len(gave_up)} given up (first: d={gave_up[0]['d']} "
+                f"b={gave_up[0]['b']}: {gave_up[0]['reason']}), {len(rows) - len(gave_up)} over memory; "
+                "raise time_limit or memory_limit")
         seen = f"{min_memory} bytes" if min_memory is not None else "more than the limit"
         raise InfeasibleMemoryError(
             f"search_depth_width: no (depth, width, microbatch) for num_devices={num_devices}, "
@@ -229,12 +280,15 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
     row["chosen"] = True
     w, b, m = row["w"], row["b"], row["m"]
     extra = dict(plan.extra)
+    total = time.perf_counter() - t_start
     extra["search"] = {
         "num_devices": num_devices, "global_batch": global_batch,
         "samples_per_s": thr, "batch_time": row["batch_time"],
         "allreduce_exposed": row["allreduce_exposed"],
         "candidates": sorted(rows, key=lambda r: (r["d"], r["b"])),
-        "search_time": time.perf_counter() - t_start,
+        "counts": {s: sum(1 for r in rows if r["status"] == s) for s in (SOLVED, INFEASIBLE, PRUNED, GAVE_UP)},
+        "candidate_time_limit": per, "trace_time": timing["trace"], "solve_time": timing["solve"],
+        "search_time": total, "time_limit": float(time_limit),
     }
     return dataclasses.replace(plan, data_parallel=w, microbatch_size=b, num_microbatches=m,
-                               solve_time=time.perf_counter() - t_start, extra=extra)
+                               solve_time=total, extra=extra)

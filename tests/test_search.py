@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from fxpipe.errors import ConfigError, InfeasibleMemoryError
+from fxpipe.errors import ConfigError, InfeasibleMemoryError, PartitionError
 from fxpipe.ir import NodeCost
 from fxpipe.passes.coarsen import graph_costs
 from fxpipe.passes.partition import articulation_lower_bound, partition, trivial_lower_bound
@@ -122,6 +122,58 @@ def test_search_is_deterministic() -> None:
     assert strip(a.extra["search"]["candidates"]) == strip(b.extra["search"]["candidates"])
 
 
+def test_every_candidate_has_an_outcome_and_a_partition_failure_does_not_abort(monkeypatch) -> None:
+    import fxpipe.passes.search as search_mod
+
+    real = search_mod.partition
+
+    def flaky(gm, cm, *, num_stages, **kw):
+        if num_stages == 2:
+            raise PartitionError("partition: CP-SAT found no plan for 2 stages (status UNKNOWN)")
+        return real(gm, cm, num_stages=num_stages, **kw)
+
+    monkeypatch.setattr(search_mod, "partition", flaky)
+    fn = graph_for(bandwidth=1e12, params=10_000_000)
+    p = search_depth_width(fn, num_devices=8, global_batch=64, schedule="2bw", memory_limit=None,
+                           time_limit=30.0, allreduce_bandwidth=1e6)
+    rows = p.extra["search"]["candidates"]
+    assert {r["status"] for r in rows} <= {"solved", "infeasible", "pruned", "gave up"}
+    assert all(r["status"] for r in rows) and all(r["reason"] for r in rows if r["status"] != "solved")
+    two = [r for r in rows if r["d"] == 2 and r["status"] == "gave up"]
+    assert two and all("status UNKNOWN" in r["reason"] for r in two)
+    assert p.num_stages == 8 and sum(p.extra["search"]["counts"].values()) == len(rows)
+
+
+def test_nothing_solved_says_why(monkeypatch) -> None:
+    import fxpipe.passes.search as search_mod
+
+    def never(*a, **kw):
+        raise PartitionError("status UNKNOWN")
+
+    monkeypatch.setattr(search_mod, "partition", never)
+    with pytest.raises(PartitionError, match=r"was solved: \d+ given up \(first: d=\d+ b=\d+: partition found no"):
+        search_depth_width(graph_for(), num_devices=2, global_batch=8, time_limit=5.0)
+
+
+def test_time_limit_bounds_the_search_tracing_included() -> None:
+    import time
+
+    slow = graph_for()
+
+    def fn(b: int):
+        time.sleep(0.4)          # a slow trace
+        return slow(b)
+
+    t0 = time.perf_counter()
+    p = search_depth_width(fn, num_devices=4, global_batch=64, schedule="flush", time_limit=1.0)
+    took = time.perf_counter() - t0
+    s = p.extra["search"]
+    assert took < 1.0 + 0.4 + 0.5          # at most one trace and one candidate past the limit
+    late = [r for r in s["candidates"] if r["status"] == "gave up"]
+    assert late and all("time_limit=1.0 s ran out" in r["reason"] for r in late)
+    assert s["trace_time"] >= 0.4 and s["search_time"] == pytest.approx(took, abs=0.05)
+
+
 def test_nothing_fits_raises_with_smallest_memory() -> None:
     fn = graph_for(params=1_000_000)
     with pytest.raises(InfeasibleMemoryError, match="smallest per-device memory seen") as e:
@@ -198,14 +250,17 @@ def test_plan_api_searches_depth_and_width() -> None:
 
     fast = get_device("a100-80gb").replace(intra_node_bandwidth=1e18, link_latency=0.0)
     x = torch.randn(16, 16)
+    # a generous limit: the first trace of a process warms torch up (seconds on a busy machine), and
+    # a search that hits its limit gives candidates up (see test_time_limit_bounds_the_search)
     p = fxpipe.plan(MLP(), (x,), num_stages=None, num_devices=4, global_batch=64, device=fast,
-                    time_limit=2.0)
+                    time_limit=60.0)
+    assert p.extra["search"]["counts"]["gave up"] == 0
     assert (p.num_stages, p.data_parallel) == (1, 4)
     assert p.microbatch_size * p.num_microbatches * p.data_parallel == 64
     q = fxpipe.plan(MLP(), (x,), num_stages=None, num_devices=4, global_batch=64, device=fast,
-                    time_limit=2.0)
+                    time_limit=60.0)
     assert q.stage_of() == p.stage_of() and q.microbatch_size == p.microbatch_size
     limit = max(s.memory for s in p.stages) // 3
     r = fxpipe.plan(MLP(), (x,), num_stages=None, num_devices=4, global_batch=64, device=fast,
-                    memory_limit=limit, recompute=False, time_limit=2.0)
+                    memory_limit=limit, recompute=False, time_limit=60.0)
     assert r.num_stages > 1 and max(s.memory for s in r.stages) <= limit
