@@ -1,21 +1,37 @@
-"""Baseline planners (uniform blocks, by parameters, by time) returning the same Plan type.
+"""Baseline planners that cut where DeepSpeed and torchgpipe cut, returning the same Plan type.
 
-They cut the graph order into contiguous stages; none of them looks at
-communication or memory while cutting. Each then picks r_s per stage (recompute
-only where the stage would not fit otherwise, unless forced) and reports a stage
-over the limit as ``plan.extra["over_memory"] = True`` instead of raising.
+Both libraries partition a *sequence of layers* (DeepSpeed: ``PipelineModule(layers=[...])``,
+torchgpipe: the children of an ``nn.Sequential``). Here the layers are read from the
+graph (:func:`layer_units`): every compute node belongs to the layer named by its
+module path up to the first list index (``blocks.3.attn.qkv`` -> ``blocks.3``,
+``wte`` -> ``wte``, ``features.0`` -> ``features.0``); nodes outside any module join
+the layer before them (leading ones the first layer); a module called again later
+(a tied head, a reused module) is a new layer there, as a user writing the layer list
+would write it. Then the library's own algorithm cuts that sequence:
 
-    uniform     the paper's planner: equal numbers of repeated blocks (e.g. transformer
-                layers from nn_module_stack) per stage; embeddings go to the first stage,
-                the head to the last.   48 layers, d=4:  [emb 0-11][12-23][24-35][36-47 head]
-    parameters  DeepSpeed partition_method="parameters": balance parameter bytes
-    time        torchgpipe balance_by_time: Barany et al.'s block-partition heuristic on F+B
+    uniform     DeepSpeed 0.19.8 ``partition_method="uniform"``: ``partition_uniform``,
+                equal layer counts, the first ``n % d`` parts one layer longer.
+    parameters  DeepSpeed 0.19.8 ``partition_method="parameters"``: ``partition_balanced`` (a DP
+                minimising max - min part sum, ties to the latest cut) over each layer's
+                trainable parameter count (a tied weight counts in every layer that holds it).
+    type:REGEX  DeepSpeed 0.19.8 ``partition_method="type:REGEX"``: ``partition_balanced`` over
+                1 for layers whose class name matches REGEX (case-insensitive search), else 0.
+    time        torchgpipe 0.0.7 ``balance_by_time``: ``blockpartition.solve`` (Barany et al.)
+                over each layer's forward+backward time, here the cost model's F+B.
+
+The algorithms are transcriptions of deepspeed/runtime/utils.py and pipe/module.py
+(0.19.8) and torchgpipe/balance/blockpartition.py (0.0.7), tie-breaking included, so
+they cut where the libraries cut on the same weights. None of them looks at
+communication or memory while cutting. Each then picks r_s per stage (recompute only
+where the stage would not fit otherwise, unless forced) and reports a stage over the
+limit as ``plan.extra["over_memory"] = True`` instead of raising.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch.fx
@@ -27,8 +43,9 @@ from fxpipe.ir import CostModel, Plan
 from .coarsen import COMPUTE_OPS, GraphCosts, graph_costs
 from .partition import _validate, plan_from_assignment
 
-__all__ = ["uniform_plan", "parameters_plan", "time_plan", "baseline", "BASELINES",
-           "block_partition", "balanced_partition"]
+__all__ = ["uniform_plan", "parameters_plan", "type_plan", "time_plan", "baseline", "BASELINES",
+           "LayerUnit", "layer_units", "partition_uniform", "partition_balanced", "block_partition",
+           "balanced_partition"]
 
 
 def _finish(gm: torch.fx.GraphModule, cost_model: CostModel, gc: GraphCosts, stage: Sequence[int],
@@ -62,46 +79,262 @@ def _check(gc: GraphCosts, num_stages: int) -> None:
                           f"nodes in the graph ({gc.n})")
 
 
-def _equal_counts(n: int, d: int) -> list[int]:
-    return [i * d // n for i in range(n)]
+# -- the layer sequence a DeepSpeed / torchgpipe user would write ---------------------------------
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """One layer of the sequence: a run of consecutive compute nodes (indices into GraphCosts)."""
+
+    key: str                  # module path up to the first list index, or the function's name
+    type_name: str            # class name (DeepSpeed's ``_find_layer_type`` matches this)
+    nodes: tuple[int, ...]
 
 
-_INDEXED = re.compile(r"^(.*?)\.?(\d+)$")
-
-
-def _repeated_blocks(gm: torch.fx.GraphModule, gc: GraphCosts) -> tuple[str, list[int | None]] | None:
-    """The module list with the most numbered children, and each node's child index."""
-    nodes = {n.name: n for n in gm.graph.nodes if n.op in COMPUTE_OPS}
-    per_node: list[dict[str, int]] = []
-    counts: dict[str, set[int]] = {}
-    for name in gc.names:
-        found: dict[str, int] = {}
-        stack = nodes[name].meta.get("nn_module_stack") or {}
-        for val in stack.values():
-            path = str(val[0]) if isinstance(val, (tuple, list)) and val else str(val)
-            parts = path.split(".")
-            for i, part in enumerate(parts):
-                if part.isdigit():
-                    parent = ".".join(parts[:i])
-                    found.setdefault(parent, int(part))
-                    counts.setdefault(parent, set()).add(int(part))
-        per_node.append(found)
-    if not counts:
+def _layer_key(stack: Any) -> tuple[str, str] | None:
+    """(layer path, class name) from a node's ``nn_module_stack``, or None outside every module."""
+    paths = []
+    for val in (stack or {}).values():
+        if isinstance(val, (tuple, list)) and val:
+            path, typ = str(val[0]), val[1] if len(val) > 1 else None
+        else:
+            path, typ = str(val), None
+        if path:
+            paths.append((path, typ))
+    if not paths:
         return None
-    parent = max(counts, key=lambda p: (len(counts[p]), sum(p in f for f in per_node), -len(p)))
-    return parent, [f.get(parent) for f in per_node]
+    deepest = max(paths, key=lambda pt: len(pt[0].split(".")))[0]
+    parts = deepest.split(".")
+    cut = next((i for i, p in enumerate(parts) if p.isdigit()), 0)
+    key = ".".join(parts[: cut + 1])
+    typ = next((t for p, t in paths if p == key), None)
+    if typ is None:
+        name = key
+    elif isinstance(typ, type):
+        name = typ.__name__
+    else:
+        name = str(typ).rsplit(".", 1)[-1].strip("'>")
+    return key, name
+
+
+def layer_units(gm: torch.fx.GraphModule, gc: GraphCosts | None = None) -> list[LayerUnit]:
+    """The graph as the layer list a user of DeepSpeed's PipelineModule or torchgpipe would write.
+
+    Example (TinyGPT, 4 blocks): ``wte`` (with the ``arange`` before it), ``wpe`` (with the
+    ``add``), ``blocks.0`` .. ``blocks.3``, ``ln_f``, ``lm_head``: 8 layers.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes if n.op in COMPUTE_OPS}
+    order = list(gc.names) if gc is not None else list(nodes)
+    keys: list[tuple[str, str] | None] = []
+    for name in order:
+        node = nodes[name]
+        k = _layer_key(node.meta.get("nn_module_stack"))
+        if k is None and node.op == "call_module":
+            k = _layer_key({name: (str(node.target), type(gm.get_submodule(str(node.target))))})
+        keys.append(k)
+    first = next((k for k in keys if k is not None), None)
+    units: list[tuple[str, str, list[int]]] = []
+    for v, k in enumerate(keys):
+        if k is None:
+            if units:                    # functional code joins the layer before it
+                units[-1][2].append(v)
+                continue
+            if first is None:            # no modules at all: every node is a layer
+                fn = nodes[order[v]].target
+                units.append((order[v], getattr(fn, "__name__", str(fn)), [v]))
+                continue
+            k = first                    # leading functional code joins the first layer
+        if units and units[-1][0] == k[0]:
+            units[-1][2].append(v)
+        else:
+            units.append((k[0], k[1], [v]))
+    return [LayerUnit(key=k, type_name=t, nodes=tuple(vs)) for k, t, vs in units]
+
+
+def _stages_from_parts(units: Sequence[LayerUnit], parts: Sequence[int], n: int, d: int) -> list[int]:
+    """Node stages from DeepSpeed-style part boundaries ``parts`` (d+1 layer indices)."""
+    if len(parts) != d + 1 or any(parts[s + 1] <= parts[s] for s in range(d)):
+        raise PartitionError(f"the layer partition {list(parts)} leaves a stage of {d} without layers "
+                             f"({len(units)} layers); use fewer stages or fxpipe's own planner")
+    stage = [0] * n
+    for s in range(d):
+        for u in units[parts[s]:parts[s + 1]]:
+            for v in u.nodes:
+                stage[v] = s
+    return stage
+
+
+def _layers_for(gm: torch.fx.GraphModule, gc: GraphCosts, d: int, what: str) -> list[LayerUnit]:
+    units = layer_units(gm, gc)
+    if len(units) < d:
+        raise PartitionError(f"{what}: the graph has {len(units)} layers ({', '.join(u.key for u in units[:6])}"
+                             f"{'...' if len(units) > 6 else ''}), fewer than num_stages={d}; the real tool "
+                             "would leave a stage empty. Use fewer stages or fxpipe's own planner")
+    return units
+
+
+# -- DeepSpeed 0.19.8, deepspeed/runtime/utils.py ------------------------------------------------
+
+def partition_uniform(num_items: int, num_parts: int) -> list[int]:
+    """DeepSpeed 0.19.8 ``partition_uniform``: part boundaries of equal counts, extras first.
+
+    ``partition_uniform(10, 4) == [0, 3, 6, 8, 10]``; with ``num_items <= num_parts`` the
+    trailing parts are empty (``partition_uniform(2, 3) == [0, 1, 2, 2]``).
+    """
+    if num_items <= num_parts:
+        return [min(p, num_items) for p in range(num_parts + 1)]
+    chunk = num_items // num_parts
+    residual = num_items - chunk * num_parts
+    parts = [i * chunk for i in range(num_parts + 1)]
+    for i in range(residual):
+        for j in range(i + 1, num_parts + 1):
+            parts[j] += 1
+    return parts
+
+
+def partition_balanced(weights: Sequence[float], num_parts: int) -> list[int]:
+    """DeepSpeed 0.19.8 ``partition_balanced``: the linear-partition DP minimising max - min part sum.
+
+    Returns part boundaries (``num_parts + 1`` indices into ``weights``). Like the original,
+    a later cut wins a tie (``>=``) and ``len(weights) <= num_parts`` falls back to
+    :func:`partition_uniform`. Worked example: ``[4, 1, 1, 1, 3]`` into 2 parts: cut
+    [4 1 | 1 1 3] has sums 5 and 5 (max - min = 0), so ``[0, 2, 5]``.
+    """
+    n, m = len(weights), num_parts
+    if n <= m:
+        return partition_uniform(n, m)
+    inf = float("inf")
+    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
+    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
+    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
+    position = [[0] * (m + 1) for _ in range(n + 1)]
+    prefix = [0.0] * (n + 1)
+    for i, w in enumerate(weights):
+        prefix[i + 1] = prefix[i] + float(w)
+    dp_max[0][0] = 0.0
+    dp_cost[0][0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, m) + 1):
+            for k in range(i):
+                seg = prefix[i] - prefix[k]
+                max_sum = max(dp_max[k][j - 1], seg)
+                min_sum = min(dp_min[k][j - 1], seg)
+                cost = max_sum - min_sum
+                if dp_cost[i][j] >= cost:
+                    dp_cost[i][j] = cost
+                    dp_max[i][j] = max_sum
+                    dp_min[i][j] = min_sum
+                    position[i][j] = k
+    parts = [n]
+    for j in reversed(range(1, m + 1)):
+        parts.append(position[parts[-1]][j])
+    parts.reverse()
+    return parts
+
+
+def balanced_partition(weights: Sequence[float], parts: int) -> list[int]:
+    """The part index of every item under :func:`partition_balanced` (DeepSpeed 0.19.8)."""
+    bounds = partition_balanced(weights, parts)
+    out = [0] * len(weights)
+    for s in range(parts):
+        for i in range(bounds[s], bounds[s + 1]):
+            out[i] = s
+    return out
+
+
+# -- torchgpipe 0.0.7, torchgpipe/balance/blockpartition.py --------------------------------------
+
+def block_partition(sequence: Sequence[float], parts: int, max_iter: int = 1_000_000) -> list[int]:
+    """torchgpipe 0.0.7 ``blockpartition.solve`` (Barany et al., "Block partitions of sequences").
+
+    Weights are normalised to [0, 1]; starting from equal counts (the last block takes the
+    remainder), the heaviest block p is fixed (ties: the highest index, as ``max`` over
+    ``(size, i)``) and the lightest block q (ties: the lowest index) takes one element from
+    its neighbour on p's side, until max block <= min block + 1 (normalised units)::
+
+        [9 9 | 0 0 | 0 0] -> [9 | 9 0 0 | 0 0]   normalised [1 1 | 0 0 | 0 0]: max 2 > min 0 + 1
+                                                 -> max 1 <= min 0 + 1: stop
+
+    Args:
+        sequence: non-negative weights (torchgpipe passes integer microseconds).
+        parts: number of blocks, 1 <= parts <= len(sequence).
+        max_iter: a cap on moves the original does not have (it could loop for ever).
+
+    Returns:
+        The block index of every item (non-decreasing).
+
+    Raises:
+        ValueError: parts < 1 or longer than the sequence (as the original).
+        PartitionError: the moves did not stop within ``max_iter``, or a block came out empty
+            (torchgpipe's GPipe then rejects the balance).
+    """
+    if parts < 1:
+        raise ValueError(f"partitions must be a positive integer ({parts} < 1)")
+    n = len(sequence)
+    if n < parts:
+        raise ValueError(f"sequence is shorter than intended partitions ({n} < {parts})")
+    minimum = min(sequence)
+    maximum = max(sequence) - minimum
+    norm = [0.0 for _ in sequence] if maximum == 0 else [(x - minimum) / maximum for x in sequence]
+    splits = [n // parts * (x + 1) for x in range(parts - 1)] + [n]
+
+    def block_size(i: int) -> float:
+        start = splits[i - 1] if i > 0 else 0
+        return sum(norm[start:splits[i]])
+
+    def leaderboard() -> list[tuple[float, int]]:
+        return [(block_size(i), i) for i in range(parts)]
+
+    it = 0
+    done = False
+    while not done:
+        max_size, p = max(leaderboard())
+        while True:
+            it += 1
+            if it > max_iter:
+                raise PartitionError(f"torchgpipe's blockpartition.solve did not stop after {max_iter} moves "
+                                     f"on {n} weights into {parts} blocks; use fxpipe's own planner")
+            min_size, q = min(leaderboard())
+            if max_size <= min_size + 1:
+                done = True
+                break
+            if p < q:
+                h = q - 1
+                splits[h] -= 1
+            else:
+                h = q + 1
+                splits[q] += 1
+            if p == h:
+                break
+    bounds = [0] + splits
+    if any(bounds[i + 1] <= bounds[i] for i in range(parts)):
+        raise PartitionError(f"torchgpipe's blockpartition.solve left a block empty (balance "
+                             f"{[bounds[i + 1] - bounds[i] for i in range(parts)]}), which torchgpipe's "
+                             "GPipe rejects; use fewer stages or fxpipe's own planner")
+    out = [0] * n
+    for i in range(parts):
+        for j in range(bounds[i], bounds[i + 1]):
+            out[j] = i
+    return out
+
+
+# -- the planners --------------------------------------------------------------------------------
+
+def _param_counts(gm: torch.fx.GraphModule, gc: GraphCosts, units: Sequence[LayerUnit]) -> list[float]:
+    """Trainable parameter count of every layer; a weight shared by two layers counts in both."""
+    def numel(p: str) -> float:
+        try:
+            t = gm.get_parameter(p)
+        except AttributeError:
+            return float(gc.param_bytes.get(p, 0))      # graphs without real parameters: bytes
+        return float(t.numel()) if t.requires_grad else 0.0
+
+    return [sum(numel(p) for p in sorted({p for v in u.nodes for p in gc.params[v]})) for u in units]
 
 
 def uniform_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: int,
                  num_microbatches: int, schedule: str = "2bw", memory_limit: int | None = None,
                  optimizer_slots: int = 0, recompute: bool | None = None) -> Plan:
-    """The paper's planner: the same number of repeated blocks on every stage.
-
-    Repeated blocks are the numbered children of the module list with the most
-    of them in ``node.meta["nn_module_stack"]`` (e.g. ``h.0 .. h.47``). Nodes before
-    the first block go to stage 0, after the last to stage d-1, between blocks
-    with the block before. Without such blocks (or fewer than d, or a split that
-    breaks edge order) it falls back to equal node counts over the graph order.
+    """DeepSpeed 0.19.8 ``partition_method="uniform"``: equal numbers of layers per stage.
 
     Args:
         gm: annotated graph.
@@ -114,100 +347,36 @@ def uniform_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages:
         recompute: None: recompute only stages over the limit; True/False: forced.
 
     Returns:
-        A Plan with ``solver="uniform"`` and ``extra["blocks"]`` naming the module list used.
+        A Plan with ``solver="uniform"``; ``extra["parts"]`` holds DeepSpeed's layer
+        boundaries and ``extra["layers"]`` the layer names.
 
     Raises:
         ConfigError: num_stages out of range or bad schedule.
+        PartitionError: fewer layers than stages.
     """
     t0 = time.perf_counter()
     _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
     gc = graph_costs(gm, cost_model)
     _check(gc, num_stages)
-    d = num_stages
-    kw = dict(num_stages=d, num_microbatches=num_microbatches, schedule=schedule,
-              memory_limit=memory_limit, optimizer_slots=optimizer_slots, recompute=recompute)
-    rep = _repeated_blocks(gm, gc)
-    if rep is not None:
-        parent, layer = rep
-        ids = sorted({x for x in layer if x is not None})
-        if len(ids) >= d:
-            rank = {x: i for i, x in enumerate(ids)}
-            stage: list[int] = []
-            seen = False
-            current = 0
-            for v in range(gc.n):
-                if layer[v] is not None:
-                    current = rank[layer[v]] * d // len(ids)
-                    seen = True
-                    stage.append(current)
-                else:
-                    stage.append(current if seen else 0)
-            last = max(v for v in range(gc.n) if layer[v] is not None)
-            for v in range(last + 1, gc.n):
-                stage[v] = d - 1
-            if len(set(stage)) == d:
-                try:
-                    return _finish(gm, cost_model, gc, stage, solver="uniform", t0=t0,
-                                   extra={"blocks": parent, "num_blocks": len(ids)}, **kw)
-                except PartitionError:
-                    pass
-    return _finish(gm, cost_model, gc, _equal_counts(gc.n, d), solver="uniform", t0=t0,
-                   extra={"blocks": None}, **kw)
+    units = _layers_for(gm, gc, num_stages, "uniform (DeepSpeed partition_uniform)")
+    parts = partition_uniform(len(units), num_stages)
+    return _layer_plan(gm, cost_model, gc, units, parts, "uniform", t0, num_stages=num_stages,
+                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
+                       optimizer_slots=optimizer_slots, recompute=recompute)
 
 
-def balanced_partition(weights: Sequence[float], parts: int) -> list[int]:
-    """Contiguous split of ``weights`` into ``parts`` non-empty parts minimising the largest sum.
-
-    Binary search on the bottleneck with a greedy check (as DeepSpeed's
-    ``partition_balanced``). Worked example: [4, 1, 1, 1, 3] into 2 -> [4 | 1 1 1 3]
-    has max 6; [4 1 | 1 1 3] has max 5, the answer: part starts [0, 2].
-
-    Args:
-        weights: non-negative item weights.
-        parts: number of parts, 1 <= parts <= len(weights).
-
-    Returns:
-        The part index of every item (non-decreasing, every part non-empty).
-    """
-    n = len(weights)
-
-    def greedy(limit: float) -> list[int]:
-        out, part, acc = [], 0, 0.0
-        for i, w in enumerate(weights):
-            # open a new part when full, or when the rest must each get an item
-            if i > 0 and (acc + w > limit or n - i <= parts - 1 - part) and part < parts - 1:
-                part, acc = part + 1, 0.0
-            out.append(part)
-            acc += w
-        return out
-
-    def fits(limit: float) -> bool:
-        parts_needed, acc = 1, 0.0
-        for w in weights:
-            if acc + w > limit and acc > 0:
-                parts_needed, acc = parts_needed + 1, 0.0
-            acc += w
-        return parts_needed <= parts
-
-    lo, hi = max(weights, default=0.0), float(sum(weights))
-    for _ in range(100):
-        if hi - lo <= 1e-12 * max(1.0, hi):
-            break
-        mid = (lo + hi) / 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return greedy(hi * (1 + 1e-12))
+def _layer_plan(gm: torch.fx.GraphModule, cost_model: CostModel, gc: GraphCosts, units: Sequence[LayerUnit],
+                parts: Sequence[int], solver: str, t0: float, **kw: Any) -> Plan:
+    stage = _stages_from_parts(units, parts, gc.n, kw["num_stages"])
+    extra = {"parts": [int(p) for p in parts], "layers": [u.key for u in units]}
+    return _finish(gm, cost_model, gc, stage, solver=solver, t0=t0, extra=extra, **kw)
 
 
 def parameters_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: int,
                     num_microbatches: int, schedule: str = "2bw",
                     memory_limit: int | None = None, optimizer_slots: int = 0,
                     recompute: bool | None = None) -> Plan:
-    """DeepSpeed's ``partition_method="parameters"``: balance parameter bytes over the graph order.
-
-    A parameter weighs on the first node that reads it.
+    """DeepSpeed 0.19.8 ``partition_method="parameters"``: :func:`partition_balanced` of per-layer parameter counts.
 
     Args:
         see :func:`uniform_plan`.
@@ -217,92 +386,67 @@ def parameters_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stag
 
     Raises:
         ConfigError: num_stages out of range or bad schedule.
+        PartitionError: fewer layers than stages.
     """
     t0 = time.perf_counter()
     _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
     gc = graph_costs(gm, cost_model)
     _check(gc, num_stages)
-    seen: set[str] = set()
-    weights: list[float] = []
-    for v in range(gc.n):
-        new = [p for p in gc.params[v] if p not in seen]
-        seen.update(new)
-        weights.append(float(sum(gc.param_bytes[p] for p in new)))
-    return _finish(gm, cost_model, gc, balanced_partition(weights, num_stages), solver="parameters",
-                   t0=t0, num_stages=num_stages, num_microbatches=num_microbatches,
-                   schedule=schedule, memory_limit=memory_limit, optimizer_slots=optimizer_slots,
-                   recompute=recompute)
+    units = _layers_for(gm, gc, num_stages, "parameters (DeepSpeed partition_balanced)")
+    parts = partition_balanced(_param_counts(gm, gc, units), num_stages)
+    return _layer_plan(gm, cost_model, gc, units, parts, "parameters", t0, num_stages=num_stages,
+                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
+                       optimizer_slots=optimizer_slots, recompute=recompute)
 
 
-def block_partition(sequence: Sequence[float], parts: int, max_iter: int = 100_000) -> list[int]:
-    """torchgpipe's ``blockpartition.solve`` (Barany et al., "Block partitions of sequences").
+def type_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, layer_type: str, num_stages: int,
+              num_microbatches: int, schedule: str = "2bw", memory_limit: int | None = None,
+              optimizer_slots: int = 0, recompute: bool | None = None) -> Plan:
+    """DeepSpeed 0.19.8 ``partition_method="type:REGEX"``: balance the layers whose class matches.
 
-    Weights are normalised to [0, 1]; starting from equal counts, the element
-    next to the lightest block on the side of the heaviest moves into it until
-    max block <= min block + 1 (in normalised units)::
-
-        [5 5 | 1 1 | 1 1]   heaviest p=0, lightest q=1: move the last of block 0 into 1
-        [5 | 5 1 1 | 1 1]   -> stop when max <= min + 1
+    Weights are 1 for layers whose class name matches ``layer_type`` (``re.search``,
+    case-insensitive, as DeepSpeed's ``_find_layer_type``), 0 otherwise, then
+    :func:`partition_balanced`.
 
     Args:
-        sequence: non-negative weights.
-        parts: number of blocks.
-        max_iter: safety cap on moves.
+        layer_type: the regex, e.g. ``"Block"`` or ``"transformerlayer|Block"``.
+        others: see :func:`uniform_plan`.
 
     Returns:
-        The block index of every item (non-decreasing, no empty block).
+        A Plan with ``solver="type:<layer_type>"``.
+
+    Raises:
+        ConfigError: bad regex, or no layer matches (DeepSpeed raises then too).
+        PartitionError: fewer layers than stages.
     """
-    n = len(sequence)
-    lo = min(sequence)
-    span = max(sequence) - lo
-    norm = [0.0 if span == 0 else (x - lo) / span for x in sequence]
-    prefix = [0.0]
-    for x in norm:
-        prefix.append(prefix[-1] + x)
-    splits = [n // parts * (i + 1) for i in range(parts - 1)] + [n]
-
-    def start(i: int) -> int:
-        return splits[i - 1] if i > 0 else 0
-
-    def size(i: int) -> float:
-        return prefix[splits[i]] - prefix[start(i)]
-
-    it = 0
-    done = False
-    while not done and it < max_iter:
-        max_size, p = max((size(i), i) for i in range(parts))
-        while it < max_iter:
-            it += 1
-            min_size = min(size(i) for i in range(parts))
-            if max_size <= min_size + 1:
-                done = True
-                break
-            # the lightest block closest to p
-            q = min((i for i in range(parts) if size(i) == min_size), key=lambda i: (abs(i - p), i))
-            if p < q:
-                h = q - 1
-                if splits[h] - start(h) <= 1:
-                    done = True
-                    break
-                splits[h] -= 1
-            else:
-                h = q + 1
-                if splits[h] - start(h) <= 1:
-                    done = True
-                    break
-                splits[q] += 1
-            if h == p:
-                break
-    out: list[int] = []
-    for i in range(parts):
-        out.extend([i] * (splits[i] - start(i)))
-    return out
+    t0 = time.perf_counter()
+    _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
+    try:
+        rx = re.compile(layer_type, re.IGNORECASE)
+    except re.error as e:
+        raise ConfigError(f"type:{layer_type!r} is not a valid regular expression ({e}); pass e.g. "
+                          "'type:Block'") from e
+    gc = graph_costs(gm, cost_model)
+    _check(gc, num_stages)
+    units = _layers_for(gm, gc, num_stages, f"type:{layer_type} (DeepSpeed partition_balanced)")
+    weights = [1.0 if rx.search(u.type_name) else 0.0 for u in units]
+    if not any(weights):
+        names = sorted({u.type_name for u in units})
+        raise ConfigError(f"partitioning 'type:{layer_type}' found no layer whose class matches; the layer "
+                          f"classes are {names[:10]}{'...' if len(names) > 10 else ''}")
+    parts = partition_balanced(weights, num_stages)
+    return _layer_plan(gm, cost_model, gc, units, parts, f"type:{layer_type}", t0, num_stages=num_stages,
+                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
+                       optimizer_slots=optimizer_slots, recompute=recompute)
 
 
 def time_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: int,
               num_microbatches: int, schedule: str = "2bw", memory_limit: int | None = None,
               optimizer_slots: int = 0, recompute: bool | None = None) -> Plan:
-    """torchgpipe ``balance_by_time``: :func:`block_partition` of F+B over the graph order.
+    """torchgpipe 0.0.7 ``balance_by_time``: :func:`block_partition` of per-layer F+B.
+
+    torchgpipe measures each layer's forward+backward; here the cost model's F+B
+    of the layer's nodes stands in for that measurement.
 
     Args:
         see :func:`uniform_plan`.
@@ -312,15 +456,19 @@ def time_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
 
     Raises:
         ConfigError: num_stages out of range or bad schedule.
+        PartitionError: fewer layers than stages, or the solve leaves a block empty.
     """
     t0 = time.perf_counter()
     _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
     gc = graph_costs(gm, cost_model)
     _check(gc, num_stages)
-    weights = [gc.fwd[v] + gc.bwd[v] for v in range(gc.n)]
-    return _finish(gm, cost_model, gc, block_partition(weights, num_stages), solver="time", t0=t0,
-                   num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
-                   memory_limit=memory_limit, optimizer_slots=optimizer_slots, recompute=recompute)
+    units = _layers_for(gm, gc, num_stages, "time (torchgpipe balance_by_time)")
+    weights = [sum(gc.fwd[v] + gc.bwd[v] for v in u.nodes) for u in units]
+    blocks = block_partition(weights, num_stages)
+    parts = [0] + [i + 1 for i in range(len(units) - 1) if blocks[i + 1] != blocks[i]] + [len(units)]
+    return _layer_plan(gm, cost_model, gc, units, parts, "time", t0, num_stages=num_stages,
+                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
+                       optimizer_slots=optimizer_slots, recompute=recompute)
 
 
 BASELINES: dict[str, Callable[..., Plan]] = {
@@ -329,10 +477,10 @@ BASELINES: dict[str, Callable[..., Plan]] = {
 
 
 def baseline(name: str, gm: torch.fx.GraphModule, cost_model: CostModel, **kwargs: Any) -> Plan:
-    """Run the baseline planner ``name`` ("uniform" | "parameters" | "time").
+    """Run the baseline planner ``name``: "uniform" | "parameters" | "time" | "type:REGEX".
 
     Args:
-        name: which baseline.
+        name: which baseline; ``"type:Block"`` is DeepSpeed's ``partition_method="type:Block"``.
         gm, cost_model, kwargs: as in :func:`uniform_plan`.
 
     Returns:
@@ -341,6 +489,8 @@ def baseline(name: str, gm: torch.fx.GraphModule, cost_model: CostModel, **kwarg
     Raises:
         ConfigError: unknown name (the message lists the known ones), or bad arguments.
     """
+    if isinstance(name, str) and name.lower().startswith("type:"):
+        return type_plan(gm, cost_model, layer_type=name.split(":", 1)[1], **kwargs)
     if name not in BASELINES:
-        raise ConfigError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)}")
+        raise ConfigError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)} or 'type:REGEX'")
     return BASELINES[name](gm, cost_model, **kwargs)
