@@ -39,11 +39,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fxpipe.cost_models.device import DeviceSpec, get_device
-from fxpipe.errors import CostModelError
+from fxpipe.errors import ConfigError, CostModelError
 from fxpipe.ir import META_VAL, NodeCost
+from fxpipe.precision import check_precision, compute_dtype
 
 __all__ = ["AnalyticCostModel", "GraphCostModel", "OpProfile", "NodeOp", "node_op", "roofline_time",
-           "FLOP_FORMULAS"]
+           "FLOP_FORMULAS", "ROOFLINES"]
 
 _aten = torch.ops.aten
 NO_WORK_OPS = ("placeholder", "output", "get_attr")
@@ -72,16 +73,26 @@ _METADATA_OPS = {
 }
 
 
+ROOFLINES = ("intensity", "max")
+
+
 def roofline_time(flops: float, nbytes: float, dtype: torch.dtype | str, device: DeviceSpec,
-                  kernels: int = 1) -> float:
+                  kernels: int = 1, roofline: str = "max") -> float:
     """Seconds for ``kernels`` launches doing ``flops`` FLOPs and moving ``nbytes`` bytes.
 
-    ``max(flops / peak(dtype), nbytes / mem_bandwidth) + kernels * kernel_overhead``.
+    ``"max"``: the plain roofline, ``max(flops / peak(dtype), nbytes / mem_bandwidth)``;
+    ``"intensity"``: ``flops / peak + nbytes / mem_bandwidth``, i.e. an op of arithmetic
+    intensity I = flops / nbytes runs at ``peak * I / (I + I_ridge)`` with
+    ``I_ridge = peak / mem_bandwidth`` (half the peak at the roofline's ridge point,
+    saturating as I grows). A matmul's I grows with its smallest dimension, so a larger
+    microbatch (more rows) runs closer to the peak. Both add ``kernels * kernel_overhead``.
 
     Example: 1 GFLOP of float32 moving 4 MB on a device with 1 TFLOP/s, 1 TB/s and
-    5 us per kernel takes max(1e-3, 4e-6) + 5e-6 = 1.005 ms.
+    5 us per kernel takes max(1e-3, 4e-6) + 5e-6 = 1.005 ms ("max"), 1.009 ms ("intensity").
     """
-    return max(flops / device.peak(dtype), nbytes / device.mem_bandwidth) + kernels * device.kernel_overhead
+    compute, memory = flops / device.peak(dtype), nbytes / device.mem_bandwidth
+    body = compute + memory if roofline == "intensity" else max(compute, memory)
+    return body + kernels * device.kernel_overhead
 
 
 @dataclass(frozen=True)
@@ -490,8 +501,17 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
     return Trace(fwd.ops, bwd_ops, saved_desc, float(bytes_read), float(bytes_written))
 
 
-def _roofline(ops: Iterable[OpRecord], device: DeviceSpec) -> float:
-    return sum(roofline_time(r.flops, r.nbytes, r.dtype, device, kernels=int(r.kernel)) for r in ops)
+def _roofline(ops: Iterable[OpRecord], device: DeviceSpec, roofline: str = "max",
+              precision: str = "fp32") -> float:
+    """Sum of :func:`roofline_time` over aten ops; under bf16/fp16 float32 ops run in the compute dtype."""
+    total = 0.0
+    for r in ops:
+        dtype, nbytes = r.dtype, r.nbytes
+        if precision != "fp32" and dtype == torch.float32:
+            dtype = compute_dtype(precision)
+            nbytes = nbytes * _itemsize(dtype) / 4
+        total += roofline_time(r.flops, nbytes, dtype, device, kernels=int(r.kernel), roofline=roofline)
+    return total
 
 
 class GraphCostModel:
@@ -500,14 +520,21 @@ class GraphCostModel:
     Subclasses implement :meth:`_profile_many` (signature -> OpProfile).
     """
 
-    def __init__(self, device: str | DeviceSpec | None = None) -> None:
+    def __init__(self, device: str | DeviceSpec | None = None, precision: str = "fp32") -> None:
         self.device = get_device(device)
+        self.precision = check_precision(precision)
         self._profiles: dict[str, OpProfile] = {}
         self._graphs: "weakref.WeakKeyDictionary[torch.fx.Graph, dict[str, tuple[Any, NodeCost]]]" = \
             weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(device={self.device.name!r})"
+        return f"{type(self).__name__}(device={self.device.name!r}, precision={self.precision!r})"
+
+    def _nbytes(self, nbytes: int, dtype: torch.dtype | None) -> int:
+        """Bytes of a float32 activation held in the compute dtype of ``precision`` (others as they are)."""
+        if self.precision == "fp32" or dtype not in (torch.float32, None):
+            return int(nbytes)
+        return int(nbytes) * _itemsize(compute_dtype(self.precision)) // 4
 
     def comm_time(self, nbytes: int) -> float:
         """Seconds to send ``nbytes`` to the next stage: ``link_latency + nbytes / intra_node_bandwidth``."""
@@ -554,28 +581,29 @@ class GraphCostModel:
                         continue
                     v = op.in_vals[i]
                     key: Any = _storage_key(v)
-                    nbytes = _storage_nbytes(v)
+                    nbytes = self._nbytes(_storage_nbytes(v), v.dtype)
                     src = op.in_nodes[i]
                     if src is not None and src.op in ("call_function", "call_module", "call_method"):
                         owner = src.name
                 elif kind == "out" and i < len(op.out_vals):
                     v = op.out_vals[i]
-                    key, nbytes = _storage_key(v), _storage_nbytes(v)
+                    key, nbytes = _storage_key(v), self._nbytes(_storage_nbytes(v), v.dtype)
                 else:
                     key = (n.name, kind, i)
+                    nbytes = self._nbytes(nbytes, None)   # a temporary: assumed floating
                 if key not in charged:
                     charged.add(key)
                     acts[owner] = acts.get(owner, 0) + int(nbytes)
         costs: dict[str, tuple[Any, NodeCost]] = {}
         for n, op in ops.items():
             if op is None:
-                out = sum(t.numel() * t.element_size() for t in _tensors(n.meta.get(META_VAL)))
+                out = sum(self._nbytes(t.numel() * t.element_size(), t.dtype) for t in _tensors(n.meta.get(META_VAL)))
                 costs[n.name] = (n.target, NodeCost(output_bytes=int(out) if n.op != "get_attr" else 0,
                                                     activation_bytes=acts.get(n.name, 0)))
                 continue
             prof = self._profiles[op.key]
             act = acts.get(n.name, 0)
-            out_bytes = sum(t.numel() * t.element_size() for t in op.out_vals)
+            out_bytes = sum(self._nbytes(t.numel() * t.element_size(), t.dtype) for t in op.out_vals)
             pbytes = op.param_bytes + sum(int(v.numel() * v.element_size()) for v, st, nd in
                                           zip(op.in_vals, op.in_is_state, op.in_nodes) if st and nd is not None)
             costs[n.name] = (n.target, NodeCost(
@@ -604,14 +632,25 @@ class AnalyticCostModel(GraphCostModel):
 
     Args:
         device: a DeviceSpec, a preset name (``"a100-80gb"``), or None for this CPU.
+        precision: "fp32" | "bf16" | "fp16" (:mod:`fxpipe.precision`): float32 ops are priced at
+            the compute dtype's FLOP rate moving the compute dtype's bytes, and activations and
+            stage outputs are counted in the compute dtype (parameters stay as the model has them;
+            the memory model adds master copies). Ops autocast keeps in float32 (softmax, norms) are
+            priced in the compute dtype too: an approximation.
+        roofline: "intensity" (default: efficiency saturates with arithmetic intensity, so larger
+            microbatches run faster per sample) or "max" (the plain roofline); see :func:`roofline_time`.
 
     Example::
 
-        >>> shape_prop(gm, x); annotate(gm, AnalyticCostModel("h100-80gb"))
+        >>> shape_prop(gm, x); annotate(gm, AnalyticCostModel("h100-80gb", precision="bf16"))
     """
 
-    def __init__(self, device: str | DeviceSpec | None = None) -> None:
-        super().__init__(device)
+    def __init__(self, device: str | DeviceSpec | None = None, precision: str = "fp32",
+                 roofline: str = "intensity") -> None:
+        super().__init__(device, precision)
+        if roofline not in ROOFLINES:
+            raise ConfigError(f"unknown roofline {roofline!r}; choose one of {', '.join(map(repr, ROOFLINES))}")
+        self.roofline = roofline
         self._mode = FakeTensorMode()
 
     def _fake(self, s: _TSpec) -> torch.Tensor:
@@ -638,18 +677,18 @@ class AnalyticCostModel(GraphCostModel):
     def _bytes_only(self, op: NodeOp) -> OpProfile:
         nbytes = sum(_numel(s.shape) * _itemsize(s.dtype) for s in op.leaves if isinstance(s, _TSpec))
         nbytes += sum(t.numel() * t.element_size() for t in op.out_vals)
-        t = roofline_time(0.0, nbytes, torch.float32, self.device)
+        t = roofline_time(0.0, self._nbytes(nbytes, None), compute_dtype(self.precision), self.device)
         return OpProfile(fwd_time=t, bwd_time=2 * t, bytes_read=float(nbytes), fwd_kernels=1, bwd_kernels=2)
 
     def _price(self, tr: Trace) -> OpProfile:
         fwd_flops = float(sum(r.flops for r in tr.fwd_ops))
-        fwd_time = _roofline(tr.fwd_ops, self.device)
+        fwd_time = _roofline(tr.fwd_ops, self.device, self.roofline, self.precision)
         fwd_kernels = sum(r.kernel for r in tr.fwd_ops)
         if tr.bwd_ops is None:  # backward not runnable on fakes: the usual 2x forward
             bwd_flops, bwd_time, bwd_kernels = 2 * fwd_flops, 2 * fwd_time, 2 * fwd_kernels
         else:
             bwd_flops = float(sum(r.flops for r in tr.bwd_ops))
-            bwd_time = _roofline(tr.bwd_ops, self.device)
+            bwd_time = _roofline(tr.bwd_ops, self.device, self.roofline, self.precision)
             bwd_kernels = sum(r.kernel for r in tr.bwd_ops)
         return OpProfile(fwd_time=fwd_time, bwd_time=bwd_time, fwd_flops=fwd_flops, bwd_flops=bwd_flops,
                          bytes_read=tr.bytes_read, bytes_written=tr.bytes_written, fwd_kernels=fwd_kernels,

@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, InputError, ScheduleError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
+from fxpipe.precision import check_precision
 
 __all__ = ["compile", "plan", "CompiledGraph", "prepare", "split_batch", "DEVICE_MEMORY", "resolve_memory_limit"]
 
@@ -89,7 +90,7 @@ class CompiledGraph:
 
 
 def _check_common(model: Any, num_stages: int | None, num_microbatches: int, schedule: str,
-                  num_devices: int | None, memory_limit: Any) -> None:
+                  num_devices: int | None, memory_limit: Any, precision: str = "fp32") -> None:
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}; "
                           "wrap your function in an nn.Module whose forward calls it")
@@ -110,6 +111,7 @@ def _check_common(model: Any, num_stages: int | None, num_microbatches: int, sch
             f"{num_stages} or use schedule='flush'")
     if memory_limit is not DEVICE_MEMORY:
         resolve_memory_limit(memory_limit, None)  # validates strings and numbers
+    check_precision(precision)
 
 
 def _bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -173,7 +175,7 @@ def _flatten_for_graph(gm: torch.fx.GraphModule, model: torch.nn.Module, args: t
 
 def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: int,
             cost_model: str | CostModel = "analytic", device: Any = None,
-            leaf_modules: Iterable[type | str] = ()) -> CompiledGraph:
+            leaf_modules: Iterable[type | str] = (), precision: str = "fp32") -> CompiledGraph:
     """Trace, shape-propagate (fake tensors), specialise shapes and annotate costs.
 
     The graph is traced for ONE microbatch: ``example_inputs`` is a whole batch as
@@ -199,7 +201,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
     shape_prop(gm, *flat)
     specialize_shapes(gm)
     t1 = time.perf_counter()
-    cm = resolve_cost_model(cost_model, device)
+    cm = resolve_cost_model(cost_model, device, precision)
     annotate(gm, cm)
     t2 = time.perf_counter()
     return CompiledGraph(gm=gm, cost_model=cm, input_names=[str(n.target) for n in gm.graph.nodes if n.op == "placeholder"],
@@ -213,7 +215,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
          memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
          num_devices: int | None = None, global_batch: int | None = None,
          leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
-         time_limit: float = 10.0) -> Plan:
+         time_limit: float = 10.0, precision: str = "fp32") -> Plan:
     """Plan a pipeline without building it (works on meta-device models).
 
     Takes the same arguments as :func:`compile`; ``loss_fn`` and ``executor`` are ignored.
@@ -224,18 +226,20 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
     Raises:
         ConfigError, ScheduleError, TraceError, InfeasibleMemoryError (all FxpipeError).
     """
-    _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit)
+    _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit, precision)
     return _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                  device=device, num_devices=num_devices, global_batch=global_batch,
-                 leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit)[0]
+                 leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit,
+                 precision=precision)[0]
 
 
 def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None, num_microbatches: int,
           schedule: str, optimizer: OptimizerFactory | None, cost_model: Any, memory_limit: Any,
           device: Any, num_devices: int | None, global_batch: int | None,
           leaf_modules: Iterable[type | str], recompute: bool | None,
-          time_limit: float, given_plan: Plan | None = None) -> tuple[Plan, CompiledGraph]:
+          time_limit: float, given_plan: Plan | None = None,
+          precision: str = "fp32") -> tuple[Plan, CompiledGraph]:
     from fxpipe.cost_models.memory import optimizer_slots
     from fxpipe.passes.partition import partition
 
@@ -249,7 +253,8 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         def graph_for(b: int) -> tuple[torch.fx.GraphModule, CostModel]:
             if b not in cached:
                 cached[b] = prepare(model, _resize_batch(example_inputs, b), num_microbatches=1,
-                                    cost_model=cost_model, device=device, leaf_modules=leaf_modules)
+                                    cost_model=cost_model, device=device, leaf_modules=leaf_modules,
+                                    precision=precision)
             return cached[b].gm, cached[b].cost_model
 
         batch = global_batch or _batch_size(example_inputs)
@@ -259,7 +264,7 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
                                optimizer_slots=k, recompute=recompute, time_limit=time_limit)
         return p, cached[int(p.microbatch_size or 1)]
     cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
-                 device=device, leaf_modules=leaf_modules)
+                 device=device, leaf_modules=leaf_modules, precision=precision)
     if given_plan is not None:
         from fxpipe.passes.partition import plan_from_assignment
 
@@ -327,7 +332,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
             num_devices: int | None = None, global_batch: int | None = None,
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
-            time_limit: float = 10.0, plan: Plan | None = None) -> "Pipeline":
+            time_limit: float = 10.0, plan: Plan | None = None, precision: str = "fp32") -> "Pipeline":
     """Compile ``model`` into pipeline stages and an executor that trains them.
 
     Args:
@@ -346,6 +351,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         leaf_modules: module types / qualified names to keep opaque when tracing.
         recompute: force activation recomputation on (True) or off (False); None lets the planner decide.
         time_limit: seconds the solver may spend.
+        precision: "fp32" | "bf16" | "fp16" (:mod:`fxpipe.precision`): the planner prices compute at
+            the compute dtype's FLOP rate and counts activations in it.
         plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
             baseline) instead of solving; it is re-checked against the traced graph.
 
@@ -357,7 +364,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     """
     from fxpipe.pipeline import Pipeline
 
-    _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit)
+    _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit, precision)
     if executor not in ("auto", "local", "distributed"):
         raise ConfigError(f"unknown executor {executor!r}; choose 'auto', 'local' or 'distributed'")
     if loss_fn is not None and not callable(loss_fn):
@@ -382,7 +389,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     p, cg = _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
                   schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                   device=device, num_devices=num_devices, global_batch=global_batch,
-                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit, given_plan=plan)
+                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit, given_plan=plan,
+                  precision=precision)
     if width > 1:
         import dataclasses
 

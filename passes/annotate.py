@@ -17,7 +17,7 @@ __all__ = ["annotate", "resolve_cost_model", "canonical_parameters", "COST_MODEL
 COST_MODELS = ("analytic", "profile")
 
 
-def resolve_cost_model(spec: str | CostModel | None, device: Any = None) -> CostModel:
+def resolve_cost_model(spec: str | CostModel | None, device: Any = None, precision: str = "fp32") -> CostModel:
     """Turn the ``cost_model`` argument of compile/plan into a CostModel.
 
     Args:
@@ -25,6 +25,8 @@ def resolve_cost_model(spec: str | CostModel | None, device: Any = None) -> Cost
             ``"profile"`` (measured on this machine), or an object with
             ``node_cost(node)`` and ``comm_time(nbytes)``.
         device: DeviceSpec, preset name or None, for the built-in models.
+        precision: "fp32" | "bf16" | "fp16" for the analytic model (FLOP rate and activation
+            bytes of the compute dtype); the profiled model measures the model as it is.
 
     Returns:
         A CostModel.
@@ -37,7 +39,7 @@ def resolve_cost_model(spec: str | CostModel | None, device: Any = None) -> Cost
         if name == "analytic":
             from fxpipe.cost_models.analytic import AnalyticCostModel
 
-            return AnalyticCostModel(device)
+            return AnalyticCostModel(device, precision=precision)
         if name in ("profile", "profiled"):
             from fxpipe.cost_models.profiled import ProfiledCostModel
 

@@ -52,6 +52,64 @@ def test_roofline_formula() -> None:
         == pytest.approx(1e-3 + 5e-6)
     assert roofline_time(0, 1e6, "float32", TOY, kernels=3) == pytest.approx(1e-3 + 3e-6)   # memory bound
     assert roofline_time(4e9, 0, torch.bfloat16, TOY, kernels=0) == pytest.approx(1e-3)     # bf16 peak
+    # the intensity form: at the ridge point (1e12 FLOP/s / 1e9 B/s = 1000 FLOP/B) half the peak
+    assert roofline_time(1e9, 1e6, "float32", TOY, kernels=0, roofline="intensity") == pytest.approx(2e-3)
+    assert roofline_time(1e9, 1e6, "float32", TOY, kernels=0) == pytest.approx(1e-3)
+
+
+def _linear_graph(rows: int) -> fx.Graph:
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = _meta(rows, 1024)
+    w = g.placeholder("w")
+    w.meta["val"] = _meta(1024, 1024)
+    lin = g.call_function(F.linear, (x, w))
+    lin.meta["val"] = _meta(rows, 1024)
+    g.output(lin)
+    return g
+
+
+def _lin(g: fx.Graph) -> fx.Node:
+    return next(n for n in g.nodes if n.op == "call_function")
+
+
+def test_matmul_efficiency_grows_with_the_microbatch() -> None:
+    """A (b*512) x 1024 x 1024 linear on a V100: per-sample time falls as b grows (intensity roofline)."""
+    from fxpipe.cost_models.device import get_device
+
+    v100 = get_device("v100-16gb")
+    per_sample = {}
+    for b in (1, 8):
+        cm = AnalyticCostModel(v100, precision="fp16")
+        c = cm.node_cost(_lin(_linear_graph(512 * b)))
+        per_sample[b] = (c.fwd_time + c.bwd_time) / b
+        flops, io = 2 * 512 * b * 1024 * 1024, 2 * (2 * 512 * b * 1024 + 1024 * 1024)   # fp16 bytes
+        assert c.fwd_time == pytest.approx(flops / 125e12 + io / 900e9 + v100.kernel_overhead, rel=1e-6)
+    assert per_sample[8] < 0.8 * per_sample[1]
+    no_launch = v100.replace(kernel_overhead=0.0)
+    flat = {b: AnalyticCostModel(no_launch, precision="fp16", roofline="max").node_cost(_lin(_linear_graph(512 * b)))
+            for b in (1, 8)}
+    assert flat[8].fwd_time / 8 == pytest.approx(flat[1].fwd_time, rel=1e-6)   # the plain roofline: flat
+
+
+def test_precision_sets_the_flop_rate_and_activation_bytes() -> None:
+    from fxpipe.cost_models.device import get_device
+
+    v100 = get_device("v100-16gb")
+    g32, g16, gbf = _linear_graph(4096), _linear_graph(4096), _linear_graph(4096)
+    c32 = AnalyticCostModel(v100, roofline="max").node_cost(_lin(g32))
+    c16 = AnalyticCostModel(v100, precision="fp16", roofline="max").node_cost(_lin(g16))
+    cbf = AnalyticCostModel(v100, precision="bf16", roofline="max").node_cost(_lin(gbf))
+    flops = 2 * 4096 * 1024 * 1024
+    assert c32.fwd_time == pytest.approx(flops / 15.7e12 + v100.kernel_overhead)
+    assert c16.fwd_time == pytest.approx(flops / 125e12 + v100.kernel_overhead)
+    assert cbf.fwd_time == pytest.approx(flops / 15.7e12 + v100.kernel_overhead)   # no bf16 tensor cores
+    assert c32.output_bytes == 4096 * 1024 * 4 and c16.output_bytes == cbf.output_bytes == 4096 * 1024 * 2
+    assert c16.activation_bytes == c32.activation_bytes // 2 > 0
+    with pytest.raises(Exception, match=r"unknown precision 'fp8'"):
+        AnalyticCostModel(v100, precision="fp8")
+    with pytest.raises(Exception, match=r"unknown roofline 'soft'"):
+        AnalyticCostModel(v100, roofline="soft")
 
 
 def test_costs_from_made_up_metadata() -> None:
@@ -65,7 +123,7 @@ def test_costs_from_made_up_metadata() -> None:
     lin = g.call_function(F.linear, (r, w))
     lin.meta["val"] = _meta(1024, 512)
     g.output(lin)
-    cm = AnalyticCostModel(TOY)
+    cm = AnalyticCostModel(TOY, roofline="max")
     relu = cm.node_cost(r)
     # relu: read 1 MiB, write 1 MiB, one kernel; backward threshold_backward reads grad + output, writes grad
     assert relu.fwd_flops == 0 and relu.fwd_time == pytest.approx(2 * MiB / 1e9 + 1e-6)
