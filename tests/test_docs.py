@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,56 @@ def test_no_reference_to_the_design_repository():
     hits += [f"README.md:{i}" for i, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1)
              if "DESIGN.md" in line]
     assert hits == [], f"point these at docs/ instead: {hits}"
+
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOCS]
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# a repository path named in the text: fxpipe/runtime/executor.py, tests/test_pipeline.py, docs/planner.md ...
+_PATH = re.compile(r"(?<![\w./~<>-])((?:fxpipe|passes|cost_models|tests|bench|scripts|docs)/[\w/.-]*\w\.(?:py|md|sh|txt))")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as '-'."""
+    out = set()
+    for line in page.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_docs_exist_and_the_readme_links_them():
+    assert {p.name for p in DOCS} >= {"README.md", "flow.md", "api.md", "semantics.md", "cost-model.md",
+                                      "planner.md", "runtime.md"}
+    assert "(docs/README.md)" in (ROOT / "README.md").read_text()
+    index = (ROOT / "docs" / "README.md").read_text()
+    assert [p.name for p in DOCS if p.name != "README.md" and f"]({p.name})" not in index] == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_and_named_file_resolves(page):
+    text = page.read_text()
+    broken = []
+    for target in _LINK.findall(text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(target)
+    missing = sorted({p for p in _PATH.findall(text) if not (ROOT / p).exists()})
+    assert broken == [] and missing == [], (f"{page.relative_to(ROOT)}: broken links {broken}, "
+                                            f"files that do not exist {missing}")
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if ">>> " in p.read_text()], ids=lambda p: p.name)
+def test_docs_examples_run_as_written(path):
+    """Every ``>>>`` example in docs/ prints what the page says it prints."""
+    import doctest
+
+    result = doctest.testfile(str(path), module_relative=False, verbose=False,
+                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {path.name} failed (see above)"
