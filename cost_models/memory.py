@@ -1,21 +1,8 @@
-"""The memory model of docs/cost-model.md: bytes a pipeline stage holds on its device.
+"""Optimizer state slots k, and the memory model's helpers under their historical names.
 
-For stage s of d, per device::
-
-    M_s = P_s * (1 weights + 1 grads + k optimizer slots + [1 second version if 2bw])
-        + (r_s ? n_s * I_s + A_s : n_s * (A_s + X_s))
-    n_s = min(d - s, m) for 2bw / flush (1F1B),   m for gpipe
-
-A_s: bytes autograd saves in the stage (a tensor saved by several nodes counted
-once, charged to the node that produced it); I_s: every tensor entering the stage
-(model inputs included); X_s <= I_s: the tensors received from earlier stages.
-The executor keeps each received tensor of an in-flight microbatch until that
-microbatch's backward (the gradient sent back is read from it), so X_s is held
-per in-flight microbatch even when no node of the stage saves it; a recomputing
-stage holds all its inputs and, during one backward, its whole A_s.
-
-Worked example: P=100, A=10, I=X=2, d=4, s=1, m=8, SGD (k=0), 2bw:
-n=3, M = 100*3 + 3*(10+2) = 336 without recompute, 100*3 + 3*2 + 10 = 316 with it.
+The memory model itself (M_s, n_s, the weight copies) is written once, in
+:mod:`fxpipe.cost_models.evaluator`; this module keeps ``stage_memory``'s keyword
+form for callers that hold a stage's figures as separate numbers.
 """
 
 from __future__ import annotations
@@ -26,30 +13,19 @@ import torch
 
 from fxpipe.errors import ConfigError
 
+from .evaluator import CostContext, in_flight, weight_copies
+from .evaluator import stage_memory as _stage_memory
+
 __all__ = ["in_flight", "weight_copies", "stage_memory", "optimizer_slots"]
-
-
-def in_flight(schedule: str, num_stages: int, stage: int, num_microbatches: int) -> int:
-    """n_s: microbatches whose activations stage ``stage`` holds at once."""
-    if schedule == "gpipe":
-        return num_microbatches
-    return min(num_stages - stage, num_microbatches)
-
-
-def weight_copies(schedule: str, optimizer_slots: int) -> int:
-    """How many parameter-sized tensors a stage keeps per parameter."""
-    return 2 + optimizer_slots + (1 if schedule == "2bw" else 0)
 
 
 def stage_memory(*, param_bytes: int, activation_bytes: int, input_bytes: int, in_flight: int,
                  recompute: bool, optimizer_slots: int, schedule: str, received_bytes: int = 0) -> int:
-    """M_s in bytes (see the module docstring); ``received_bytes`` is X_s."""
-    weights = param_bytes * weight_copies(schedule, optimizer_slots)
-    if recompute:
-        stash = in_flight * input_bytes + activation_bytes
-    else:
-        stash = in_flight * (activation_bytes + received_bytes)
-    return int(weights + stash)
+    """M_s in bytes (:func:`fxpipe.cost_models.evaluator.stage_memory`); ``received_bytes`` is X_s."""
+    ctx = CostContext(schedule=schedule, num_stages=1, num_microbatches=1,
+                      optimizer_slots=optimizer_slots)
+    return int(_stage_memory(param_bytes, activation_bytes, input_bytes, received_bytes, in_flight,
+                             recompute, ctx))
 
 
 def optimizer_slots(optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None) -> int:

@@ -73,12 +73,13 @@ def stage_breakdown(plan: "Plan") -> list[StageBreakdown]:
 
     Worked example: P=100 B, M=340 B, 2bw, SGD (k=0): weights = 100 * 3 = 300 B, stash = 40 B.
     """
-    from fxpipe.cost_models.memory import weight_copies
+    from fxpipe.cost_models.evaluator import CostContext, weight_bytes
 
-    copies = weight_copies(plan.schedule, plan.optimizer_slots)
+    ctx = CostContext(schedule=plan.schedule, num_stages=plan.num_stages,
+                      num_microbatches=plan.num_microbatches, optimizer_slots=plan.optimizer_slots)
     out = []
     for s in plan.stages:
-        weights = min(int(s.param_bytes * copies), int(s.memory))
+        weights = min(int(weight_bytes(s.param_bytes, ctx)), int(s.memory))
         out.append(StageBreakdown(index=s.index, fwd=s.fwd_time, bwd=s.bwd_time,
                                   recompute=s.fwd_time if s.recompute else 0.0, comm=s.comm_time,
                                   weights=weights, stash=int(s.memory) - weights))

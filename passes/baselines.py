@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx
 
-from fxpipe.cost_models.memory import stage_memory
+from fxpipe.cost_models.evaluator import CostContext, StageFigures
 from fxpipe.errors import ConfigError, PartitionError
 from fxpipe.ir import CostModel, Plan
 
@@ -59,12 +59,11 @@ def _finish(gm: torch.fx.GraphModule, cost_model: CostModel, gc: GraphCosts, sta
     plan = plan_from_assignment(gm, cost_model, assign, flags, costs=gc, check_memory=False,
                                 **opts)
     if recompute is None and memory_limit is not None:
+        ctx = CostContext(schedule=schedule, num_stages=num_stages,
+                          num_microbatches=num_microbatches, optimizer_slots=optimizer_slots)
         for st in plan.stages:
             if st.memory > memory_limit:
-                rec = stage_memory(param_bytes=st.param_bytes, activation_bytes=st.activation_bytes,
-                                   input_bytes=st.input_bytes, in_flight=st.in_flight,
-                                   recompute=True, optimizer_slots=optimizer_slots,
-                                   schedule=schedule, received_bytes=st.received_bytes)
+                rec = StageFigures.of_stage(st).memory(ctx, True)
                 flags[st.index] = rec < st.memory
     info = dict(extra or {})
     info.setdefault("over_memory", False)

@@ -20,7 +20,7 @@ per-stage recompute choice r_s is the cheapest that fits the memory limit:
 
     M_s = P_s*(2 + k + [2bw]) + (r_s ? n_s*I_s + A_s : n_s*(A_s + X_s)) <= limit
 
-All O(n^2) stage figures come from prefix sums and 2-D difference arrays, so
+Both come from :mod:`fxpipe.cost_models.evaluator`, applied to numpy arrays. All O(n^2) stage figures come from prefix sums and 2-D difference arrays, so
 the whole DP costs O(d*n^2) numpy work and O(n^2) memory (n = sequence length).
 """
 
@@ -32,47 +32,16 @@ from typing import Sequence
 import numpy as np
 import torch.fx
 
-from fxpipe.cost_models.memory import in_flight, weight_copies
+from fxpipe.cost_models.evaluator import stage_memory, stage_time
 from fxpipe.errors import ConfigError, InfeasibleMemoryError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 
-from .coarsen import GraphCosts, graph_costs
+from .coarsen import graph_costs
+from .problem import BlockProblem, Value, build_problem, evaluate
 
 __all__ = ["Value", "BlockProblem", "SplitResult", "DPSplit", "build_problem", "split_sequence",
-           "evaluate",
+           "evaluate", "stage_table",
            "best_contiguous_split", "dp_plan"]
-
-
-@dataclass(frozen=True)
-class Value:
-    """A value that may cross stages: one node's output (or a model input)."""
-
-    producer: int                  # block index; -1 = model input (free to send)
-    consumers: tuple[int, ...]     # reading blocks other than the producer, sorted
-    comm: float                    # 2 * comm_time(bytes): paid once per stage it enters
-    nbytes: int                    # counted in I_s of a stage it enters
-    returned: bool = False         # a model output: enters the last stage
-
-
-@dataclass(frozen=True)
-class BlockProblem:
-    """Stage-assignment problem on blocks listed in a topological order."""
-
-    fwd: tuple[float, ...]         # F of each block
-    bwd: tuple[float, ...]         # B of each block
-    act: tuple[int, ...]           # A: activation bytes of each block
-    values: tuple[Value, ...]
-    params: tuple[tuple[int, tuple[int, ...]], ...]   # (bytes, reader blocks) per parameter
-    edges: tuple[tuple[int, int], ...]                # block precedence (u before v), u < v
-    num_stages: int                # d
-    in_flight: tuple[int, ...]     # n_s per stage
-    weight_copies: int             # 2 + k + [2bw]
-    memory_limit: int | None
-    recompute: bool | None         # None: chosen per stage; True/False: forced
-
-    @property
-    def n(self) -> int:
-        return len(self.fwd)
 
 
 @dataclass(frozen=True)
@@ -89,63 +58,6 @@ class SplitResult:
         for s in range(len(self.bounds) - 1):
             out.extend([s] * (self.bounds[s + 1] - self.bounds[s]))
         return out
-
-
-def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages: int,
-                  num_microbatches: int, schedule: str, memory_limit: int | None,
-                  optimizer_slots: int, recompute: bool | None,
-                  time_scale: float | None = None) -> BlockProblem:
-    """Block-level problem from graph costs and blocks (a topological order of blocks).
-
-    Args:
-        gc: graph costs.
-        blocks: compute-node indices per block; blocks must be in a topological order.
-        num_stages, num_microbatches, schedule, memory_limit, optimizer_slots, recompute:
-            as in :func:`fxpipe.passes.partition.partition`.
-        time_scale: if given, every time is multiplied by it and rounded to an
-            integer (the CP-SAT model's units).
-
-    Returns:
-        The :class:`BlockProblem`.
-    """
-    blk = [0] * gc.n
-    for b, nodes in enumerate(blocks):
-        for v in nodes:
-            blk[v] = b
-
-    def t(x: float) -> float:
-        return float(round(x * time_scale)) if time_scale is not None else x
-
-    fwd = tuple(t(sum(gc.fwd[v] for v in nodes)) for nodes in blocks)
-    bwd = tuple(t(sum(gc.bwd[v] for v in nodes)) for nodes in blocks)
-    act = tuple(sum(gc.act[v] for v in nodes) for nodes in blocks)
-    values: list[Value] = []
-    edges: set[tuple[int, int]] = set()
-    for v in range(gc.n):
-        cons = tuple(sorted({blk[c] for c in gc.consumers[v]} - {blk[v]}))
-        for c in cons:
-            edges.add((blk[v], c))
-        ret = gc.returned[v]
-        if cons or ret:
-            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret))
-    for inp in gc.inputs:
-        values.append(Value(-1, tuple(sorted({blk[c] for c in inp.consumers})), 0.0, inp.nbytes))
-    readers: dict[str, set[int]] = {}
-    for v in range(gc.n):
-        for p in gc.params[v]:
-            readers.setdefault(p, set()).add(blk[v])
-    params = tuple((gc.param_bytes[p], tuple(sorted(r))) for p, r in readers.items())
-    for (u, w) in edges:
-        if u >= w:
-            raise ValueError(f"blocks are not in a topological order: edge {u} -> {w}")
-    d = num_stages
-    return BlockProblem(
-        fwd=fwd, bwd=bwd, act=act, values=tuple(values), params=params,
-        edges=tuple(sorted(edges)), num_stages=d,
-        in_flight=tuple(in_flight(schedule, d, s, num_microbatches) for s in range(d)),
-        weight_copies=weight_copies(schedule, optimizer_slots),
-        memory_limit=memory_limit, recompute=recompute,
-    )
 
 
 def _rectangles(n: int, items: list[tuple[int, tuple[int, ...], float]]) -> np.ndarray:
@@ -186,6 +98,66 @@ def _stage_options(time_nr: np.ndarray, time_r: np.ndarray, mem_nr: np.ndarray, 
     return tt, ~fits_nr
 
 
+@dataclass(frozen=True)
+class _Sums:
+    """Every contiguous stage's figures: [i, j] = the stage of blocks i..j-1."""
+
+    F: np.ndarray
+    B: np.ndarray
+    A: np.ndarray
+    C: np.ndarray
+    I: np.ndarray
+    X: np.ndarray
+    P: np.ndarray
+    ret_c: np.ndarray   # [i]: comm of model outputs produced before block i
+    ret_i: np.ndarray   # [i]: their bytes
+
+
+def _sums(prob: BlockProblem) -> _Sums:
+    n = prob.n
+    fwd = np.asarray(prob.fwd, dtype=np.float64)
+    bwd = np.asarray(prob.bwd, dtype=np.float64)
+    act = np.asarray(prob.act, dtype=np.float64)
+
+    def pref(x: np.ndarray) -> np.ndarray:
+        c = np.concatenate([[0.0], np.cumsum(x)])
+        return c[None, :] - c[:, None]          # [i, j] = sum x[i:j]
+
+    C = _rectangles(n, [(v.producer, v.consumers, v.comm) for v in prob.values if v.producer >= 0])
+    I = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values])
+    X = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values if v.producer >= 0])
+    P = _rectangles(n, [(-1, r, float(b)) for b, r in prob.params])
+    ret_c = np.zeros(n + 1)
+    ret_i = np.zeros(n + 1)
+    for v in prob.values:
+        if v.returned and v.producer >= 0:
+            # enters the last stage [i, n) as an output only where no consumer there reads it
+            first = max(v.producer, max(v.consumers, default=-1)) + 1
+            ret_c[first:] += v.comm
+            ret_i[first:] += v.nbytes
+    return _Sums(pref(fwd), pref(bwd), pref(act), C, I, X, P, ret_c, ret_i)
+
+
+def stage_table(prob: BlockProblem, s: int,
+                sums: _Sums | None = None) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
+    """The evaluator's (T_s, M_s) of every contiguous stage s at once, per value of r_s.
+
+    For s < d - 1 the arrays are [i, j]: stage s holds blocks i..j-1. For the last
+    stage only j = n matters and the arrays are [i]; the model outputs produced
+    before block i enter it.
+    """
+    S = _sums(prob) if sums is None else sums
+    n, d = prob.n, prob.num_stages
+    if s < d - 1:
+        Cs, Is, Xs, Fs, Bs, As, Ps = S.C, S.I, S.X, S.F, S.B, S.A, S.P
+    else:
+        Cs, Is, Xs = S.C[:, n] + S.ret_c, S.I[:, n] + S.ret_i, S.X[:, n] + S.ret_i
+        Fs, Bs, As, Ps = S.F[:, n], S.B[:, n], S.A[:, n], S.P[:, n]
+    ns = prob.ctx.in_flight(s)
+    return {r: (stage_time(Fs, Bs, Cs, r), stage_memory(Ps, As, Is, Xs, ns, r, prob.ctx))
+            for r in (False, True)}
+
+
 def split_sequence(prob: BlockProblem) -> SplitResult | None:
     """Best contiguous split of ``prob``'s block order (see the module docstring).
 
@@ -199,43 +171,16 @@ def split_sequence(prob: BlockProblem) -> SplitResult | None:
     n, d = prob.n, prob.num_stages
     if d < 1 or n < d:
         return None
-    fwd = np.asarray(prob.fwd, dtype=np.float64)
-    fb = fwd + np.asarray(prob.bwd, dtype=np.float64)
-    act = np.asarray(prob.act, dtype=np.float64)
-
-    def pref(x: np.ndarray) -> np.ndarray:
-        c = np.concatenate([[0.0], np.cumsum(x)])
-        return c[None, :] - c[:, None]          # [i, j] = sum x[i:j]
-
-    FB, F, A = pref(fb), pref(fwd), pref(act)
-    C = _rectangles(n, [(v.producer, v.consumers, v.comm) for v in prob.values if v.producer >= 0])
-    I = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values])
-    X = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values if v.producer >= 0])
-    P = _rectangles(n, [(-1, r, float(b)) for b, r in prob.params])
-    ret_c = np.zeros(n + 1)
-    ret_i = np.zeros(n + 1)
-    for v in prob.values:
-        if v.returned and v.producer >= 0:
-            ret_c[v.producer + 1:] += v.comm
-            ret_i[v.producer + 1:] += v.nbytes
+    sums = _sums(prob)
     limit = np.inf if prob.memory_limit is None else float(prob.memory_limit)
     valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), k=1)
-    wc = prob.weight_copies
 
     best = np.full(n + 1, np.inf)
     choice: list[np.ndarray] = []
     rec: list[np.ndarray] = []
     for s in range(d):
-        ns = prob.in_flight[s]
-        if s < d - 1:
-            Cs, Is, Xs, FBs, Fs, As, Ps = C, I, X, FB, F, A, P
-        else:  # only j = n matters; add the model outputs entering the last stage
-            Cs, Is, Xs = C[:, n] + ret_c, I[:, n] + ret_i, X[:, n] + ret_i
-            FBs, Fs, As, Ps = FB[:, n], F[:, n], A[:, n], P[:, n]
-        t_nr = FBs + Cs
-        t_r = t_nr + Fs
-        m_nr = wc * Ps + ns * (As + Xs)
-        m_r = wc * Ps + ns * Is + As
+        table = stage_table(prob, s, sums)
+        (t_nr, m_nr), (t_r, m_r) = table[False], table[True]
         T, R = _stage_options(t_nr, t_r, m_nr, m_r, limit, prob.recompute)
         if s < d - 1:
             T = np.where(valid, T, np.inf)
@@ -281,52 +226,6 @@ def _split_times(prob: BlockProblem, bounds: Sequence[int], flags: Sequence[bool
     for s in range(prob.num_stages):
         stage.extend([s] * (bounds[s + 1] - bounds[s]))
     return evaluate(prob, stage, flags)[0]
-
-
-def evaluate(prob: BlockProblem, block_stage: Sequence[int],
-             flags: Sequence[bool]) -> tuple[list[float], list[int]]:
-    """Stage times T_s and memories M_s of any block assignment (in the problem's units).
-
-    Args:
-        prob: the block problem.
-        block_stage: stage of each block.
-        flags: r_s per stage.
-
-    Returns:
-        (times, memories), one entry per stage.
-    """
-    d = prob.num_stages
-    f = [0.0] * d
-    t = [0.0] * d
-    a = [0] * d
-    for b in range(prob.n):
-        s = block_stage[b]
-        f[s] += prob.fwd[b]
-        t[s] += prob.fwd[b] + prob.bwd[b]
-        a[s] += prob.act[b]
-    ib = [0] * d
-    xb = [0] * d
-    for v in prob.values:
-        ps = block_stage[v.producer] if v.producer >= 0 else -1
-        into = {block_stage[c] for c in v.consumers}
-        if v.returned and v.producer >= 0:
-            into.add(d - 1)
-        for s in into:
-            if s > ps:
-                t[s] += v.comm if v.producer >= 0 else 0.0
-                ib[s] += v.nbytes
-                xb[s] += v.nbytes if v.producer >= 0 else 0
-    pb = [0] * d
-    for nbytes, readers in prob.params:
-        for s in {block_stage[c] for c in readers}:
-            pb[s] += nbytes
-    times, mems = [], []
-    for s in range(d):
-        times.append(t[s] + (f[s] if flags[s] else 0.0))
-        n_s = prob.in_flight[s]
-        stash = n_s * ib[s] + a[s] if flags[s] else n_s * (a[s] + xb[s])
-        mems.append(pb[s] * prob.weight_copies + stash)
-    return times, mems
 
 
 @dataclass(frozen=True)

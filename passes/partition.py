@@ -26,18 +26,19 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch.fx
 from ortools.sat.python import cp_model
 
-from fxpipe.cost_models.memory import in_flight, stage_memory, weight_copies
+from fxpipe.cost_models.evaluator import CostContext, StageFigures, stage_memory, stage_time
 from fxpipe.errors import ConfigError, InfeasibleMemoryError, PartitionError
 from fxpipe.ir import SCHEDULES, CostModel, Plan, StagePlan
 
 from .coarsen import GraphCosts, coarsen_costs, graph_costs
-from .dp import BlockProblem, SplitResult, build_problem, evaluate, split_sequence
+from .dp import SplitResult, split_sequence
+from .problem import BlockProblem, build_problem, evaluate, stage_figures
 
 __all__ = ["partition", "plan_from_assignment", "trivial_lower_bound", "memory_lower_bound",
            "articulation_lower_bound"]
@@ -80,9 +81,13 @@ def trivial_lower_bound(gc: GraphCosts, num_stages: int, recompute: bool | None 
     Returns:
         A lower bound on the bottleneck of any plan, in seconds.
     """
-    extra = 1.0 if recompute is True else 0.0
-    per = [gc.fwd[v] * (1 + extra) + gc.bwd[v] for v in range(gc.n)]
+    per = _node_work(gc, recompute)
     return max(sum(per) / num_stages, max(per, default=0.0))
+
+
+def _node_work(gc: GraphCosts, recompute: bool | None) -> list[float]:
+    """Each node's own stage time without communication (F counted twice when recompute is forced)."""
+    return [stage_time(gc.fwd[v], gc.bwd[v], 0.0, recompute is True) for v in range(gc.n)]
 
 
 def memory_lower_bound(gc: GraphCosts, *, num_stages: int, num_microbatches: int,
@@ -101,13 +106,19 @@ def memory_lower_bound(gc: GraphCosts, *, num_stages: int, num_microbatches: int
         Bytes; no plan fits a smaller memory limit.
     """
     d = num_stages
-    wc = weight_copies(schedule, optimizer_slots)
-    n_min = min(in_flight(schedule, d, s, num_microbatches) for s in range(d))
-    act_mult = n_min if recompute is False else 1
-    node = max((wc * sum(gc.param_bytes[p] for p in gc.params[v]) + act_mult * gc.act[v]
+    ctx = CostContext(schedule=schedule, num_stages=d, num_microbatches=num_microbatches,
+                      optimizer_slots=optimizer_slots, recompute=recompute)
+    n_min = min(ctx.in_flight(s) for s in range(d))
+
+    def least(p_bytes: int, a_bytes: int) -> int:
+        # M_s grows with I_s, X_s and n_s: no inputs and the fewest microbatches in flight
+        return min(int(stage_memory(p_bytes, a_bytes, 0, 0, n_min, r, ctx))
+                   for r in ctx.recompute_options)
+
+    node = max((least(sum(gc.param_bytes[p] for p in gc.params[v]), gc.act[v])
                 for v in range(gc.n)), default=0)
     params = {p for ps in gc.params for p in ps}
-    total = wc * sum(gc.param_bytes[p] for p in params) + act_mult * sum(gc.act)
+    total = least(sum(gc.param_bytes[p] for p in params), sum(gc.act))
     return int(max(node, math.ceil(total / d)))
 
 
@@ -160,8 +171,7 @@ def articulation_lower_bound(gc: GraphCosts, num_stages: int, recompute: bool | 
     trivial = trivial_lower_bound(gc, max(d, 1), recompute)
     if n == 0 or d <= 1:
         return trivial
-    extra = 1.0 if recompute is True else 0.0
-    work = [gc.fwd[v] * (1 + extra) + gc.bwd[v] for v in range(n)]
+    work = _node_work(gc, recompute)
     anc = [0] * n                                   # bitsets; graph order is topological
     for v in range(n):
         a = 1 << v
@@ -378,42 +388,25 @@ def plan_from_assignment(gm: torch.fx.GraphModule, cost_model: CostModel, stage_
         if not members[s]:
             raise PartitionError(f"plan_from_assignment: stage {s} of {d} has no compute node")
 
-    # Values entering each stage: distinct producers on earlier stages.
-    entering: list[set[int]] = [set() for _ in range(d)]
-    for v in range(gc.n):
-        for c in gc.consumers[v]:
-            if stage[c] > stage[v]:
-                entering[stage[c]].add(v)
-        if gc.returned[v] and stage[v] < d - 1:
-            entering[d - 1].add(v)
-    input_bytes = [0] * d
-    for inp in gc.inputs:
-        for s in {stage[c] for c in inp.consumers}:
-            input_bytes[s] += inp.nbytes
+    ctx = CostContext(schedule=schedule, num_stages=d, num_microbatches=num_microbatches,
+                      optimizer_slots=optimizer_slots)
+    prob = build_problem(gc, [[v] for v in range(gc.n)], num_stages=d,
+                         num_microbatches=num_microbatches, schedule=schedule,
+                         memory_limit=memory_limit, optimizer_slots=optimizer_slots,
+                         recompute=None, ctx=ctx)
     stages: list[StagePlan] = []
     over: list[tuple[int, int]] = []
-    for s in range(d):
-        vs = members[s]
-        f = sum((gc.fwd[v] for v in vs), 0.0)
-        b = sum((gc.bwd[v] for v in vs), 0.0)
-        c = sum((gc.comm[u] for u in sorted(entering[s])), 0.0)
+    for s, fig in enumerate(stage_figures(prob, stage)):
         r = bool(recompute[s])
-        params = {p for v in vs for p in gc.params[v]}
-        p_bytes = sum(gc.param_bytes[p] for p in params)
-        a_bytes = sum(gc.act[v] for v in vs)
-        x_bytes = sum(gc.out_bytes[u] for u in entering[s])
-        i_bytes = input_bytes[s] + x_bytes
-        n_s = in_flight(schedule, d, s, num_microbatches)
-        mem = stage_memory(param_bytes=p_bytes, activation_bytes=a_bytes, input_bytes=i_bytes,
-                           in_flight=n_s, recompute=r, optimizer_slots=optimizer_slots,
-                           schedule=schedule, received_bytes=x_bytes)
+        mem = fig.memory(ctx, r)
         if memory_limit is not None and mem > memory_limit:
             over.append((s, mem))
         stages.append(StagePlan(
-            index=s, nodes=tuple(gc.names[v] for v in vs), recompute=r,
-            time=f + b + (f if r else 0.0) + c, fwd_time=f, bwd_time=b, comm_time=c, memory=mem,
-            param_bytes=p_bytes, activation_bytes=a_bytes, input_bytes=i_bytes, in_flight=n_s,
-            received_bytes=x_bytes))
+            index=s, nodes=tuple(gc.names[v] for v in members[s]), recompute=r,
+            time=fig.time(r), fwd_time=fig.fwd, bwd_time=fig.bwd, comm_time=fig.comm, memory=mem,
+            param_bytes=fig.param_bytes, activation_bytes=fig.activation_bytes,
+            input_bytes=fig.input_bytes, in_flight=fig.in_flight,
+            received_bytes=fig.received_bytes))
     if over and check_memory:
         s, mem = over[0]
         raise PartitionError(
@@ -447,6 +440,8 @@ class _Model:
     z: list[list[Any]]               # z[b][s], s = 0..d (ints 1/0 at the ends)
     r: list[Any]                     # r_s: Boolean var, or a constant 0/1
     objective: Any                   # T (time) or M (memory) integer variable
+    times: list[dict[bool, Any]] = field(default_factory=list)   # T_s per r_s, per stage
+    mems: list[dict[bool, Any]] = field(default_factory=list)    # M_s per r_s (when memory is modelled)
 
 
 def _lits_x(z: list[list[Any]], b: int, s: int) -> list[Any]:
@@ -557,24 +552,29 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
         return cp_model.LinearExpr.weighted_sum([t for t, _ in terms], [w for _, w in terms])
 
     fb = [int(f) + int(b) for f, b in zip(prob.fwd, prob.bwd)]
+    # T_s is linear in its blocks: each block's term is the evaluator's time of the block alone
+    work = {r_: [int(stage_time(int(f), int(b), 0, r_)) for f, b in zip(prob.fwd, prob.bwd)]
+            for r_ in (False, True)}
     ub_time = sum(fb) + sum(prob.fwd) + sum(int(v.comm) * d for v in prob.values)
     if objective == "time":
         obj = m.new_int_var(int(lb), int(ub if ub is not None else ub_time), "T")
     else:
-        ub_mem = prob.weight_copies * sum(b for b, _ in prob.params) + max(prob.in_flight) * (
-            sum(prob.act) + sum(v.nbytes for v in prob.values))
+        every = sum(v.nbytes for v in prob.values)    # M_s of one stage holding everything
+        ub_mem = stage_memory(sum(b for b, _ in prob.params), sum(prob.act), every, every,
+                              max(prob.in_flight), False, prob.ctx)
         obj = m.new_int_var(0, int(ub_mem), "M")
 
+    times: list[dict[bool, Any]] = []
+    mems: list[dict[bool, Any]] = []
     for s in range(d):
-        FB = _x_sum(z, fb, s)
-        F = _x_sum(z, prob.fwd, s)
         C = lin(comm_terms[s])
+        times.append({r_: _x_sum(z, work[r_], s) + C for r_ in (False, True)})
         if objective == "time":
             if isinstance(r[s], int):
-                m.add(obj >= FB + C + (F if r[s] else 0))
+                m.add(obj >= _x_sum(z, work[bool(r[s])], s) + C)
             else:
-                m.add(obj >= FB + C)
-                m.add(obj >= FB + F + C).only_enforce_if(r[s])
+                m.add(obj >= _x_sum(z, work[False], s) + C)
+                m.add(obj >= _x_sum(z, work[True], s) + C).only_enforce_if(r[s])
         if not use_memory:
             continue
         single = [0] * n
@@ -595,9 +595,10 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
         P = _x_sum(z, single, s) + lin(multi)
         A = _x_sum(z, prob.act, s)
         ns = prob.in_flight[s]
-        wc = prob.weight_copies
-        mem_nr = wc * P + ns * (A + lin(xbytes_terms[s]))
-        mem_r = wc * P + ns * lin(ibytes_terms[s]) + A
+        I, X = lin(ibytes_terms[s]), lin(xbytes_terms[s])
+        mem_nr = stage_memory(P, A, I, X, ns, False, prob.ctx)
+        mem_r = stage_memory(P, A, I, X, ns, True, prob.ctx)
+        mems.append({False: mem_nr, True: mem_r})
         if objective == "memory":
             if isinstance(r[s], int):
                 m.add(obj >= (mem_r if r[s] else mem_nr))
@@ -623,7 +624,7 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
             m.add_hint(var, val)
         if objective == "time":
             m.add_hint(obj, int(hint[2]))
-    return _Model(m, z, r, obj)
+    return _Model(m, z, r, obj, times, mems)
 
 
 def _solver(time_limit: float, num_workers: int) -> cp_model.CpSolver:
@@ -917,13 +918,13 @@ def _drop_needless_recompute(gm: torch.fx.GraphModule, cost_model: CostModel, gc
         return flags
     plan = plan_from_assignment(gm, cost_model, assign, flags, costs=gc, **opts)
     limit = opts["memory_limit"]
+    ctx = CostContext(schedule=opts["schedule"], num_stages=len(flags),
+                      num_microbatches=opts["num_microbatches"],
+                      optimizer_slots=opts["optimizer_slots"])
     out = list(flags)
     for st in plan.stages:
         if st.recompute:
-            mem = stage_memory(param_bytes=st.param_bytes, activation_bytes=st.activation_bytes,
-                               input_bytes=st.input_bytes, in_flight=st.in_flight,
-                               recompute=False, optimizer_slots=opts["optimizer_slots"],
-                               schedule=opts["schedule"], received_bytes=st.received_bytes)
+            mem = StageFigures.of_stage(st).memory(ctx, False)
             if limit is None or mem <= limit:
                 out[st.index] = False
     return out
@@ -952,25 +953,10 @@ def _min_memory(gc: GraphCosts, *, d: int, recompute: bool | None, time_limit: f
 
 def _stage_memories(gc: GraphCosts, stage: Sequence[int], flags: Sequence[bool], *, d: int,
                     num_microbatches: int, schedule: str, optimizer_slots: int) -> list[int]:
-    entering: list[set[int]] = [set() for _ in range(d)]
-    for v in range(gc.n):
-        for c in gc.consumers[v]:
-            if stage[c] > stage[v]:
-                entering[stage[c]].add(v)
-        if gc.returned[v] and stage[v] < d - 1:
-            entering[d - 1].add(v)
-    out = []
-    for s in range(d):
-        vs = [v for v in range(gc.n) if stage[v] == s]
-        p = sum(gc.param_bytes[q] for q in {q for v in vs for q in gc.params[v]})
-        a = sum(gc.act[v] for v in vs)
-        x = sum(gc.out_bytes[u] for u in entering[s])
-        i = x + sum(inp.nbytes for inp in gc.inputs if any(stage[c] == s for c in inp.consumers))
-        out.append(stage_memory(param_bytes=p, activation_bytes=a, input_bytes=i,
-                                in_flight=in_flight(schedule, d, s, num_microbatches),
-                                recompute=bool(flags[s]), optimizer_slots=optimizer_slots,
-                                schedule=schedule, received_bytes=x))
-    return out
+    prob = build_problem(gc, [[v] for v in range(gc.n)], num_stages=d,
+                         num_microbatches=num_microbatches, schedule=schedule, memory_limit=None,
+                         optimizer_slots=optimizer_slots, recompute=None)
+    return evaluate(prob, stage, [bool(f) for f in flags])[1]
 
 
 def _raise_infeasible(gc: GraphCosts, bound: int, stage: int | None, found: int | None, *, d: int,

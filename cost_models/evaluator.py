@@ -1,0 +1,151 @@
+"""The one cost and memory model of a pipeline stage: T_s and M_s from a stage's figures.
+
+Every planner derives its numbers from here: the exact DP (on numpy arrays of
+every contiguous stage at once), the CP-SAT encoding (on linear expressions),
+the plan builder that re-checks a plan (on floats), the lower bounds and the
+baselines. The formulas use only ``+`` and multiplication by constants, so one
+definition serves floats, numpy arrays and OR-Tools expressions alike::
+
+    T_s = F_s + B_s + r_s*F_s + C_s
+    M_s = W(P_s) + (r_s ? n_s*I_s + A_s : n_s*(A_s + X_s))
+    W(P) = P * (1 weights + 1 grads + k optimizer slots + [1 second version if 2bw])
+    n_s = min(d - s, m) for 2bw / flush (1F1B),   m for gpipe
+
+F_s, B_s: forward and backward seconds of one microbatch; C_s: 2 * transfer time
+of every distinct value entering the stage (sent, and its gradient sent back);
+P_s: parameter bytes the stage reads (a tied parameter counted on every stage
+that reads it); A_s: bytes autograd saves in the stage; I_s: every tensor
+entering the stage (model inputs included); X_s <= I_s: the tensors received from
+earlier stages. The executor keeps each received tensor of an in-flight
+microbatch until that microbatch's backward, so X_s is held per in-flight
+microbatch even when no node saves it; a recomputing stage holds all its inputs
+and, during one backward, its whole A_s.
+
+Worked example: P=100, A=10, I=X=2, d=4, s=1, m=8, SGD (k=0), 2bw:
+n=3, M = 100*3 + 3*(10+2) = 336 without recompute, 100*3 + 3*2 + 10 = 316 with it.
+
+A :class:`CostContext` holds everything these formulas depend on besides the
+stage's own figures (schedule, d, m, k, the recompute policy, the precision and
+the transfer pricing); a change to the model is made here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from fxpipe.ir import CostModel, StagePlan
+
+__all__ = ["CostContext", "StageFigures", "in_flight", "weight_copies", "stage_time", "stage_memory",
+           "weight_bytes", "stash_bytes"]
+
+
+def in_flight(schedule: str, num_stages: int, stage: int, num_microbatches: int) -> int:
+    """n_s: microbatches whose activations stage ``stage`` holds at once."""
+    if schedule == "gpipe":
+        return num_microbatches
+    return min(num_stages - stage, num_microbatches)
+
+
+def weight_copies(schedule: str, optimizer_slots: int) -> int:
+    """How many parameter-sized tensors a stage keeps per parameter."""
+    return 2 + optimizer_slots + (1 if schedule == "2bw" else 0)
+
+
+@dataclass(frozen=True)
+class CostContext:
+    """What T_s and M_s depend on besides the stage's own figures.
+
+    ``precision`` names the training precision (:mod:`fxpipe.precision`); today every
+    byte count is taken as given by the cost model. ``transfer`` prices sending
+    ``nbytes`` once between two stages (seconds); None uses the cost model's
+    ``comm_time``.
+    """
+
+    schedule: str
+    num_stages: int
+    num_microbatches: int
+    optimizer_slots: int = 0
+    recompute: bool | None = None            # None: chosen per stage; True/False: forced
+    precision: str = "fp32"
+    transfer: Callable[[int], float] | None = None
+
+    def in_flight(self, stage: int) -> int:
+        """n_s of ``stage``."""
+        return in_flight(self.schedule, self.num_stages, stage, self.num_microbatches)
+
+    @property
+    def weight_copies(self) -> int:
+        """Parameter-sized tensors kept per parameter."""
+        return weight_copies(self.schedule, self.optimizer_slots)
+
+    @property
+    def recompute_options(self) -> tuple[bool, ...]:
+        """The values r_s may take: (False, True) when chosen, else the forced one."""
+        return (False, True) if self.recompute is None else (bool(self.recompute),)
+
+    def comm(self, nbytes: int, cost_model: "CostModel | None") -> float:
+        """2 * transfer time of a value of ``nbytes`` (sent forward, gradient sent back); 0 for no bytes."""
+        if nbytes <= 0:
+            return 0.0
+        if self.transfer is not None:
+            return 2.0 * float(self.transfer(int(nbytes)))
+        if cost_model is None:
+            return 0.0
+        return 2.0 * float(cost_model.comm_time(int(nbytes)))
+
+
+def stage_time(fwd: Any, bwd: Any, comm: Any, recompute: bool) -> Any:
+    """T_s = F_s + B_s + r_s*F_s + C_s (floats, numpy arrays or solver expressions)."""
+    return fwd + bwd + (fwd if recompute else 0) + comm
+
+
+def weight_bytes(param_bytes: Any, ctx: CostContext) -> Any:
+    """W(P_s): weights, gradients, optimizer slots and 2bw's second version."""
+    return param_bytes * ctx.weight_copies
+
+
+def stash_bytes(activation_bytes: Any, input_bytes: Any, received_bytes: Any, n: Any,
+                recompute: bool) -> Any:
+    """What the in-flight microbatches keep: r_s ? n_s*I_s + A_s : n_s*(A_s + X_s)."""
+    if recompute:
+        return n * input_bytes + activation_bytes
+    return n * (activation_bytes + received_bytes)
+
+
+def stage_memory(param_bytes: Any, activation_bytes: Any, input_bytes: Any, received_bytes: Any,
+                 n: Any, recompute: bool, ctx: CostContext) -> Any:
+    """M_s = W(P_s) + stash (see the module docstring)."""
+    return weight_bytes(param_bytes, ctx) + stash_bytes(activation_bytes, input_bytes,
+                                                        received_bytes, n, recompute)
+
+
+@dataclass(frozen=True)
+class StageFigures:
+    """The sums over one stage that T_s and M_s are made of (one microbatch)."""
+
+    fwd: float = 0.0                 # F_s
+    bwd: float = 0.0                 # B_s
+    comm: float = 0.0                # C_s
+    param_bytes: int = 0             # P_s
+    activation_bytes: int = 0        # A_s
+    input_bytes: int = 0             # I_s
+    received_bytes: int = 0          # X_s
+    in_flight: int = 1               # n_s
+
+    def time(self, recompute: bool) -> float:
+        """T_s with r_s = ``recompute``."""
+        return stage_time(self.fwd, self.bwd, self.comm, recompute)
+
+    def memory(self, ctx: CostContext, recompute: bool) -> int:
+        """M_s in bytes with r_s = ``recompute``."""
+        return int(stage_memory(self.param_bytes, self.activation_bytes, self.input_bytes,
+                                self.received_bytes, self.in_flight, recompute, ctx))
+
+    @classmethod
+    def of_stage(cls, st: "StagePlan") -> "StageFigures":
+        """The figures a :class:`~fxpipe.ir.StagePlan` records."""
+        return cls(fwd=st.fwd_time, bwd=st.bwd_time, comm=st.comm_time, param_bytes=st.param_bytes,
+                   activation_bytes=st.activation_bytes, input_bytes=st.input_bytes,
+                   received_bytes=st.received_bytes, in_flight=st.in_flight)
