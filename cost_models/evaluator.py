@@ -3,7 +3,7 @@
 Every planner derives its numbers from here: the exact DP (on numpy arrays of
 every contiguous stage at once), the CP-SAT encoding (on linear expressions),
 the plan builder that re-checks a plan (on floats), the lower bounds and the
-baselines. The formulas use only ``+`` and multiplication by constants, so one
+baselines (symbols: docs/cost-model.md). The formulas use only ``+`` and multiplication by constants, so one
 definition serves floats, numpy arrays and OR-Tools expressions alike::
 
     T_s = F_s + B_s + r_s*F_s + C_s
