@@ -386,15 +386,28 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             raise ConfigError("executor='distributed' needs num_stages=d (WORLD_SIZE = d x replicas)")
         width = data_parallel_width(num_stages)
         example_inputs = replica_share(example_inputs, width, 0)
-    p, cg = _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
-                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
-                  device=device, num_devices=num_devices, global_batch=global_batch,
-                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit, given_plan=plan,
-                  precision=precision)
+    plan_kw = dict(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+                   optimizer=optimizer, memory_limit=memory_limit, device=device, num_devices=num_devices,
+                   global_batch=global_batch, leaf_modules=leaf_modules, recompute=recompute,
+                   time_limit=time_limit, precision=precision)
+    if executor == "distributed" and plan is None:
+        # one plan for all ranks: rank 0 plans (and profiles, alone), the others check and take it
+        from fxpipe.runtime.agree import plan_on_rank0
+
+        others_cm = "analytic" if isinstance(cost_model, str) and cost_model == "profile" else cost_model
+        p, cg = plan_on_rank0(lambda given: _plan(model, example_inputs, given_plan=given,
+                                                  cost_model=cost_model if given is None else others_cm,
+                                                  **plan_kw))
+    else:
+        p, cg = _plan(model, example_inputs, cost_model=cost_model, given_plan=plan, **plan_kw)
     if width > 1:
         import dataclasses
 
         p = dataclasses.replace(p, data_parallel=width)
+    if executor == "distributed":
+        from fxpipe.runtime.agree import check_same_plan
+
+        check_same_plan(p)        # before the first step: a differing plan= fails here, naming both plans
     return Pipeline(model, cg, p, loss_fn=loss_fn,
                     optimizer=optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)),
                     executor=executor)

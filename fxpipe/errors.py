@@ -14,6 +14,7 @@ __all__ = [
     "StateDictError",
     "ModelSpecError",
     "DistributedError",
+    "PlanMismatchError",
 ]
 
 
@@ -78,3 +79,7 @@ class ModelSpecError(FxpipeError):
 
 class DistributedError(FxpipeError):
     """A distributed run failed: a rank raised, died, or timed out."""
+
+
+class PlanMismatchError(DistributedError):
+    """Ranks of one distributed run hold different plans (or graphs that do not fit rank 0's plan)."""
