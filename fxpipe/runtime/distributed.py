@@ -68,7 +68,7 @@ from fxpipe.ir import Plan
 from fxpipe.passes.split import PipelineProgram, Source
 from fxpipe.runtime.schedules import Action, build_schedule
 from fxpipe.runtime.weights import WeightVersions, version_for_batch
-from fxpipe.runtime.executor import SavedBytes, _detach_input, _get_attr, stage_param_names
+from fxpipe.runtime.executor import SavedBytes, _detach_input, _get_attr, check_loss, stage_param_names
 
 __all__ = ["DistributedExecutor", "init_distributed", "data_parallel_width", "replica_share",
            "timeout_seconds", "stage_params"]
@@ -267,7 +267,8 @@ class DistributedExecutor:
         self._saved: dict[int, tuple[dict[tuple[int, int], torch.Tensor], tuple[Any, ...], Any]] = {}
         self._losses: dict[int, list[torch.Tensor]] = {}
         self._loss_work: dict[int, tuple[Any, torch.Tensor]] = {}
-        self._sends: list[tuple[Any, torch.Tensor]] = []
+        # posted sends, oldest first: (batch of the microbatch sent, Work, the tensor(s) it reads)
+        self._sends: collections.deque[tuple[int, Any, Any]] = collections.deque()
         self._prefetched: dict[tuple[str, int], tuple] = {}
         self._pending_update: tuple[int, dict[str, Any], list[tuple[Any, torch.Tensor, list[str]]]] | None = None
         # measured, for pipe.report(): this stage's last m microbatches, and the last step's wall/wait time
@@ -335,14 +336,22 @@ class DistributedExecutor:
         finally:
             self.wait_seconds += time.perf_counter() - t0
 
-    def _reap_sends(self, wait: bool = False) -> None:
-        keep = []
-        for wk, t in self._sends:
-            if wait:
+    def _reap_sends(self, wait: bool = False, upto: int | None = None) -> None:
+        """Forget finished sends, oldest first; ``wait``: wait for all, ``upto``: for those of batches <= upto.
+
+        gloo's send ``Work.is_completed()`` stays False until ``wait()`` is called, so waiting
+        is the only way to let go of a send (its Work and the tensor it reads).  A send of batch
+        b is certainly received once every rank has passed the first forward of batch b + 2
+        (see :meth:`step`), so waiting for it then never blocks on a peer: the list holds at
+        most the sends of the last three batches.
+        """
+        while self._sends:
+            b, wk, _ = self._sends[0]
+            if not (wait or (upto is not None and b <= upto) or wk.is_completed()):
+                break
+            if not wk.is_completed():
                 self._wait([wk], "finishing sends", [])
-            elif not wk.is_completed():
-                keep.append((wk, t))
-        self._sends = keep
+            self._sends.popleft()
 
     # -- communication ----------------------------------------------------------
     def _post_recv(self, pairs: list[tuple[int, list[tuple[torch.Size, torch.dtype]]]], what: str) -> tuple:
@@ -386,7 +395,7 @@ class DistributedExecutor:
             posted = self._post_recv(self._recv_pairs(kind), what)
         return self._finish_recv(posted, what)
 
-    def _send(self, pairs: list[tuple[int, list[torch.Tensor]]], what: str) -> None:
+    def _send(self, pairs: list[tuple[int, list[torch.Tensor]]], what: str, batch: int) -> None:
         ops = []
         keep = []
         for s, tensors in pairs:
@@ -399,7 +408,8 @@ class DistributedExecutor:
                 works = dist.batch_isend_irecv(ops)
             except Exception as e:  # noqa: BLE001
                 raise self._fail(what, e) from e
-            self._sends += list(zip(works, keep)) if len(works) == len(keep) else [(wk, keep) for wk in works]
+            self._sends.extend((batch, wk, t) for wk, t in (zip(works, keep) if len(works) == len(keep)
+                                                             else [(wk, keep) for wk in works]))
         self._reap_sends()
 
     def _grad_keys(self, producer: int, consumer: int) -> list[int]:
@@ -447,11 +457,11 @@ class DistributedExecutor:
                 received[(q, k)] = t
         return received
 
-    def _send_outputs(self, outs: tuple[Any, ...], what: str) -> None:
+    def _send_outputs(self, outs: tuple[Any, ...], what: str, batch: int) -> None:
         pairs = []
         for c in self.consumers:
             pairs.append((c, [outs[k] for p, k in self._needs[c] if p == self.stage]))
-        self._send(pairs, what)
+        self._send(pairs, what, batch)
 
     # -- actions --------------------------------------------------------------
     def _forward(self, mb: int) -> None:
@@ -467,7 +477,7 @@ class DistributedExecutor:
         args = [self._resolve(s, self._inputs[mb], leaves, params) for s in st.sources]
         outs = self._run_stage(args, params, grad=True)
         compute = time.perf_counter() - t0
-        self._send_outputs(outs, what)
+        self._send_outputs(outs, what, batch)
         loss = None
         if self.stage == self.d - 1:
             t0 = time.perf_counter()
@@ -478,7 +488,7 @@ class DistributedExecutor:
             assert self.loss_fn is not None
             tgt = pytree.tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t,
                                   self._targets.pop(mb))
-            loss = self.loss_fn(model_out, tgt)
+            loss = check_loss(self.loss_fn(model_out, tgt), mb % self.m)
             compute += time.perf_counter() - t0
             self._losses.setdefault(batch, []).append(loss.detach())
             if len(self._losses[batch]) == self.m:
@@ -518,7 +528,7 @@ class DistributedExecutor:
                 pairs.append((p, [leaves[(p, k)].grad if (p, k) in leaves and leaves[(p, k)].grad is not None
                                   else torch.zeros(self._meta[(p, k)][0], dtype=self._meta[(p, k)][1],
                                                    device=self.device) for k in ks]))
-        self._send(pairs, what)
+        self._send(pairs, what, mb // self.m)
 
     def _update(self, batch: int) -> None:
         """U(batch): all-reduce the gradient of the version the batch used, then step the optimizer.
@@ -660,6 +670,9 @@ class DistributedExecutor:
         self._start_loss_reduce(t)
         work, buf = self._loss_work.pop(t)
         self._wait([work], f"loss all-reduce of batch {t}", [])
+        # every rank has now passed its last forward of batch t, hence (2bw: F of t computes with
+        # W(t-1), made by U(t-2) after every backward of t-2) every receive of batches <= t-2
+        self._reap_sends(upto=t - 2)
         self.batch += 1
         if self.schedule != "2bw" or k > 10_000:
             self.drain()           # nothing left to drain for flush/gpipe; keeps 2bw indices bounded
@@ -680,7 +693,7 @@ class DistributedExecutor:
                 received = self._receive_inputs(what)
                 args = [self._resolve(s, mb_inputs, received, params) for s in st.sources]
                 outs = self._run_stage(args, params, grad=False)
-                self._send_outputs(outs, what)
+                self._send_outputs(outs, what, self.batch)
                 if self.stage == self.d - 1:
                     leaves = [outs[s.index] if s.kind == "stage" and s.stage == self.stage
                               else self._resolve(s, mb_inputs, received, params) for s in self.program.output_sources]
