@@ -12,6 +12,9 @@ __all__ = [
     "ScheduleError",
     "InputError",
     "StateDictError",
+    "CheckpointError",
+    "LossError",
+    "PipelineStateError",
     "ModelSpecError",
     "DistributedError",
     "PlanMismatchError",
@@ -71,6 +74,18 @@ class StateDictError(FxpipeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(StateDictError):
+    """A checkpoint directory cannot be written where asked, or cannot be read back."""
+
+
+class LossError(FxpipeError, TypeError):
+    """``loss_fn`` returned something ``step`` cannot train on (not a scalar tensor with a gradient)."""
+
+
+class PipelineStateError(FxpipeError, RuntimeError):
+    """The pipeline refuses to continue: an earlier ``step`` failed after some weights were updated."""
 
 
 class ModelSpecError(FxpipeError):

@@ -161,7 +161,7 @@ class Pipeline:
                 t.copy_(state_dict[k].to(t.dtype))
         for rt in self._executor.runtimes:
             rt.weights.reset()
-        self._executor.batch = 0
+        self._executor.reset(0)
 
     def save(self, path: str) -> None:
         """Write a checkpoint directory: both 2BW weight versions, optimizer state, the batch counter.

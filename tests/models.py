@@ -125,3 +125,30 @@ def gpt_case(dtype: torch.dtype = torch.float64, batch: int = 8):
 
 
 CASES = {"mlp": mlp_case, "skip": skip_case, "gpt": gpt_case}
+
+
+class BNNet(nn.Module):
+    """Linear + BatchNorm1d blocks and dropout: persistent buffers a step changes, and random draws."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16, out: int = 4, p: float = 0.1) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(p)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.bn1(self.fc1(x)))
+        h = torch.tanh(self.bn2(self.fc2(h)))
+        return self.head(self.drop(h))
+
+
+def bn_case(dtype: torch.dtype = torch.float64, batch: int = 16):
+    """Not in CASES: BatchNorm makes a microbatch's output depend on the microbatch it is in."""
+    torch.manual_seed(3)
+    model = BNNet().to(dtype)
+    x = torch.randn(batch, 8, dtype=dtype)
+    y = torch.randn(batch, 4, dtype=dtype)
+    return model, x, y, F.mse_loss

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxpipe
-from fxpipe.errors import (ConfigError, FxpipeError, InfeasibleMemoryError, InputError, ModelSpecError,
+from fxpipe.errors import (ConfigError, FxpipeError, InfeasibleMemoryError, InputError, LossError, ModelSpecError,
+                           PipelineStateError,
                            ScheduleError, StateDictError, TraceError)
 from models import CASES
 
@@ -144,3 +145,84 @@ def test_cost_model_returning_garbage():
     model, x = _mlp()
     with pytest.raises(fxpipe.CostModelError, match=r"fwd_time must be a finite number >= 0, got -1.0"):
         fxpipe.plan(model, (x,), num_stages=2, num_microbatches=4, cost_model=Bad())
+
+
+# -- a step that raised ---------------------------------------------------------------------------------
+def _flaky(loss_fn, fail_at):
+    """loss_fn raising on its ``fail_at``-th call (after some microbatches already ran backward)."""
+    calls = {"n": 0}
+
+    def fn(out, y):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise ValueError("injected loss failure")
+        return loss_fn(out, y)
+    return fn
+
+
+@pytest.mark.parametrize("schedule", ["2bw", "flush"])
+def test_failed_step_leaves_no_trace(schedule):
+    """BatchNorm statistics, dropout draws and partial gradients of the failed batch are all undone."""
+    import copy
+
+    from models import bn_case
+    from test_pipeline import SGDM, batches_for
+
+    model, x, y, loss_fn = bn_case()
+    batches = batches_for(x, y, n=4)
+    clean = fxpipe.compile(copy.deepcopy(model), (x,), num_stages=2, num_microbatches=4, schedule=schedule,
+                           loss_fn=loss_fn, optimizer=SGDM)
+    torch.manual_seed(5)
+    want = [clean.step(bx, by).item() for bx, by in batches]
+    # 4 microbatches per step: call 7 is microbatch 2 of batch 1, after backwards of batch 1 have run
+    failing = fxpipe.compile(copy.deepcopy(model), (x,), num_stages=2, num_microbatches=4, schedule=schedule,
+                             loss_fn=_flaky(loss_fn, 7), optimizer=SGDM)
+    torch.manual_seed(5)
+    got = [failing.step(*batches[0]).item()]
+    with pytest.raises(ValueError, match="injected loss failure"):
+        failing.step(x * 3, y)
+    got += [failing.step(bx, by).item() for bx, by in batches[1:]]
+    assert got == want
+    a, b = clean.state_dict(), failing.state_dict()
+    assert sorted(a) == sorted(b) and "bn1.running_mean" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_step_failed_mid_update_is_refused_until_load(tmp_path):
+    from test_pipeline import SGDM
+
+    model, x, y, loss = CASES["mlp"]()
+    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, loss_fn=loss, optimizer=SGDM)
+    pipe.step(x, y)
+    pipe.save(str(tmp_path / "ck"))
+    rts = pipe._executor.runtimes
+    last_update = rts[0].weights.update         # stage 0 updates after stage 1 (its backward is last)
+
+    def broken(batch, grads=None):
+        raise RuntimeError("optimizer blew up")
+    rts[0].weights.update = broken
+    with pytest.raises(RuntimeError, match="optimizer blew up"):
+        pipe.step(x, y)
+    rts[0].weights.update = last_update
+    with pytest.raises(PipelineStateError, match=r"batch 1\) raised RuntimeError: optimizer blew up after some "
+                                                 r"stages had updated.*pipe.load\(checkpoint_dir\)"):
+        pipe.step(x, y)
+    pipe.load(str(tmp_path / "ck"))
+    assert torch.isfinite(pipe.step(x, y))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda out, y: (out - y) ** 2, r"tensor of shape \(2, 8\) for microbatch 0, not a scalar"),
+    (lambda out, y: F.mse_loss(out, y).detach(), r"without a gradient \(requires_grad=False\)"),
+    (lambda out, y: F.mse_loss(out, y).item(), r"returned a float \(\d\.\d+\) for microbatch 0, not a tensor "
+                                               r"\(was \.item\(\) or float\(\) called on it\?\)"),
+    (lambda out, y: (out > 0).sum(), r"torch.int64 tensor for microbatch 0"),
+])
+def test_bad_loss_values(bad, match):
+    model, x, y, _ = CASES["mlp"]()
+    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, loss_fn=bad)
+    before = {k: v.clone() for k, v in pipe.state_dict().items()}
+    with pytest.raises(LossError, match=match):
+        pipe.step(x, y)
+    assert all(torch.equal(before[k], v) for k, v in pipe.state_dict().items())

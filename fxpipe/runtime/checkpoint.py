@@ -190,7 +190,7 @@ def load_local(pipe: Any, path: str | os.PathLike) -> None:
     for rt in ex.runtimes:
         states = _stage_files(p, meta, rt.program.index)
         load_stage_state(rt.weights, states, str(p))
-    ex.batch = int(meta["batch"])
+    ex.reset(int(meta["batch"]))
 
 
 def save_distributed(pipe: Any, path: str | os.PathLike) -> None:

@@ -18,12 +18,38 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from fxpipe.errors import ScheduleError
+from fxpipe.errors import LossError, PipelineStateError, ScheduleError
 from fxpipe.passes.split import PipelineProgram, Source, StageProgram
 from fxpipe.runtime.schedules import Action, build_schedule, render
 from fxpipe.runtime.weights import WeightVersions, version_for_batch
 
-__all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes", "stage_param_names", "SavedBytes"]
+__all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes", "stage_param_names", "SavedBytes",
+           "check_loss"]
+
+
+def check_loss(loss: Any, microbatch: int) -> torch.Tensor:
+    """``loss`` if it is a one-element floating tensor with a gradient, else a LossError saying what it is.
+
+    Raises:
+        LossError: a Python number, a non-scalar tensor, an integer tensor, or one without ``grad_fn``.
+    """
+    how = "return loss_fn(model_output, targets) as a scalar tensor computed from the output, e.g. " \
+          "torch.nn.functional.mse_loss(out, y)"
+    if not isinstance(loss, torch.Tensor):
+        extra = " (was .item() or float() called on it?)" if isinstance(loss, (int, float)) else ""
+        raise LossError(f"loss_fn returned a {type(loss).__name__} ({loss!r:.60}) for microbatch {microbatch}, "
+                        f"not a tensor{extra}; {how}")
+    if loss.numel() != 1:
+        raise LossError(f"loss_fn returned a tensor of shape {tuple(loss.shape)} for microbatch {microbatch}, "
+                        "not a scalar; reduce it (e.g. .mean() or reduction='mean') — " + how)
+    if not (loss.is_floating_point() or loss.is_complex()):
+        raise LossError(f"loss_fn returned a {loss.dtype} tensor for microbatch {microbatch}; a loss must be "
+                        f"floating point to have a gradient; {how}")
+    if not loss.requires_grad:
+        raise LossError(f"loss_fn returned a tensor without a gradient (requires_grad=False) for microbatch "
+                        f"{microbatch}: it was detached, computed under torch.no_grad(), or built from "
+                        f"Python numbers; {how}")
+    return loss
 
 
 @dataclass
@@ -141,6 +167,9 @@ class LocalExecutor:
         self.d = program.num_stages
         self.loss_fn = loss_fn
         self.batch = 0                       # batches trained so far
+        self.broken: str | None = None       # why step() refuses to run (a step failed mid-update)
+        self._updated = False                # the running step has stepped some optimizer
+        self._mutable: list[torch.Tensor] | None = None   # buffers a step changes; None until a step ran
         self.actions = build_schedule(schedule, self.d, self.m, 1)
         owner = {}
         for rt in runtimes:
@@ -206,7 +235,66 @@ class LocalExecutor:
 
     # -- training -------------------------------------------------------------
     def step(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
-        """Train one batch (len(inputs) == m microbatches); returns the mean loss."""
+        """Train one batch (len(inputs) == m microbatches); returns the mean loss.
+
+        A step that raises leaves no trace when no weight was updated yet (the usual case: the
+        model or ``loss_fn`` raised in a forward or backward): the gradients it accumulated, the
+        buffers it changed (BatchNorm statistics) and the random-number state are put back, so
+        the next step is the one a run without the failed batch would take.  If some stage had
+        already stepped its optimizer, the pipeline refuses further steps instead.
+
+        Raises:
+            PipelineStateError: an earlier step failed after updating weights; ``load`` a
+                checkpoint or ``load_state_dict`` to continue.
+        """
+        if self.broken is not None:
+            raise PipelineStateError(self.broken)
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        snap = [(b, b.clone()) for b in (self._mutable if self._mutable is not None else self._buffers())]
+        self._updated = False
+        try:
+            loss = self._step(inputs, targets)
+        except BaseException as e:
+            if self._updated:
+                self.broken = (f"an earlier step (batch {self.batch}) raised {type(e).__name__}: {e} after some "
+                               "stages had updated their weights, so the weights are neither before nor after "
+                               "that batch; restore them with pipe.load(checkpoint_dir) or "
+                               "pipe.load_state_dict(...), or compile the model again")
+            else:
+                self._undo(rng, cuda_rng, snap)
+            raise
+        if self._mutable is None:        # learnt once: the buffers a step changes (BatchNorm statistics)
+            self._mutable = [b for b, old in snap if not torch.equal(b, old)]
+        return loss
+
+    def _buffers(self) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for mod in [self.program.root] + [rt.program.module for rt in self.runtimes]:
+            for b in mod.buffers():
+                seen.setdefault(id(b), b)
+        return list(seen.values())
+
+    def _undo(self, rng: torch.Tensor, cuda_rng: Any, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Forget what a failed step did before any update: gradients, buffer changes, random draws."""
+        version = version_for_batch(self.schedule, self.batch)
+        for rt in self.runtimes:
+            if rt.weights is not None:
+                rt.weights.forget_grads(version)
+            rt.fwd_seconds, rt.bwd_seconds, rt.saved_bytes = [], [], []
+        with torch.no_grad():
+            for b, old in snap:
+                b.copy_(old)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+    def reset(self, batch: int) -> None:
+        """After new weights were loaded: every version restarts from them at ``batch``; a failure is forgiven."""
+        self.batch = batch
+        self.broken = None
+
+    def _step(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
         m, d, batch = self.m, self.d, self.batch
         version = version_for_batch(self.schedule, batch)
         outputs: dict[tuple[int, int], tuple[Any, ...]] = {}
@@ -263,7 +351,7 @@ class LocalExecutor:
                         else:
                             leaves.append(self._resolve(src, mb, inputs, outputs, params))
                     model_out = pytree.tree_unflatten(leaves, self.program.output_spec)
-                    loss = self.loss_fn(model_out, targets[mb])
+                    loss = check_loss(self.loss_fn(model_out, targets[mb]), mb)
                     losses[mb] = loss.detach()
                 saved[(s, mb)] = (leaf_inputs, outs, loss)
                 out_grads[(s, mb)] = [None] * len(outs)
@@ -292,6 +380,7 @@ class LocalExecutor:
                     for i in range(m):
                         outputs.pop((s, i), None)
             elif a.kind == "U":
+                self._updated = True
                 rt.weights.update(batch)  # type: ignore[union-attr]
 
         for rt in self.runtimes:

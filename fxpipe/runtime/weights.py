@@ -66,6 +66,11 @@ class WeightVersions:
             }
         return self._leaves[version]
 
+    def forget_grads(self, version: int) -> None:
+        """Drop the gradients accumulated on ``version``'s leaves (a failed step's partial sums)."""
+        for t in self._leaves.get(version, {}).values():
+            t.grad = None
+
     def newest(self) -> dict[str, torch.Tensor]:
         """The newest weights, for forward-only use."""
         return {k: p.detach() for k, p in self.params.items()}
