@@ -227,6 +227,43 @@ def mode_fault(out: Path, how: str, bad_rank: int) -> None:
     print("finished without error", flush=True)
 
 
+def mode_safety(out: Path) -> None:
+    """2 ranks, 2bw: the pending sends stay bounded over many steps; then a loss_fn that raises on the
+    last rank fails the step on every rank and every later step is refused (the ranks then end)."""
+    import models
+    from fxpipe.errors import DistributedError
+    from test_pipeline import batches_for
+
+    rank = int(os.environ["RANK"])
+    res: dict = {}
+    model, x, y, loss_fn = models.CASES["mlp"]()
+    calls = {"n": 0, "fail_at": None}
+
+    def flaky(out_, t):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise ValueError("injected loss failure")
+        return loss_fn(out_, t)
+
+    pipe = build(model, x, stages=2, m=4, schedule="2bw", loss_fn=flaky, executor="distributed")
+    sends = []
+    for bx, by in batches_for(x, y, n=16):
+        pipe.step(bx, by)
+        sends.append(len(pipe._executor._sends))
+    res["pending_sends"] = sends
+
+    calls["fail_at"] = calls["n"] + 3            # microbatch 2 of the next batch, on the last rank
+    errors = []
+    for _ in range(2):
+        try:
+            pipe.step(x, y)
+            errors.append(None)
+        except DistributedError as e:
+            errors.append(str(e))
+    res["errors"] = errors
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+
+
 def mode_interop(out: Path, schedule: str) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
@@ -282,6 +319,8 @@ if __name__ == "__main__":
         mode_fault(out, rest[0], int(rest[1]))
     elif mode == "interop":
         mode_interop(out, rest[0])
+    elif mode == "safety":
+        mode_safety(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     import torch.distributed as dist

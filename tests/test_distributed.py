@@ -116,6 +116,33 @@ def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):
     assert f"peer rank {bad_rank} (stage {bad_rank}" in r.logs[neighbour]
 
 
+@pytest.fixture(scope="module")
+def safety(tmp_path_factory):
+    out = tmp_path_factory.mktemp("safety")
+    r = launch(2, ["safety", str(out)], timeout=90, env={"FXPIPE_TIMEOUT": "20", "FXPIPE_ABORT_GRACE": "3"})
+    assert not r.timed_out, f"ranks still running after 90 s: {r.returncodes}\n" + "\n".join(x[-3000:] for x in r.logs)
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)], r
+
+
+@pytest.mark.timeout(120)
+def test_2bw_pending_sends_stay_bounded(safety):
+    """gloo's send Work never reports completion by itself: unreaped, the list grew every step."""
+    for rank, res in enumerate(safety[0]):
+        sends = res["pending_sends"]
+        assert len(set(sends[3:])) == 1 and sends[-1] <= 3 * 4, f"rank {rank}: pending sends per step {sends}"
+
+
+@pytest.mark.timeout(120)
+def test_failed_step_is_refused_on_every_rank(safety):
+    results, r = safety
+    assert all(c != 0 for c in r.returncodes), r.returncodes      # the watchdog ends both ranks
+    first, again = results[1]["errors"]
+    assert "rank 1 (stage 1, replica 0) failed in action" in first and "injected loss failure" in first
+    for rank, res in enumerate(results):
+        assert res["errors"][0] is not None, f"rank {rank}: the failed step returned"
+        assert "already failed" in res["errors"][1] and "pipe.load(dir)" in res["errors"][1], res["errors"]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world,schedule", [(2, "gpipe"), (3, "1f1b")])
 def test_torch_pipelining_interop_matches_flush_reference(tmp_path, world, schedule):
