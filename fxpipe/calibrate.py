@@ -28,7 +28,7 @@ from fxpipe.report import fmt_bytes, fmt_time
 if TYPE_CHECKING:
     from fxpipe.pipeline import Pipeline
 
-__all__ = ["StageMeasurement", "measurements", "report_table", "rank_table", "CalibratedCostModel", "calibrated_cost_model"]
+__all__ = ["calibration_cost_model", "StageMeasurement", "measurements", "report_table", "rank_table", "CalibratedCostModel", "calibrated_cost_model"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,20 @@ class StageMeasurement:
     fwd_time: float          # seconds per microbatch
     bwd_time: float          # seconds per microbatch
     saved_bytes: int         # bytes autograd saved per microbatch (parameters excluded)
+
+
+def calibration_cost_model(name: str, reprofile: bool = False) -> "str | CostModel":
+    """The ``cost_model`` of ``fxpipe calibrate``: ``reprofile`` measures every op again.
+
+    ``--reprofile`` implies the profiled model and overwrites the cached prices
+    (``ProfiledCostModel(cache="refresh")``), so a price measured while the machine was
+    busy does not stay in the cache for ever.
+    """
+    if reprofile:
+        from fxpipe.cost_models.profiled import ProfiledCostModel
+
+        return ProfiledCostModel(cache="refresh")
+    return name
 
 
 def measurements(pipe: "Pipeline", ranks: list[dict] | None = None) -> list[StageMeasurement]:

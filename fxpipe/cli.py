@@ -201,6 +201,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     import torch.utils._pytree as pytree
 
     import fxpipe
+    from fxpipe.calibrate import calibration_cost_model
     from fxpipe.presets import PRESETS, get_preset
 
     if a.model in PRESETS:
@@ -217,8 +218,8 @@ def _calibrate(a: argparse.Namespace) -> int:
         return sum(t.float().pow(2).mean() for t in leaves) / max(1, len(leaves))
 
     pipe = fxpipe.compile(model, example, num_stages=a.stages, num_microbatches=a.microbatches,
-                          schedule=a.schedule, cost_model=a.cost_model, loss_fn=loss_fn,
-                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+                          schedule=a.schedule, cost_model=calibration_cost_model(a.cost_model, a.reprofile),
+                          loss_fn=loss_fn, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
     leaves = pytree.tree_leaves(example)
     batch = next(t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0)
     targets = torch.zeros(batch)
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
     c.add_argument("--steps", type=int, default=3, help="training steps; the last one is measured")
     c.add_argument("--replan", action="store_true", help="also re-plan from the measurements and show the new plan")
+    c.add_argument("--reprofile", action="store_true",
+                   help="measure every op again (implies --cost-model profile) and overwrite the cached prices")
     demo = sub.add_parser("demo", help="the main job: train a small GPT under 2BW", add_help=False)
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
