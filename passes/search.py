@@ -10,7 +10,10 @@ dividing B / w) and m = B / (w·b) microbatches per batch (2bw needs m >= d)::
 
 Each candidate is cut by :func:`~fxpipe.passes.partition.partition` on the graph
 traced at microbatch size b and priced by ``price(plan, w)`` (seconds per batch;
-default :func:`batch_time`).
+default :func:`batch_time`: the schedule on the event-driven simulator with the
+data-parallel all-reduce on each stage's update lane). gpipe runs as PipeDream-2BW's
+paper ran it: as many microbatches per flush as fit (m, m/2, ...), several flushes
+per optimizer step.
 Throughput = B / t samples per second.
 
 Every candidate ends with one outcome, recorded in ``extra["search"]["candidates"]``::
@@ -44,7 +47,7 @@ from fxpipe.ir import SCHEDULES, CostModel, Plan
 from .coarsen import graph_costs
 from .partition import memory_lower_bound, partition, trivial_lower_bound
 
-__all__ = ["search_depth_width", "batch_time", "allreduce_time", "microbatch_candidates", "SOLVED",
+__all__ = ["search_depth_width", "batch_time", "allreduce_time", "microbatch_candidates", "flush_sizes", "SOLVED",
            "INFEASIBLE", "PRUNED", "GAVE_UP"]
 
 GraphFor = Callable[[int], "tuple[torch.fx.GraphModule, CostModel]"]
@@ -84,14 +87,25 @@ def batch_time(plan: Plan, *, width: int, cost_model: CostModel,
                allreduce_bandwidth: float | None = None) -> tuple[float, float]:
     """(seconds per batch, exposed all-reduce seconds) of ``plan`` replicated ``width`` times.
 
-    2bw: ``m·T_max + X``; flush and gpipe: ``(m + d - 1)·T_max + X``, with
-    ``X = max_s max(0, AR_s - B_s)`` the exposed ring all-reduce of stage s's P_s.
+    The plan's schedule runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with each
+    stage's F_s, B_s, boundary transfers, and its ring all-reduce (:func:`allreduce_time` of
+    P_s) on the update lane: 2bw hides it behind the next batch, flush and gpipe wait for it.
+    A gpipe plan with ``extra["microbatches_per_flush"] = g`` runs m / g flushes per batch.
     """
-    m, d = plan.num_microbatches, plan.num_stages
-    exposed = max((max(0.0, allreduce_time(st.param_bytes, width, cost_model, allreduce_bandwidth)
-                       - st.bwd_time) for st in plan.stages), default=0.0)
-    steps = m if plan.schedule == "2bw" else m + d - 1
-    return steps * plan.bottleneck + exposed, exposed
+    from fxpipe.runtime.simulate import steady_batch_time
+
+    ar = [allreduce_time(st.param_bytes, width, cost_model, allreduce_bandwidth) for st in plan.stages]
+    return steady_batch_time(plan, ar if width > 1 else None,
+                             microbatches_per_flush=plan.extra.get("microbatches_per_flush"))
+
+
+def flush_sizes(m: int) -> list[int]:
+    """gpipe's candidate microbatches per flush, largest first: m, then halvings that divide m."""
+    out, g = [m], m
+    while g % 2 == 0 and g > 1:
+        g //= 2
+        out.append(g)
+    return out
 
 
 def _better(thr: float, d: int, b: int, thr0: float, d0: int, b0: int) -> bool:
@@ -133,6 +147,40 @@ def _enumerate(num_devices: int, global_batch: int, schedule: str, max_depth: in
             + (f" with microbatch_sizes={list(microbatch_sizes)}" if microbatch_sizes else "")
             + "; use a global batch that is a multiple of the device count, or schedule='flush'")
     return cands
+
+
+def _solve(gm: torch.fx.GraphModule, cm: CostModel, gc: Any, *, d: int, m: int, schedule: str,
+           memory_limit: int | None, optimizer_slots: int, recompute: bool | None, time_limit: float,
+           num_workers: int) -> tuple[Plan, int | None]:
+    """Partition one candidate; gpipe tries g = m, m/2, ... microbatches per flush until one fits.
+
+    Returns the plan (num_microbatches = m) and g (None unless gpipe).
+
+    Raises:
+        InfeasibleMemoryError: not even the smallest g fits; PartitionError as :func:`partition`.
+    """
+    sizes = flush_sizes(m) if schedule == "gpipe" else [m]
+    last: InfeasibleMemoryError | None = None
+    for g in sizes:
+        if memory_limit is not None and len(sizes) > 1 and memory_lower_bound(
+                gc, num_stages=d, num_microbatches=g, schedule=schedule, optimizer_slots=optimizer_slots,
+                recompute=recompute) > memory_limit:
+            continue
+        try:
+            plan = partition(gm, cm, num_stages=d, num_microbatches=g, schedule=schedule,
+                             memory_limit=memory_limit, optimizer_slots=optimizer_slots,
+                             recompute=recompute, time_limit=time_limit, num_workers=num_workers)
+        except InfeasibleMemoryError as e:
+            last = e
+            continue
+        if schedule != "gpipe":
+            return plan, None
+        extra = {**plan.extra, "microbatches_per_flush": g}
+        return dataclasses.replace(plan, num_microbatches=m, extra=extra), g
+    if last is not None:
+        raise last
+    raise InfeasibleMemoryError(f"no microbatches-per-flush in {sizes} fits memory_limit={memory_limit} bytes "
+                                f"at depth {d}", memory_limit=memory_limit, min_feasible=None)
 
 
 def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: int,
@@ -228,7 +276,8 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             continue
         gm, cm, gc = graph(b)
         if memory_limit is not None:
-            need = memory_lower_bound(gc, num_stages=d, num_microbatches=m, schedule=schedule,
+            fewest = min(flush_sizes(m)) if schedule == "gpipe" else m
+            need = memory_lower_bound(gc, num_stages=d, num_microbatches=fewest, schedule=schedule,
                                       optimizer_slots=optimizer_slots, recompute=recompute)
             if need > memory_limit:
                 row.update(fits=False, status=INFEASIBLE, reason=f"needs >= {need} B per device")
@@ -239,9 +288,11 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             continue
         t0 = time.perf_counter()
         try:
-            plan = partition(gm, cm, num_stages=d, num_microbatches=m, schedule=schedule,
-                             memory_limit=memory_limit, optimizer_slots=optimizer_slots,
-                             recompute=recompute, time_limit=per, num_workers=num_workers)
+            plan, g = _solve(gm, cm, gc, d=d, m=m, schedule=schedule, memory_limit=memory_limit,
+                             optimizer_slots=optimizer_slots, recompute=recompute, time_limit=per,
+                             num_workers=num_workers)
+            if g is not None:
+                row["microbatches_per_flush"] = g
         except InfeasibleMemoryError as e:
             row.update(fits=False, status=INFEASIBLE, reason="over memory"
                        + (f" (needs >= {e.min_feasible} B)" if e.min_feasible is not None else ""))

@@ -331,3 +331,80 @@ def test_validate_rejects_shape_errors():
         validate(bad, "flush", 2, 2)
     with pytest.raises(ScheduleError, match="m=1, d=2"):
         validate(build_schedule("flush", 2, 1), "2bw", 2, 1)
+
+
+# --------------------------------------------------------------------------- simulator with links and all-reduce
+
+
+def _plan(schedule: str, m: int, fwd: list[float], bwd: list[float], comm: list[float] | None = None):
+    from fxpipe.ir import Plan, StagePlan
+
+    comm = comm or [0.0] * len(fwd)
+    stages = tuple(StagePlan(index=s, nodes=(f"n{s}",), fwd_time=f, bwd_time=b, comm_time=c, time=f + b + c)
+                   for s, (f, b, c) in enumerate(zip(fwd, bwd, comm)))
+    return Plan(stages=stages, num_microbatches=m, schedule=schedule,
+                bottleneck=max(st.time for st in stages), lower_bound=0.0, optimal=False)
+
+
+def test_per_boundary_links_and_a_slow_link_bounds_the_pipeline():
+    # flush d=3 m=1: boundary 0 takes 1, boundary 1 takes 3; F=1, B=2
+    sim = simulate(build_schedule("flush", 3, 1), 1.0, 2.0, comm_time=[1.0, 3.0])
+    f2 = [e for s, e, a in sim.timeline[2] if a.kind == "F"][0]
+    assert f2 == 1 + 1 + 1 + 3 + 1          # 0F0, link 0, 1F0, link 1, 2F0
+    assert sim.makespan == f2 + 2 + 3 + 2 + 1 + 2
+    # 2bw d=2 m=8: a link of 4 per microbatch (compute 3) paces the stream: the link carries 8 tensors
+    fast = simulate(build_schedule("2bw", 2, 8), 1.0, 2.0, comm_time=0.0)
+    slow = simulate(build_schedule("2bw", 2, 8), 1.0, 2.0, comm_time=4.0)
+    assert fast.makespan == pytest.approx(8 * 3 + 3)
+    assert slow.makespan >= 8 * 4 and slow.makespan > fast.makespan + 8
+    with pytest.raises(ScheduleError, match="comm_time has 1 entries but the schedule has 2 stages"):
+        simulate(build_schedule("flush", 3, 1), comm_time=[1.0])
+
+
+def test_2bw_overlaps_the_allreduce_flush_waits_for_it():
+    for schedule in ("2bw", "flush"):
+        acts = build_schedule(schedule, 2, 4, 3)
+        base = simulate(acts, 1.0, 2.0, allreduce_time=0.0, schedule=schedule, num_microbatches=4)
+        ar = simulate(acts, 1.0, 2.0, allreduce_time=5.0, schedule=schedule, num_microbatches=4)
+        gaps = [b - a for a, b in zip(ar.batch_end, ar.batch_end[1:])]
+        base_gaps = [b - a for a, b in zip(base.batch_end, base.batch_end[1:])]
+        if schedule == "2bw":      # 5 s of all-reduce < 12 s of compute per batch: hidden
+            assert gaps == pytest.approx(base_gaps) and base_gaps[-1] == pytest.approx(12.0)
+        else:                      # the next batch needs the reduced update: 5 s more per batch
+            assert gaps == pytest.approx([g + 5.0 for g in base_gaps])
+        assert ar.busy == base.busy    # the update lane does not occupy the rank
+    # 2bw: an all-reduce longer than a batch becomes the pace (version t+1 is needed by batch t+2)
+    acts = build_schedule("2bw", 2, 4, 6)
+    slow = simulate(acts, 1.0, 2.0, allreduce_time=30.0, schedule="2bw", num_microbatches=4)
+    assert slow.batch_end[-1] - slow.batch_end[-2] == pytest.approx(30.0)
+
+
+def test_gpipe_with_several_flushes_per_batch():
+    acts = build_schedule("gpipe", 2, 4, 1, microbatches_per_flush=2)
+    assert [str(a) for a in acts[0]] == ["0F0", "0F1", "0B0", "0B1", "0F2", "0F3", "0B2", "0B3", "0U0"]
+    validate(acts, "gpipe", 2, 4)
+    assert simulate(acts, 1.0, 2.0).peak_in_flight == [2, 2]
+    # one flush of g microbatches over d stages takes 3 (g + d - 1) with F=1, B=2; flushes do not overlap
+    assert simulate(acts, 1.0, 2.0).makespan == 2 * 3 * (2 + 1)
+    assert simulate(build_schedule("gpipe", 2, 4), 1.0, 2.0).makespan == 3 * (4 + 1)
+    with pytest.raises(ScheduleError, match="microbatches_per_flush applies to schedule 'gpipe' only"):
+        build_schedule("flush", 2, 4, microbatches_per_flush=2)
+    with pytest.raises(ScheduleError, match=r"microbatches_per_flush must be an int in 1..num_microbatches=4, got 5"):
+        build_schedule("gpipe", 2, 4, microbatches_per_flush=5)
+
+
+def test_steady_batch_time_of_a_plan():
+    from fxpipe.runtime.simulate import steady_batch_time
+
+    # 2bw, d=2, m=4, stage 1 the bottleneck at F+B = 3: steady state 4 * 3 per batch
+    two = _plan("2bw", 4, [1.0, 1.0], [1.0, 2.0])
+    assert steady_batch_time(two)[0] == pytest.approx(12.0)
+    assert steady_batch_time(two, allreduce=[5.0, 5.0]) == pytest.approx((12.0, 0.0))   # hidden
+    t, exposed = steady_batch_time(two, allreduce=[20.0, 20.0])   # paced by the all-reduce, plus a refill
+    assert 20.0 <= t <= 20.0 + (2 - 1) * 3.0 and exposed == pytest.approx(t - 12.0)
+    # flush pays fill and drain every batch: (m + d - 1) slots of the bottleneck when stages are equal
+    flush = _plan("flush", 4, [1.0, 1.0], [2.0, 2.0])
+    assert steady_batch_time(flush)[0] == pytest.approx((4 + 2 - 1) * 3.0)
+    gp = _plan("gpipe", 4, [1.0, 1.0], [2.0, 2.0])
+    assert steady_batch_time(gp)[0] == pytest.approx(3 * (4 + 1))
+    assert steady_batch_time(gp, microbatches_per_flush=1)[0] == pytest.approx(4 * 3 * 2)

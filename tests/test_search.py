@@ -106,8 +106,16 @@ def test_other_schedules_pay_the_bubble(schedule: str) -> None:
     p = search_depth_width(fn, num_devices=4, global_batch=16, schedule=schedule,
                            memory_limit=None, optimizer_slots=0, time_limit=2.0)
     s = p.extra["search"]
-    steps = p.num_microbatches + p.num_stages - 1
-    assert s["batch_time"] == pytest.approx(steps * p.bottleneck + s["allreduce_exposed"])
+    work = [st.fwd_time + st.bwd_time + (st.fwd_time if st.recompute else 0.0) for st in p.stages]
+    # fill and drain every batch: the bottleneck stage m times, every other stage once on the critical path
+    assert s["batch_time"] >= (p.num_microbatches - 1) * max(work) + sum(work) - 1e-12
+    from fxpipe.runtime.simulate import steady_batch_time
+
+    g = p.extra.get("microbatches_per_flush")
+    assert (g is not None) == (schedule == "gpipe")
+    assert s["batch_time"] == pytest.approx(steady_batch_time(
+        p, [2 * (p.data_parallel - 1) * FakeCostModel(bandwidth=1e9).comm_time(-(-st.param_bytes // p.data_parallel))
+            for st in p.stages] if p.data_parallel > 1 else None, microbatches_per_flush=g)[0])
 
 
 def test_search_is_deterministic() -> None:
@@ -172,6 +180,21 @@ def test_time_limit_bounds_the_search_tracing_included() -> None:
     late = [r for r in s["candidates"] if r["status"] == "gave up"]
     assert late and all("time_limit=1.0 s ran out" in r["reason"] for r in late)
     assert s["trace_time"] >= 0.4 and s["search_time"] == pytest.approx(took, abs=0.05)
+
+
+def test_gpipe_runs_as_many_microbatches_per_flush_as_fit() -> None:
+    fn = graph_for(bandwidth=1e15, params=1000, act=100_000)
+    free = search_depth_width(fn, num_devices=2, global_batch=16, schedule="gpipe", memory_limit=None,
+                              microbatch_sizes=[1], time_limit=30.0)
+    assert (free.num_stages, free.extra["microbatches_per_flush"]) == (1, free.num_microbatches) == (1, 8)
+    # room for about 2 microbatches' activations: several flushes per step, same batch
+    limit = 2 * max(s.activation_bytes for s in free.stages) + 10 * sum(s.param_bytes for s in free.stages)
+    p = search_depth_width(fn, num_devices=2, global_batch=16, schedule="gpipe", memory_limit=limit,
+                           microbatch_sizes=[1], recompute=False, time_limit=30.0)
+    g = p.extra["microbatches_per_flush"]
+    assert p.num_microbatches * p.data_parallel == 16 and g < p.num_microbatches
+    assert max(s.memory for s in p.stages) <= limit and all(s.in_flight <= g for s in p.stages)
+    assert p.extra["search"]["batch_time"] >= free.extra["search"]["batch_time"]
 
 
 def test_nothing_fits_raises_with_smallest_memory() -> None:

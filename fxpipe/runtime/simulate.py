@@ -1,0 +1,375 @@
+"""Running a schedule without devices: an event-driven simulator, the rank x step grid, steady-state batch time.
+
+See :func:`simulate` for the timing rules (per-stage compute, per-boundary links, an
+update lane that overlaps the data-parallel all-reduce) and :func:`steady_batch_time`
+for pricing a :class:`~fxpipe.ir.Plan` with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fxpipe.errors import ScheduleError
+from fxpipe.runtime.actions import Action, weight_version
+
+__all__ = ["SimResult", "simulate", "render", "steady_batch_time"]
+
+@dataclass
+class _Run:
+    """Raw outcome of an event-driven run: never raises, stops at a deadlock."""
+
+    timeline: list[list[tuple[float, float, Action]]]
+    blocked: list[list[Action]]          # per rank, the actions that never ran
+    waits: dict[int, list[Action]] = field(default_factory=dict)  # rank -> missing deps of its head
+
+    @property
+    def makespan(self) -> float:
+        return max((e for row in self.timeline for _, e, _ in row), default=0.0)
+
+
+def _deps(action: Action, num_stages: int) -> list[tuple[Action, bool]]:
+    """Dependencies of an action as (action, crosses_ranks)."""
+    s, i = action.stage, action.microbatch
+    if action.kind == "F":
+        return [(Action(s - 1, "F", i), True)] if s > 0 else []
+    if action.kind == "B":
+        deps = [(Action(s, "F", i), False)]
+        if s < num_stages - 1:
+            deps.append((Action(s + 1, "B", i), True))
+        return deps
+    return []
+
+
+def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequence[float],
+         comm: float | Sequence[float], upd: Sequence[float], allreduce: Sequence[float] | None = None,
+         schedule: str = "flush", m: int = 1) -> _Run:
+    """Event-driven run. ``comm[k]`` is the one-way time over boundary k (stage k <-> k+1); each
+    direction of a boundary is one link that carries one tensor at a time, in the sender's order.
+    With ``allreduce``, ``U`` runs on its rank's update lane (all-reduce, then the step) without
+    holding the rank, and an F/B needing version v waits for the ``U`` that creates it."""
+    d = len(actions)
+    links = [float(comm)] * max(d - 1, 0) if isinstance(comm, (int, float)) else [float(c) for c in comm]
+    ptr = [0] * d
+    free = [0.0] * d
+    lane = [0.0] * d                      # update lane of each rank (async U only)
+    fwd_link = [0.0] * max(d - 1, 0)      # boundary k, stage k -> k+1: free from
+    bwd_link = [0.0] * max(d - 1, 0)      # boundary k, stage k+1 -> k
+    end: dict[Action, float] = {}
+    arrive: dict[Action, float] = {}      # when an F/B output reaches the neighbouring rank
+    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(d)]
+
+    def duration(a: Action) -> float:
+        s = min(a.stage, d - 1)
+        return {"F": fwd, "B": bwd, "U": upd}[a.kind][s]
+
+    def deps_of(a: Action) -> list[tuple[Action, bool]]:
+        deps = _deps(a, d)
+        if allreduce is not None and a.kind != "U":
+            v = weight_version(schedule, a, m)
+            if v > 0:
+                deps.append((Action(a.stage, "U", v - 1), False))
+        return deps
+
+    progress = True
+    while progress:
+        progress = False
+        for r in range(d):
+            while ptr[r] < len(actions[r]):
+                a = actions[r][ptr[r]]
+                deps = deps_of(a)
+                if any(dep not in end for dep, _ in deps):
+                    break
+                ready = max([end[dep] if not cross else arrive[dep] for dep, cross in deps], default=0.0)
+                if a.kind == "U" and allreduce is not None:
+                    start = max(free[r], ready, lane[r])
+                    stop = start + float(allreduce[r]) + duration(a)
+                    lane[r] = stop
+                else:
+                    start = max(free[r], ready)
+                    stop = start + duration(a)
+                    free[r] = stop
+                timeline[r].append((start, stop, a))
+                end.setdefault(a, stop)
+                if a.kind == "F" and r < d - 1:
+                    arrive[a] = max(stop, fwd_link[r]) + links[r]
+                    fwd_link[r] = arrive[a]
+                elif a.kind == "B" and r > 0:
+                    arrive[a] = max(stop, bwd_link[r - 1]) + links[r - 1]
+                    bwd_link[r - 1] = arrive[a]
+                ptr[r] += 1
+                progress = True
+    blocked = [list(actions[r][ptr[r]:]) for r in range(d)]
+    waits = {r: [dep for dep, _ in deps_of(blocked[r][0]) if dep not in end]
+             for r in range(d) if blocked[r]}
+    return _Run(timeline, blocked, waits)
+
+
+def _per_stage(value: Sequence[float] | float, d: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        values = [float(value)] * d
+    else:
+        values = [float(v) for v in value]
+        if len(values) != d:
+            raise ScheduleError(f"{name} has {len(values)} entries but the schedule has {d} stages")
+    if any(v < 0 or v != v for v in values):
+        raise ScheduleError(f"{name} must be >= 0 (and not NaN), got {values}")
+    return values
+
+
+def render(actions: Sequence[Sequence[Action]]) -> str:
+    """Draw a schedule as a rank x step grid (unit time per F, B and U; ``.`` = idle).
+
+    Steps come from an event-driven run (see :func:`simulate`), so each
+    cell is the action a rank runs at that tick.  If the schedule deadlocks,
+    each rank's actions that never ran are listed after a ``|``.
+    Never raises on a list of lists of actions, so error messages can use it.
+
+    Example (flush, d=2, m=3)::
+
+        step    0   1   2   3   4   5   6   7   8
+        rank 0 0F0 0F1  .  0B0 0F2 0B1  .  0B2 0U0
+        rank 1  .  1F0 1B0 1F1 1B1 1F2 1B2 1U0  .
+
+    Args:
+        actions: one action list per rank.
+
+    Returns:
+        The grid as text (no trailing newline).
+    """
+    d = len(actions)
+    if d == 0:
+        return "(empty schedule: no ranks)"
+    ones = [1.0] * d
+    run = _run(actions, ones, ones, 0.0, ones)
+    steps = int(round(run.makespan))
+    cells = [["."] * steps for _ in range(d)]
+    for r, row in enumerate(run.timeline):
+        for start, _, a in row:
+            cells[r][int(round(start))] = str(a)
+    labels = [f"rank {r}" for r in range(d)]
+    texts = [c for row in cells for c in row] + [str(a) for row in run.blocked for a in row]
+    width = max([len(str(max(steps - 1, 0)))] + [len(t) for t in texts])
+    lw = max(len(x) for x in labels)
+    header = "step".ljust(lw) + " " + " ".join(str(t).center(width) for t in range(steps))
+    lines = [header.rstrip()]
+    for r in range(d):
+        line = labels[r].ljust(lw) + " " + " ".join(c.center(width) for c in cells[r])
+        if run.blocked[r]:
+            line += " | " + " ".join(str(a) for a in run.blocked[r])
+        lines.append(line.rstrip())
+    if any(run.blocked):
+        lines.append("(deadlock: actions after '|' never ran)")
+    return "\n".join(lines)
+
+
+@dataclass
+class SimResult:
+    """What :func:`simulate` measured.
+
+    Attributes:
+        makespan: time at which the last action ends.
+        timeline: per rank, ``(start, end, action)`` in execution order.
+        busy: per rank, total time spent running actions.
+        bubble_fraction: ``1 - sum(busy) / (d * makespan)`` (0 for an empty run).
+        peak_in_flight: per stage, the most microbatches forwarded but not yet
+            backwarded at once.
+        peak_versions: per stage, the most weight versions alive at once (a
+            version lives from its creating U until its last F/B use; the
+            newest is always alive).
+        batch_end: per batch, when its last U ends (over all ranks).
+    """
+
+    makespan: float
+    timeline: list[list[tuple[float, float, Action]]]
+    busy: list[float]
+    bubble_fraction: float
+    peak_in_flight: list[int]
+    peak_versions: list[int]
+    batch_end: list[float] = field(default_factory=list)
+
+
+def _peak_in_flight(row: Sequence[Action]) -> int:
+    live = peak = 0
+    for a in row:
+        if a.kind == "F":
+            live += 1
+        elif a.kind == "B":
+            live -= 1
+        peak = max(peak, live)
+    return peak
+
+
+def _live_versions(row: Sequence[Action], schedule: str, m: int) -> list[tuple[int, list[int]]]:
+    """Per position on one rank: (newest version, sorted alive versions).
+
+    Version ``k`` is created by the k-th U of the row (version 0 exists before);
+    it is alive while it is the newest or while a later F/B still needs it.
+    """
+    last_use: dict[int, int] = {}
+    for p, a in enumerate(row):
+        if a.kind != "U":
+            last_use[weight_version(schedule, a, m)] = p
+    out = []
+    newest = 0
+    for p, a in enumerate(row):
+        if a.kind == "U":
+            newest += 1
+        alive = [v for v in range(newest + 1) if v == newest or last_use.get(v, -1) >= p]
+        out.append((newest, alive))
+    return out
+
+
+def _infer_m(actions: Sequence[Sequence[Action]]) -> int:
+    row = actions[0] if actions else []
+    forwards = sum(a.kind == "F" for a in row)
+    updates = sum(a.kind == "U" for a in row)
+    return max(1, forwards // updates if updates else forwards)
+
+
+def _infer_schedule(actions: Sequence[Sequence[Action]], m: int) -> str:
+    for row in actions:
+        updated = -1
+        for a in row:
+            if a.kind == "U":
+                updated = max(updated, a.microbatch)
+            elif a.kind == "F" and a.microbatch // m > updated + 1:
+                return "2bw"
+    return "flush"
+
+
+def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | float = 1.0,
+             bwd_time: Sequence[float] | float = 2.0, comm_time: Sequence[float] | float = 0.0,
+             update_time: Sequence[float] | float = 0.0, *, schedule: str | None = None,
+             num_microbatches: int | None = None,
+             allreduce_time: Sequence[float] | float | None = None) -> SimResult:
+    """Run a schedule on an event-driven clock (no devices).
+
+    Each rank runs its list in order; an action starts when its rank is free
+    and its inputs are ready: ``F(s, i)`` after ``F(s-1, i)``'s output crosses
+    boundary ``s-1``; ``B(s, i)`` after ``F(s, i)`` and after ``B(s+1, i)``'s
+    gradient crosses boundary ``s``. A crossing takes ``comm_time[k]`` on its
+    link (one per boundary and direction, one tensor at a time, so a link slower
+    than the compute becomes the bottleneck). Without ``allreduce_time``, ``U``
+    runs on its rank in order. With it, ``U(b)`` of stage s runs on the stage's
+    update lane: the gradient all-reduce (``allreduce_time[s]``) and then the
+    step start after the stage's last backward of batch b and do not hold the
+    rank; an F/B that needs weight version v waits for the ``U`` creating it.
+    So 2bw overlaps the all-reduce with the next batch, flush and gpipe wait.
+
+    Example (flush, d=2, m=1, comm 0.5)::
+
+        0F0 [0,1]   1F0 [1.5,2.5]   1B0 [2.5,4.5]   0B0 [5,7]
+
+    Args:
+        actions: one action list per rank (rank == stage).
+        fwd_time: forward time per microbatch, one number or one per stage.
+        bwd_time: backward time per microbatch, one number or one per stage.
+        comm_time: one-way transfer time over a boundary, one number or one per boundary (d - 1).
+        update_time: optimizer step time, one number or one per stage.
+        schedule: weight semantics for ``peak_versions`` and the version waits (see
+            :func:`weight_version`); ``None`` infers ``"2bw"`` if some rank
+            runs a forward of batch ``b+1`` before its ``U(b)``, else ``"flush"``.
+        num_microbatches: ``m``; ``None`` infers it as forwards / updates on rank 0.
+        allreduce_time: data-parallel all-reduce seconds per stage (or one number), or None.
+
+    Returns:
+        The :class:`SimResult`.
+
+    Raises:
+        ScheduleError: an action sits on the wrong rank, a time is negative or
+            has the wrong length, or the schedule deadlocks (the message holds
+            the grid and what each blocked rank waits for).
+    """
+    d = len(actions)
+    for r, row in enumerate(actions):
+        for p, a in enumerate(row):
+            if a.stage != r:
+                raise ScheduleError(
+                    f"action {a} is on rank {r} at position {p}, but stage {a.stage} runs on rank "
+                    f"{a.stage} (one stage per rank)\n{render(actions)}")
+    fwd = _per_stage(fwd_time, d, "fwd_time")
+    bwd = _per_stage(bwd_time, d, "bwd_time")
+    upd = _per_stage(update_time, d, "update_time")
+    comm = _per_stage(comm_time, max(d - 1, 0), "comm_time") if not isinstance(comm_time, (int, float)) \
+        else _per_stage(comm_time, 1, "comm_time")[0]
+    ar = None if allreduce_time is None else _per_stage(allreduce_time, d, "allreduce_time")
+    m = num_microbatches if num_microbatches is not None else _infer_m(actions)
+    sched = schedule if schedule is not None else _infer_schedule(actions, m)
+    run = _run(actions, fwd, bwd, comm, upd, ar, sched, m)
+    if any(run.blocked):
+        raise ScheduleError(_deadlock_message(actions, run))
+    busy = [sum(e - s for s, e, a in row if ar is None or a.kind != "U") for row in run.timeline]
+    makespan = run.makespan
+    bubble = 1.0 - sum(busy) / (d * makespan) if makespan > 0 else 0.0
+    update_end: dict[int, float] = {}
+    for row in run.timeline:
+        for _, e, a in row:
+            if a.kind == "U":
+                update_end[a.microbatch] = max(update_end.get(a.microbatch, 0.0), e)
+    return SimResult(
+        makespan=makespan,
+        timeline=run.timeline,
+        busy=busy,
+        bubble_fraction=bubble,
+        peak_in_flight=[_peak_in_flight(row) for row in actions],
+        peak_versions=[max((len(alive) for _, alive in _live_versions(row, sched, m)), default=1)
+                       for row in actions],
+        batch_end=[update_end[b] for b in sorted(update_end)],
+    )
+
+
+def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
+                      microbatches_per_flush: int | None = None, batches: int = 6) -> tuple[float, float]:
+    """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
+
+    Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
+    stage's F_s and B_s (+F_s when it recomputes), the boundary crossings
+    ``C_{s+1} / 2`` (C_s prices receiving the inputs and sending their gradients
+    back), and the stages' all-reduce seconds on the update lanes; the answer is
+    the spacing of batches n-3 and n-2's ends (past the fill, before the drain). When
+    2bw's all-reduce outlasts a batch, the stream stalls and refills: about the
+    all-reduce plus a fill. Exposed all-reduce = that time minus
+    the same run without all-reduce.
+
+    Args:
+        plan: a :class:`~fxpipe.ir.Plan` (its stages, num_microbatches, schedule).
+        allreduce: seconds per stage, or None (no data parallelism).
+        microbatches_per_flush: gpipe only: g microbatches per flush (several flushes per batch).
+        batches: batches simulated (>= 3).
+    """
+    from fxpipe.runtime.schedules import build_schedule
+
+    d, m = plan.num_stages, plan.num_microbatches
+    n = max(3, batches)
+    acts = build_schedule(plan.schedule, d, m, n, microbatches_per_flush=microbatches_per_flush)
+    fwd = [st.fwd_time for st in plan.stages]
+    bwd = [st.bwd_time + (st.fwd_time if st.recompute else 0.0) for st in plan.stages]
+    comm = [plan.stages[k + 1].comm_time / 2 for k in range(d - 1)]
+
+    def spacing(ar: Sequence[float] | None) -> float:
+        sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,
+                       allreduce_time=list(ar) if ar is not None else [0.0] * d)
+        return sim.batch_end[n - 2] - sim.batch_end[n - 3]    # steady: past the fill, before the drain
+
+    base = spacing(None)
+    if allreduce is None or not any(allreduce):
+        return base, 0.0
+    t = spacing(allreduce)
+    return t, max(0.0, t - base)
+
+
+def _deadlock_message(actions: Sequence[Sequence[Action]], run: _Run) -> str:
+    waiting = {a for row in run.blocked for a in row}
+    lines = [f"schedule deadlocks after t={run.makespan:g}:"]
+    for r, deps in sorted(run.waits.items()):
+        head = run.blocked[r][0]
+        step = len(actions[r]) - len(run.blocked[r])
+        why = ", ".join(
+            f"{dep} (blocked on rank {dep.stage})" if dep in waiting else f"{dep} (never scheduled)"
+            for dep in deps) or "nothing (blocked only by its rank's order)"
+        lines.append(f"  rank {r} is stuck at {head} (list position {step}) waiting for {why}")
+    return "\n".join(lines) + "\n" + render(actions)
+
+
