@@ -1,0 +1,185 @@
+"""PipeDream-2BW's own planner as a baseline: equal blocks, the paper's (w, d, b, r) enumeration and throughput.
+
+The paper (Narayanan et al., ICML 2021, §3.3 and Appendix A) plans repetitive models
+(transformers): a pipeline of depth d takes L/d of the L identical blocks per
+stage (the embedding joins the first stage, the head the last), and the planner
+enumerates every width w = N / d, microbatch size b and recompute setting r ∈
+{all stages, none}, keeps the configurations that fit the device memory and picks
+the highest throughput by its cost model. The formulas below are written from the
+paper's text as we read it (its appendix could not be consulted when this was
+written), in fxpipe's symbols::
+
+    T_s     = F_s(b) + B_s(b) + r·F_s(b) + C_s(b)        one microbatch on stage s (C_s: 2·X_s / link)
+    AR_s    = 2 (w - 1) / w · G_s / bandwidth            ring all-reduce of stage s's gradients G_s
+    2bw     t = max(m · max_s T_s, max_s AR_s)           no flush; the all-reduce overlaps the next batch
+    flush   t = (m + d - 1) · max_s T_s + max_s AR_s     fill and drain, then the all-reduce
+    gpipe   t = (m / g) (g + d - 1) · max_s T_s + max_s AR_s     g microbatches per flush
+    throughput = B / t,   m = B / (w·b)
+
+Memory is checked with fxpipe's own evaluator (:func:`~fxpipe.passes.partition.plan_from_assignment`),
+so the baseline and fxpipe's ILP are held to the same limit. The answer is the same
+:class:`~fxpipe.ir.Plan` type, with ``solver="paper"`` and the table in ``extra["paper"]``.
+
+Worked example: 4 identical blocks of F = 1, B = 2 (no transfers, no parameters) on
+N = 4 devices, B = 8, b = 1: d = 4 → w = 1, m = 8, T = 3, t = 8·3 = 24, 1/3 sample/s;
+d = 1 → w = 4, m = 2, T = 12, t = 24; ties go to the smaller d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import torch.fx
+
+from fxpipe.errors import ConfigError, PartitionError
+from fxpipe.ir import SCHEDULES, CostModel, Plan
+
+from .baselines import LayerUnit, layer_units, partition_uniform
+from .coarsen import graph_costs
+from .partition import plan_from_assignment
+from .search import microbatch_candidates
+
+__all__ = ["equal_blocks", "paper_batch_time", "paper_plan"]
+
+GraphFor = Callable[[int], "tuple[torch.fx.GraphModule, CostModel]"]
+AllReduce = Callable[[Plan, int], Sequence[float]]
+
+
+def equal_blocks(units: Sequence[LayerUnit], num_stages: int) -> list[int]:
+    """Stage of each layer unit: the repeated block type split evenly, the rest with its neighbour block.
+
+    The block type is the most frequent ``type_name`` (first seen wins a tie). Units
+    before the first block go to stage 0, units after the last block to stage d-1,
+    anything between two blocks with the block before it. When d does not divide
+    the number of blocks the first ones get one more (DeepSpeed's partition_uniform).
+
+    Raises:
+        PartitionError: fewer blocks than stages.
+    """
+    counts = Counter(u.type_name for u in units)
+    block = max(counts, key=lambda t: (counts[t], -next(i for i, u in enumerate(units) if u.type_name == t)))
+    idx = [i for i, u in enumerate(units) if u.type_name == block]
+    if len(idx) < num_stages:
+        raise PartitionError(f"paper planner: {len(idx)} {block} blocks cannot make {num_stages} equal stages; "
+                             f"use at most {len(idx)} stages")
+    parts = partition_uniform(len(idx), num_stages)
+    stage_of_block = {idx[j]: s for s in range(num_stages) for j in range(parts[s], parts[s + 1])}
+    out, cur = [], 0
+    for i in range(len(units)):
+        cur = stage_of_block.get(i, cur)
+        out.append(cur)
+    return out
+
+
+def paper_batch_time(plan: Plan, allreduce: Sequence[float] = (), *,
+                     microbatches_per_flush: int | None = None) -> float:
+    """Seconds per batch by the paper's formula (module docstring) for ``plan.schedule``."""
+    m, d = plan.num_microbatches, plan.num_stages
+    t_max = max(st.fwd_time + st.bwd_time + (st.fwd_time if st.recompute else 0.0) + st.comm_time
+                for st in plan.stages)
+    ar = max(allreduce, default=0.0)
+    if plan.schedule == "2bw":
+        return max(m * t_max, ar)
+    if plan.schedule == "flush":
+        return (m + d - 1) * t_max + ar
+    g = microbatches_per_flush or m
+    return math.ceil(m / g) * (g + d - 1) * t_max + ar
+
+
+def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, schedule: str = "2bw",
+               memory_limit: int | None = None, optimizer_slots: int = 0,
+               microbatch_sizes: Sequence[int] | None = None,
+               allreduce: AllReduce | None = None) -> Plan:
+    """The paper's planner: best (d, w, b, r) with equal blocks by the paper's throughput formula.
+
+    Args:
+        graph_for: ``graph_for(b) -> (gm, cost_model)``, the annotated graph at microbatch size b.
+        num_devices: N; depths d dividing N (w = N / d) whose blocks split among d stages.
+        global_batch: B.
+        schedule: "2bw" | "flush" | "gpipe" (gpipe: as many microbatches per flush as fit).
+        memory_limit: bytes per device, or None.
+        optimizer_slots: k.
+        microbatch_sizes: the b to try (default powers of two up to 64 dividing B / w).
+        allreduce: ``allreduce(plan, w) -> seconds per stage``; default none (w = 1 is free, and
+            the caller prices replicas).
+
+    Returns:
+        The best Plan (``solver="paper"``, ``data_parallel=w``, ``microbatch_size=b``,
+        ``num_microbatches=m``); ``extra["paper"]`` holds every candidate with its throughput.
+
+    Raises:
+        ConfigError: bad arguments; InfeasibleMemoryError-like PartitionError when nothing fits.
+    """
+    from .search import flush_sizes
+
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not isinstance(num_devices, int) or num_devices < 1 or not isinstance(global_batch, int) or global_batch < 1:
+        raise ConfigError(f"num_devices and global_batch must be ints >= 1, got {num_devices!r}, {global_batch!r}")
+    t0 = time.perf_counter()
+    cache: dict[int, tuple[Any, Any, Any, list[LayerUnit]]] = {}
+
+    def graph(b: int) -> tuple[Any, Any, Any, list[LayerUnit]]:
+        if b not in cache:
+            gm, cm = graph_for(b)
+            gc = graph_costs(gm, cm)
+            cache[b] = (gm, cm, gc, layer_units(gm, gc))
+        return cache[b]
+
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, int, int, Plan] | None = None
+    for d in (d for d in range(1, num_devices + 1) if num_devices % d == 0):
+        w = num_devices // d
+        if global_batch % w:
+            continue
+        for b in microbatch_candidates(global_batch // w, allowed=microbatch_sizes):
+            m = global_batch // (w * b)
+            if schedule == "2bw" and m < d:
+                continue
+            gm, cm, gc, units = graph(b)
+            try:
+                unit_stage = equal_blocks(units, d)
+            except PartitionError:
+                continue
+            assign = {gc.names[v]: unit_stage[i] for i, u in enumerate(units) for v in u.nodes}
+            for r in (False, True):
+                row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": "all" if r else "none",
+                                       "samples_per_s": None, "fits": False}
+                rows.append(row)
+                plan, g = None, None
+                for g in (flush_sizes(m) if schedule == "gpipe" else [m]):
+                    cand = plan_from_assignment(gm, cm, assign, [r] * d, num_microbatches=g, schedule=schedule,
+                                                memory_limit=memory_limit, optimizer_slots=optimizer_slots,
+                                                check_memory=False, costs=gc, solver="paper")
+                    if memory_limit is None or max(s.memory for s in cand.stages) <= memory_limit:
+                        plan = dataclasses.replace(cand, num_microbatches=m)
+                        break
+                if plan is None:
+                    row["memory"] = max(s.memory for s in cand.stages)
+                    continue
+                ar = list(allreduce(plan, w)) if allreduce is not None and w > 1 else []
+                t = paper_batch_time(plan, ar, microbatches_per_flush=g if schedule == "gpipe" else None)
+                thr = global_batch / t if t > 0 else math.inf
+                row.update(samples_per_s=thr, fits=True, batch_time=t, memory=max(s.memory for s in plan.stages),
+                           **({"microbatches_per_flush": g} if schedule == "gpipe" else {}))
+                extra = {**plan.extra, **({"microbatches_per_flush": g} if schedule == "gpipe" else {})}
+                plan = dataclasses.replace(plan, data_parallel=w, microbatch_size=b, extra=extra)
+                if best is None or thr > best[0] * (1 + 1e-9) or (
+                        thr >= best[0] * (1 - 1e-9) and (d, -b) < (best[1], -best[2])):
+                    best = (thr, d, b, plan)
+    if best is None:
+        raise PartitionError(f"paper planner: no equal-block (depth, width, microbatch, recompute) for "
+                             f"num_devices={num_devices}, global_batch={global_batch} fits memory_limit="
+                             f"{memory_limit} bytes ({len(rows)} tried); raise memory_limit or add devices")
+    thr, d, b, plan = best
+    chosen = next(r for r in rows if r["fits"] and r["d"] == d and r["b"] == b
+                  and r["recompute"] == ("all" if plan.stages[0].recompute else "none"))
+    chosen["chosen"] = True
+    extra = dict(plan.extra)
+    extra["paper"] = {"samples_per_s": thr, "batch_time": chosen["batch_time"], "candidates": rows,
+                      "search_time": time.perf_counter() - t0}
+    return dataclasses.replace(plan, solve_time=time.perf_counter() - t0, extra=extra)
