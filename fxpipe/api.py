@@ -332,7 +332,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
             num_devices: int | None = None, global_batch: int | None = None,
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
-            time_limit: float = 10.0, plan: Plan | None = None, precision: str = "fp32") -> "Pipeline":
+            time_limit: float = 10.0, plan: Plan | None = None, precision: str = "fp32",
+            replan_after: int | None = None) -> "Pipeline":
     """Compile ``model`` into pipeline stages and an executor that trains them.
 
     Args:
@@ -355,6 +356,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             the compute dtype's FLOP rate and counts activations in it.
         plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
             baseline) instead of solving; it is re-checked against the traced graph.
+        replan_after: after this many steps, re-plan once from what the run measured per stage
+            (``pipe.replan()``) and go on training exactly (same numbers; weights, both 2BW versions,
+            optimizer state carried over); under torchrun every rank switches at the same step.
 
     Returns:
         A :class:`fxpipe.Pipeline`.
@@ -365,6 +369,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     from fxpipe.pipeline import Pipeline
 
     _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit, precision)
+    if replan_after is not None and (not isinstance(replan_after, int) or isinstance(replan_after, bool)
+                                     or replan_after < 1):
+        raise ConfigError(f"replan_after must be a number of steps >= 1 or None, got {replan_after!r}; "
+                          "e.g. replan_after=10")
     if executor not in ("auto", "local", "distributed"):
         raise ConfigError(f"unknown executor {executor!r}; choose 'auto', 'local' or 'distributed'")
     if loss_fn is not None and not callable(loss_fn):
@@ -408,6 +416,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         from fxpipe.runtime.agree import check_same_plan
 
         check_same_plan(p)        # before the first step: a differing plan= fails here, naming both plans
-    return Pipeline(model, cg, p, loss_fn=loss_fn,
+    pipe = Pipeline(model, cg, p, loss_fn=loss_fn,
                     optimizer=optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)),
                     executor=executor)
+    pipe.replan_after = replan_after
+    return pipe

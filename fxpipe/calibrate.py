@@ -162,3 +162,72 @@ def calibrated_cost_model(plan: Plan, meas: list[StageMeasurement], base: CostMo
             factors[n] = f
     return CalibratedCostModel(base, factors)
 
+
+
+def replan_pipeline(pipe: "Pipeline", time_limit: float = 10.0) -> "Pipeline":
+    """A new Pipeline cut from ``pipe``'s measurements, continuing its training exactly.
+
+    Both 2BW weight versions, the optimizer state and the batch counter move over (keyed by
+    canonical parameter names, as in a checkpoint), so the next step computes what it would
+    have computed without the re-plan. Under the distributed executor this is collective:
+    the measurements are gathered, rank 0 re-plans and broadcasts the plan, every rank
+    builds its new stage and takes its weights from the replica-0 rank that held them.
+
+    Raises:
+        ConfigError: no step has run yet.
+    """
+    from fxpipe.passes.annotate import annotate
+    from fxpipe.passes.partition import partition
+    from fxpipe.pipeline import Pipeline
+    from fxpipe.runtime.checkpoint import load_stage_state, stage_state
+
+    distributed = pipe.executor == "distributed"
+    ex = pipe._executor
+    if distributed:
+        ex.drain()          # finish a running 2bw stream: the versions are then those a checkpoint holds
+    meas = measurements(pipe)           # collective under the distributed executor
+    p = pipe.plan
+
+    def solve() -> Plan:
+        cm = calibrated_cost_model(p, meas, pipe._cg.cost_model)
+        annotate(pipe._cg.gm, cm)
+        new_plan = partition(pipe._cg.gm, cm, num_stages=p.num_stages, num_microbatches=p.num_microbatches,
+                             schedule=p.schedule, memory_limit=p.memory_limit, optimizer_slots=p.optimizer_slots,
+                             time_limit=time_limit)
+        return dataclasses.replace(new_plan, data_parallel=p.data_parallel,
+                                   extra={**new_plan.extra, "replanned_from": p.solver})
+
+    if distributed:
+        import torch.distributed as dist
+
+        from fxpipe.runtime.agree import check_same_plan, plan_on_rank0
+
+        new_plan, _ = plan_on_rank0(lambda given: (solve() if given is None else given, pipe._cg))
+        mine = stage_state(ex.weights) if ex.replica == 0 else None
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (ex.stage, mine))
+        by_stage = {s: st for s, st in every if st is not None}
+        batch = ex.batch
+    else:
+        new_plan = solve()
+        by_stage = {rt.program.index: stage_state(rt.weights) for rt in ex.runtimes if rt.weights is not None}
+        batch = ex.batch
+    new = Pipeline(pipe.model, pipe._cg, new_plan, loss_fn=pipe.loss_fn, optimizer=pipe._optimizer_factory,
+                   executor=pipe.executor)
+    if distributed:
+        check_same_plan(new.plan)
+
+    def states_for(stage: int) -> list:
+        order = [stage] + sorted(s for s in by_stage if s != stage)
+        return [by_stage[s] for s in order if s in by_stage]
+
+    nex = new._executor
+    if distributed:
+        load_stage_state(nex.weights, states_for(nex.stage), "the re-plan")
+        nex.batch = batch
+    else:
+        for rt in nex.runtimes:
+            if rt.weights is not None:
+                load_stage_state(rt.weights, states_for(rt.program.index), "the re-plan")
+        nex.reset(batch)
+    return new

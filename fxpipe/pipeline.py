@@ -22,9 +22,17 @@ class Pipeline:
 
     Attributes:
         plan: the Plan the stages were cut from.
+        replan_after: re-plan once from the measurements after this many steps (None: never).
+        replanned: the automatic re-plan has happened; ``initial_plan`` is the plan before it.
+        steps_done: ``step`` calls so far.
         stages: one ``torch.fx.GraphModule`` per stage.
         program: the routing of values between stages.
     """
+
+    replan_after: int | None = None
+    replanned: bool = False
+    initial_plan: Plan | None = None
+    steps_done: int = 0
 
     def __init__(self, model: torch.nn.Module, cg: CompiledGraph, plan: Plan, *,
                  loss_fn: Callable[..., torch.Tensor] | None, optimizer: Callable,
@@ -112,7 +120,17 @@ class Pipeline:
                 raise InputError(f"targets leaf {i} has shape {tuple(t.shape)}: its dim 0 must be the batch size "
                                  f"{batch} of the inputs; pass one target row per input sample")
         tgt = self._target_microbatches(targets)
-        return self._executor.step(mbs, tgt)
+        loss = self._executor.step(mbs, tgt)
+        self.steps_done += 1
+        if self.replan_after is not None and self.steps_done == self.replan_after and not self.replanned:
+            self._adopt(self.replan())          # compile(..., replan_after=N): once, from what was measured
+        return loss
+
+    def _adopt(self, new: "Pipeline") -> None:
+        """Become ``new`` (a re-planned pipeline), keeping the step count and the plan it started from."""
+        first, steps, after = self.initial_plan or self.plan, self.steps_done, self.replan_after
+        self.__dict__.update(new.__dict__)
+        self.initial_plan, self.steps_done, self.replan_after, self.replanned = first, steps, after, True
 
     def __call__(self, inputs: Any) -> Any:
         """Forward only, through all stages, with the newest weights; outputs concatenated along dim 0."""
@@ -221,39 +239,16 @@ class Pipeline:
     def replan(self, time_limit: float = 10.0) -> "Pipeline":
         """A new Pipeline planned from this one's measurements (calibrated per-stage costs).
 
-        The new pipeline trains the same model object (newest weights) and carries each
-        parameter's optimizer state over; like ``load_state_dict``, the 2BW delay restarts.
+        The new pipeline trains the same model object and continues exactly: both 2BW weight
+        versions, the optimizer state and the batch counter move over. Collective under the
+        distributed executor (rank 0 re-plans and broadcasts; every rank switches).
 
         Raises:
-            ConfigError: no step has run yet, or the executor is distributed.
+            ConfigError: no step has run yet.
         """
-        from fxpipe.calibrate import calibrated_cost_model, measurements
-        from fxpipe.passes.annotate import annotate
-        from fxpipe.passes.partition import partition
+        from fxpipe.calibrate import replan_pipeline
 
-        if self.executor == "distributed":
-            raise ConfigError("replan() works on the local executor; re-plan offline and pass plan= to compile")
-        self._executor.flush() if hasattr(self._executor, "flush") else None
-        cm = calibrated_cost_model(self.plan, measurements(self), self._cg.cost_model)
-        annotate(self._cg.gm, cm)
-        p = self.plan
-        new_plan = partition(self._cg.gm, cm, num_stages=p.num_stages, num_microbatches=p.num_microbatches,
-                             schedule=p.schedule, memory_limit=p.memory_limit, optimizer_slots=p.optimizer_slots,
-                             time_limit=time_limit)
-        new = Pipeline(self.model, self._cg, new_plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory,
-                       executor=self.executor)
-        old_state = {}
-        for rt in self._executor.runtimes:
-            if rt.weights is not None and rt.weights.optimizer is not None:
-                old_state.update(rt.weights.optimizer.state)
-        for rt in new._executor.runtimes:
-            opt = rt.weights.optimizer if rt.weights is not None else None
-            if opt is not None:
-                for group in opt.param_groups:
-                    for q in group["params"]:
-                        if q in old_state:
-                            opt.state[q] = old_state[q]
-        return new
+        return replan_pipeline(self, time_limit=time_limit)
 
     def __repr__(self) -> str:
         return (f"Pipeline({type(self.model).__name__}, stages={self.plan.num_stages}, "

@@ -94,11 +94,32 @@ def mode_rank0_fails(out: Path) -> dict:
     return res
 
 
+def mode_replan(out: Path) -> dict:
+    """replan_after=2 under 2bw with a wrong cost model: every rank switches, numbers stay the reference's."""
+    import fxpipe
+    import models
+    from fxpipe.runtime.agree import plan_digest
+    from test_pipeline import batches_for, reference_losses
+
+    model, x, y, loss_fn = models.CASES["mlp"]()
+    batches = batches_for(x, y, n=5)
+    ref_losses, ref = reference_losses(model, batches, loss_fn, 4, "2bw")
+    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, schedule="2bw", loss_fn=loss_fn,
+                          optimizer=SGDM, cost_model=SkewedCostModel(31), executor="distributed", replan_after=2)
+    got = [pipe.step(bx, by).item() for bx, by in batches]
+    sd = pipe.state_dict()
+    return {"replanned": pipe.replanned, "digest": plan_digest(pipe.plan),
+            "initial": plan_digest(pipe.initial_plan),
+            "loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
+            "weight_err": max((sd[k].double() - v.double()).abs().max().item() for k, v in ref.state_dict().items())}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
     # one process group for all three cases, as one torchrun job would run them one after another
-    res = {"agree": mode_agree(out), "mismatch": mode_mismatch(out), "rank0_fails": mode_rank0_fails(out)}
+    res = {"agree": mode_agree(out), "mismatch": mode_mismatch(out), "rank0_fails": mode_rank0_fails(out),
+           "replan": mode_replan(out)}
     (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(res))
     import torch.distributed as dist
 

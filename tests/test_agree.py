@@ -111,3 +111,12 @@ def test_digest_ignores_predictions_but_not_structure() -> None:
     assert plan_digest(dataclasses.replace(p, num_microbatches=8)) != plan_digest(p)
     text = plan_outline(p)
     assert text.startswith("2 stages, schedule flush, m=4") and "stage 1:" in text
+
+
+@pytest.mark.timeout(200)
+def test_replan_after_switches_every_rank_exactly(ranks) -> None:
+    res = [r["replan"] for r in ranks]
+    assert all(r["replanned"] for r in res)
+    assert res[0]["digest"] == res[1]["digest"] != res[0]["initial"] == res[1]["initial"]
+    for r in res:
+        assert r["loss_err"] <= 1e-10 and r["weight_err"] <= 1e-10
