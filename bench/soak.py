@@ -48,18 +48,13 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rank = int(os.environ["RANK"])
-    if args.model == "gpt":
-        sys.path.insert(0, str(ROOT))
-        from fxpipe.examples.gpt import GPT, GPTConfig  # noqa: PLC0415
+    if args.model == "gpt":          # the demo GPT (tied embedding: 2bw all-reduces at every update)
+        from fxpipe.examples.gpt import GPT, GPTConfig, lm_loss
 
-        cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=4, n_head=4, n_embd=args.width)
-        model = GPT(cfg)
-        x = torch.randint(0, 256, (args.batch, 32))
-        y = torch.randint(0, 256, (args.batch, 32))
-
-        def loss_fn(out, t):
-            logits = out[0] if isinstance(out, tuple) else out
-            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1))
+        model = GPT(GPTConfig(vocab=96, block=32, d=args.width, n_layer=args.layers, n_head=4))
+        x = torch.randint(0, 96, (args.batch, 32))
+        y = torch.randint(0, 96, (args.batch, 32))
+        loss_fn = lm_loss
     else:
         mods: list[nn.Module] = []
         for _ in range(args.layers):

@@ -228,10 +228,11 @@ def mode_fault(out: Path, how: str, bad_rank: int) -> None:
 
 
 def mode_safety(out: Path) -> None:
-    """2 ranks, 2bw: the pending sends stay bounded over many steps; then a loss_fn that raises on the
-    last rank fails the step on every rank and every later step is refused (the ranks then end)."""
+    """2 ranks, 2bw: the pending sends stay bounded over many steps; BatchNorm resumes bit-identically;
+    a damaged checkpoint loads nowhere; then a loss_fn that raises on the last rank fails the step on
+    every rank and every later step is refused (the ranks then end)."""
     import models
-    from fxpipe.errors import DistributedError
+    from fxpipe.errors import DistributedError, StateDictError
     from test_pipeline import batches_for
 
     rank = int(os.environ["RANK"])
@@ -251,6 +252,42 @@ def mode_safety(out: Path) -> None:
         pipe.step(bx, by)
         sends.append(len(pipe._executor._sends))
     res["pending_sends"] = sends
+    pipe._executor.drain()      # two pipelines share the process group: finish one's 2bw tail before the next
+
+    # BatchNorm: resume is bit-identical including buffers; every rank's state_dict has the owners' buffers
+    bmodel, bx0, by0, bloss = models.bn_case()
+    bbatches = batches_for(bx0, by0, n=4)
+    bn = build(copy.deepcopy(bmodel), bx0, stages=2, m=4, schedule="2bw", loss_fn=bloss, executor="distributed")
+    for bx, by in bbatches[:2]:
+        bn.step(bx, by)
+    ck = out / "ckpt-bn"
+    bn.save(str(ck))
+    torch.manual_seed(7)
+    first = [bn.step(bx, by).item() for bx, by in bbatches[2:]]
+    sd1 = bn.state_dict()
+    fresh = build(copy.deepcopy(bmodel), bx0, stages=2, m=4, schedule="2bw", loss_fn=bloss, executor="distributed")
+    fresh.load(str(ck))
+    torch.manual_seed(7)
+    second = [fresh.step(bx, by).item() for bx, by in bbatches[2:]]
+    sd2 = fresh.state_dict()
+    res["bn"] = {"first": first, "second": second, "identical": all(torch.equal(sd1[k], sd2[k]) for k in sd1),
+                 "buffers": {k: v.double().sum().item() for k, v in sd1.items() if "running" in k or "num_b" in k}}
+    # a checkpoint damaged in stage 1's file: rank 1 refuses it, so rank 0 loads nothing either
+    if rank == 0:
+        st = torch.load(ck / "stage_1.pt", weights_only=True)
+        name = next(iter(st["versions"][str(st["current"])]))
+        for v in st["versions"].values():
+            v[name] = torch.zeros(3, 3, dtype=v[name].dtype)
+        torch.save(st, ck / "stage_1.pt")
+    fresh._executor.agree(True, "test barrier")
+    before = fresh.state_dict()
+    try:
+        fresh.load(str(ck))
+        res["bad_load"] = None
+    except StateDictError as e:
+        res["bad_load"] = str(e)
+    after = fresh.state_dict()
+    res["unchanged"] = all(torch.equal(before[k], after[k]) for k in before) and fresh._executor.batch == 4
 
     calls["fail_at"] = calls["n"] + 3            # microbatch 2 of the next batch, on the last rank
     errors = []

@@ -11,7 +11,7 @@ import torch
 
 import models
 from dist_worker import build, launch
-from fxpipe.errors import StateDictError
+from fxpipe.errors import CheckpointError, StateDictError
 from test_pipeline import SGDM, batches_for
 
 
@@ -142,3 +142,159 @@ def test_checkpoint_of_another_schedule(tmp_path):
     other = build(model, x, stages=2, m=4, schedule="flush", loss_fn=loss_fn)
     with pytest.raises(StateDictError, match=r"schedule='2bw', this pipeline schedule='flush'"):
         other.load(str(tmp_path / "ck"))
+
+
+# -- saving never destroys what is not a checkpoint ----------------------------------------------------
+def test_save_refuses_a_user_directory(tmp_path):
+    pipe, _, _ = _small(tmp_path)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "paper.tex").write_text("\\section{Results}")
+    with pytest.raises(CheckpointError, match=r"cannot save a checkpoint to '.*results': it is a directory "
+                                              r"holding files that are not an fxpipe checkpoint \(paper.tex; 1 "
+                                              r"entries\).*pass a new directory name"):
+        pipe.save(str(results))
+    assert (results / "paper.tex").read_text() == "\\section{Results}"
+    # an extra file inside an old checkpoint is kept safe too
+    (tmp_path / "ck" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"notes.txt"):
+        pipe.save(str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path)) == ["ck", "results"]
+
+
+def test_save_refuses_a_file_and_a_non_path(tmp_path):
+    pipe, _, _ = _small(tmp_path)
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"12345")
+    with pytest.raises(CheckpointError, match=r"'.*model.bin': it is a file \(5 bytes\).*new directory name"):
+        pipe.save(str(f))
+    assert f.read_bytes() == b"12345" and sorted(os.listdir(tmp_path)) == ["ck", "model.bin"]
+    with pytest.raises(CheckpointError, match=r"must be a non-empty str or os.PathLike, got int 123"):
+        pipe.save(123)
+    with pytest.raises(CheckpointError, match=r"got NoneType None"):
+        pipe.load(None)
+
+
+def test_save_into_an_empty_directory(tmp_path):
+    pipe, _, _ = _small(tmp_path)
+    (tmp_path / "fresh").mkdir()
+    pipe.save(tmp_path / "fresh")
+    assert sorted(os.listdir(tmp_path / "fresh")) == ["fxpipe.json", "stage_0.pt", "stage_1.pt"]
+
+
+def test_kill_between_the_renames_is_recovered_by_load(tmp_path, monkeypatch):
+    from fxpipe.runtime import checkpoint
+
+    pipe, x, y = _small(tmp_path)                # ck holds batch 1
+    pipe.step(x, y)
+    want = pipe.state_dict()
+    real, calls = os.replace, []
+
+    def killed(src, dst):                        # the process dies right after renaming the old one aside
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise SystemExit("killed")
+        real(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(SystemExit):
+        pipe.save(str(tmp_path / "ck"))
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    left = sorted(os.listdir(tmp_path))
+    assert "ck" not in left and any(".ck.old-" in e for e in left) and any(".ck.tmp-" in e for e in left)
+    model, x, y, loss_fn = models.CASES["mlp"]()
+    fresh = build(model, x, stages=2, m=4, schedule="2bw", loss_fn=loss_fn, optimizer=SGDM)
+    with pytest.warns(UserWarning, match=r"'.*ck' was missing \(a save was interrupted while installing\); "
+                                         r"recovered it from the complete copy '.ck.tmp-"):
+        fresh.load(str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and fresh._executor.batch == 2
+    got = fresh.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_load_names_incomplete_leftovers(tmp_path):
+    pipe, _, _ = _small(tmp_path)
+    (tmp_path / ".gone.tmp-1234").mkdir()        # a save killed before its manifest was written
+    with pytest.raises(CheckpointError, match=r"'.*gone' does not exist.*leftovers of an interrupted save "
+                                              r"lie beside it: \['.gone.tmp-1234'\]"):
+        pipe.load(str(tmp_path / "gone"))
+
+
+# -- buffers ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["2bw", "flush"])
+def test_batchnorm_resume_is_bit_identical_with_buffers(tmp_path, schedule):
+    model, x, y, loss_fn = models.bn_case()
+    batches = batches_for(x, y, n=4)
+    pipe = build(copy.deepcopy(model), x, stages=2, m=4, schedule=schedule, loss_fn=loss_fn, optimizer=SGDM)
+    for bx, by in batches[:2]:
+        pipe.step(bx, by)
+    pipe.save(tmp_path / "ck")
+    torch.manual_seed(7)                         # dropout draws of the resumed steps
+    first = [pipe.step(bx, by).item() for bx, by in batches[2:]]
+    fresh = build(copy.deepcopy(model), x, stages=2, m=4, schedule=schedule, loss_fn=loss_fn, optimizer=SGDM)
+    fresh.load(tmp_path / "ck")
+    torch.manual_seed(7)
+    second = [fresh.step(bx, by).item() for bx, by in batches[2:]]
+    assert first == second
+    a, b = pipe.state_dict(), fresh.state_dict()
+    assert a["bn2.num_batches_tracked"].item() == 4 * 4      # BatchNorm counts every microbatch
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- a failed load changes nothing -----------------------------------------------------------------------
+def _snapshot(pipe):
+    opt = [{k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+           for rt in pipe._executor.runtimes for st in rt.weights.optimizer.state.values()]
+    return pipe.state_dict(), opt, pipe._executor.batch
+
+
+def _unchanged(pipe, snap):
+    sd, opt, batch = snap
+    now_sd, now_opt, now_batch = _snapshot(pipe)
+    assert now_batch == batch
+    assert all(torch.equal(sd[k], now_sd[k]) for k in sd)
+    assert len(opt) == len(now_opt) and all(torch.equal(a[k], b[k]) for a, b in zip(opt, now_opt) for k in a)
+
+
+def _corrupt_shape(ck):
+    st = torch.load(ck / "stage_1.pt", weights_only=True)
+    name = next(iter(st["versions"][str(st["current"])]))
+    for v in st["versions"].values():
+        v[name] = torch.zeros(3, 3, dtype=torch.float64)
+    torch.save(st, ck / "stage_1.pt")
+
+
+def _corrupt_batch(ck):
+    meta = json.loads((ck / "fxpipe.json").read_text())
+    meta["batch"] = "abc"
+    (ck / "fxpipe.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_corrupt_shape, r"has shape \(3, 3\), the model expects"),
+    (_corrupt_batch, r"'batch' is 'abc', expected an int >= 0; the manifest is damaged"),
+])
+def test_corrupt_checkpoint_leaves_the_pipeline_unchanged(tmp_path, corrupt, match):
+    pipe, x, y = _small(tmp_path)
+    pipe.step(x, y)
+    pipe.step(x, y)                               # differs from the checkpoint (batch 1)
+    corrupt(tmp_path / "ck")
+    snap = _snapshot(pipe)
+    with pytest.raises(StateDictError, match=match):
+        pipe.load(str(tmp_path / "ck"))
+    _unchanged(pipe, snap)
+    assert torch.isfinite(pipe.step(x, y))
+
+
+def test_checkpoint_of_another_optimizer_is_refused_before_loading(tmp_path):
+    model, x, y, loss_fn = models.CASES["mlp"]()
+    adam = build(copy.deepcopy(model), x, stages=2, m=4, schedule="2bw", loss_fn=loss_fn,
+                 optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3))
+    adam.step(x, y)
+    adam.save(tmp_path / "adam")
+    pipe, x, y = _small(tmp_path)
+    pipe.step(x, y)
+    snap = _snapshot(pipe)
+    with pytest.raises(StateDictError, match=r"holds the state of a Adam optimizer .*this pipeline's optimizer is "
+                                             r"SGD .*compile with the optimizer the checkpoint was trained with"):
+        pipe.load(tmp_path / "adam")
+    _unchanged(pipe, snap)

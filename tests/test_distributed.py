@@ -133,6 +133,17 @@ def test_2bw_pending_sends_stay_bounded(safety):
 
 
 @pytest.mark.timeout(120)
+def test_batchnorm_resume_and_all_or_nothing_load_on_2_ranks(safety):
+    results, _ = safety
+    for rank, res in enumerate(results):
+        assert res["bn"]["first"] == res["bn"]["second"] and res["bn"]["identical"], (rank, res["bn"])
+        assert res["bn"]["buffers"] == results[0]["bn"]["buffers"], "ranks disagree on buffers in state_dict()"
+        assert res["unchanged"], f"rank {rank}: a refused load changed the pipeline"
+    assert "has shape (3, 3), the model expects" in results[1]["bad_load"]
+    assert "failed on another rank" in results[0]["bad_load"] and "nothing was loaded" in results[0]["bad_load"]
+
+
+@pytest.mark.timeout(120)
 def test_failed_step_is_refused_on_every_rank(safety):
     results, _ = safety
     first, again = results[1]["errors"]

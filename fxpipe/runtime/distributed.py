@@ -739,13 +739,37 @@ class DistributedExecutor:
                     off += n
         return out
 
+    def gather_buffers(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every persistent buffer of ``model`` as its owning stage's replica-0 rank holds it (collective).
+
+        A rank only runs its own stage, so its copy of another stage's buffers (BatchNorm statistics)
+        is stale; each buffer comes from the lowest stage holding it (checkpoint.buffer_owners).
+        """
+        from fxpipe.runtime.checkpoint import buffer_owners
+
+        owners = buffer_owners(self.program, model)
+        sd = model.state_dict(keep_vars=True)
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(owners, key=lambda n: (owners[n], n)):
+            src = owners[name]
+            b = sd[name].detach()
+            wire = b.to(self.device).clone() if b.dtype != torch.bool else b.to(self.device, torch.uint8)
+            try:
+                dist.broadcast(wire, src=src)
+            except Exception as e:  # noqa: BLE001
+                raise self._fail(f"state_dict (gathering buffer {name!r})", e, src) from e
+            out[name] = wire.to(b.dtype).cpu()
+        return out
+
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The full model state (original names) on every rank; collective."""
         gathered = self.gather_params()
+        buffers = self.gather_buffers(model)
         out = {}
         for k, v in model.state_dict(keep_vars=True).items():
             c = self._canonical.get(id(v)) if isinstance(v, torch.nn.Parameter) else None
-            out[k] = gathered[c].clone() if c is not None else v.detach().cpu().clone()
+            out[k] = gathered[c].clone() if c is not None else \
+                buffers[k].clone() if k in buffers else v.detach().cpu().clone()
         return out
 
     def load_state_dict(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
