@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from fxpipe.ir import CostModel, StagePlan
 
 __all__ = ["CostContext", "StageFigures", "in_flight", "weight_copies", "stage_time", "stage_memory",
-           "weight_bytes", "stash_bytes"]
+           "weight_bytes", "stash_bytes", "param_state_bytes", "gradient_bytes"]
 
 
 def in_flight(schedule: str, num_stages: int, stage: int, num_microbatches: int) -> int:
@@ -57,8 +57,9 @@ def weight_copies(schedule: str, optimizer_slots: int) -> int:
 class CostContext:
     """What T_s and M_s depend on besides the stage's own figures.
 
-    ``precision`` names the training precision (:mod:`fxpipe.precision`); today every
-    byte count is taken as given by the cost model. ``transfer`` prices sending
+    ``precision`` names the training precision (:mod:`fxpipe.precision`): bytes per
+    parameter by :func:`param_state_bytes`; activation bytes come from the cost model,
+    which counts them in the compute dtype. ``transfer`` prices sending
     ``nbytes`` once between two stages (seconds); None uses the cost model's
     ``comm_time``.
     """
@@ -101,9 +102,45 @@ def stage_time(fwd: Any, bwd: Any, comm: Any, recompute: bool) -> Any:
     return fwd + bwd + (fwd if recompute else 0) + comm
 
 
+# Bytes per parameter a stage holds, by precision (:mod:`fxpipe.precision`), k optimizer slots:
+#
+#   fp32       weights 4 + gradients 4 + optimizer 4k + [2bw] second version 4
+#   bf16/fp16  compute-dtype weights 2 + compute-dtype gradients 2 + fp32 master 4 + optimizer 4k
+#              + [2bw] second compute-dtype version 2 and its coalesced gradient 2
+#
+# (PipeDream-2BW's accounting: fp16 + Adam = 16 B/param, 20 B under 2bw.) P_s is counted at the
+# model's fp32 4 B/param, so both give W(P) = P * (2 + k + [2bw]): the weight copies below.
+# What precision changes is elsewhere: activations and transfers in the compute dtype (the cost
+# model counts them so) and the gradients the data-parallel all-reduce moves (gradient_bytes).
+_GRAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def param_state_bytes(precision: str, optimizer_slots: int, schedule: str) -> int:
+    """Bytes per parameter held on the device under ``precision`` (see the table above)."""
+    if precision == "fp32":
+        return 4 + 4 + 4 * optimizer_slots + (4 if schedule == "2bw" else 0)
+    if precision in ("bf16", "fp16"):
+        return 2 + 2 + 4 + 4 * optimizer_slots + (4 if schedule == "2bw" else 0)
+    from fxpipe.precision import check_precision
+
+    check_precision(precision)
+    raise AssertionError("unreachable")
+
+
+def gradient_bytes(param_bytes: Any, precision: str) -> Any:
+    """Bytes of the gradients of ``param_bytes`` (fp32 bytes) that the all-reduce moves."""
+    return param_bytes * _GRAD_BYTES[precision] // 4
+
+
 def weight_bytes(param_bytes: Any, ctx: CostContext) -> Any:
-    """W(P_s): weights, gradients, optimizer slots and 2bw's second version."""
-    return param_bytes * ctx.weight_copies
+    """W(P_s): weights, gradients, optimizer slots and 2bw's second version, in ``ctx.precision``.
+
+    ``param_bytes`` counts the model's fp32 parameters (4 B each); the multiplier is
+    :func:`param_state_bytes` / 4, an integer for every precision, so it also multiplies
+    solver expressions.
+    """
+    per = param_state_bytes(ctx.precision, ctx.optimizer_slots, ctx.schedule)
+    return param_bytes * (per // 4)
 
 
 def stash_bytes(activation_bytes: Any, input_bytes: Any, received_bytes: Any, n: Any,

@@ -215,7 +215,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
          memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
          num_devices: int | None = None, global_batch: int | None = None,
          leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
-         time_limit: float = 10.0, precision: str = "fp32") -> Plan:
+         time_limit: float = 10.0, precision: str = "fp32", devices_per_node: int | None = None) -> Plan:
     """Plan a pipeline without building it (works on meta-device models).
 
     Takes the same arguments as :func:`compile`; ``loss_fn`` and ``executor`` are ignored.
@@ -231,7 +231,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                  device=device, num_devices=num_devices, global_batch=global_batch,
                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit,
-                 precision=precision)[0]
+                 precision=precision, devices_per_node=devices_per_node)[0]
 
 
 def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None, num_microbatches: int,
@@ -239,12 +239,15 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
           device: Any, num_devices: int | None, global_batch: int | None,
           leaf_modules: Iterable[type | str], recompute: bool | None,
           time_limit: float, given_plan: Plan | None = None,
-          precision: str = "fp32") -> tuple[Plan, CompiledGraph]:
+          precision: str = "fp32", devices_per_node: int | None = None) -> tuple[Plan, CompiledGraph]:
     from fxpipe.cost_models.memory import optimizer_slots
     from fxpipe.passes.partition import partition
 
     k = optimizer_slots(optimizer)
     limit = resolve_memory_limit(memory_limit, device)
+    if devices_per_node is not None and (isinstance(devices_per_node, bool) or not isinstance(devices_per_node, int)
+                                         or devices_per_node < 1):
+        raise ConfigError(f"devices_per_node must be an int >= 1 or None (the device's), got {devices_per_node!r}")
     if num_stages is None:
         from fxpipe.passes.search import search_depth_width
 
@@ -261,7 +264,8 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         p = search_depth_width(graph_for, num_devices=int(num_devices or 1), global_batch=int(batch),
                                schedule=schedule,
                                memory_limit=limit,
-                               optimizer_slots=k, recompute=recompute, time_limit=time_limit)
+                               optimizer_slots=k, recompute=recompute, time_limit=time_limit,
+                               topology=_topology(device, devices_per_node, precision))
         return p, cached[int(p.microbatch_size or 1)]
     cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
                  device=device, leaf_modules=leaf_modules, precision=precision)
@@ -292,7 +296,30 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
     p = partition(cg.gm, cg.cost_model, num_stages=num_stages, num_microbatches=num_microbatches,
                   schedule=schedule, memory_limit=limit,
                   optimizer_slots=k, recompute=recompute, time_limit=time_limit)
-    return p, cg
+    return _with_placement(p, devices_per_node, device), cg
+
+
+def _topology(device: Any, devices_per_node: int | None, precision: str) -> Any:
+    """The cluster the search prices placements on: ``device``'s spec, n devices a node, precision."""
+    from fxpipe.cost_models.device import get_device
+    from fxpipe.cost_models.topology import Topology
+
+    spec = get_device(device)
+    return Topology(spec, spec.devices_per_node if devices_per_node is None else devices_per_node, precision)
+
+
+def _with_placement(p: Plan, devices_per_node: int | None, device: Any) -> Plan:
+    """A fixed-depth plan records where its stages sit (one pipeline, stages on neighbouring devices)."""
+    if devices_per_node is None and device is None:
+        return p
+    import dataclasses
+
+    from fxpipe.cost_models.device import get_device
+    from fxpipe.cost_models.topology import Placement
+
+    n = get_device(device).devices_per_node if devices_per_node is None else devices_per_node
+    where = Placement("stages-in-node", p.num_stages, p.data_parallel, n).to_dict()
+    return dataclasses.replace(p, extra={**p.extra, "placement": where})
 
 
 def _batch_size(example_inputs: Any) -> int:
@@ -333,7 +360,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             num_devices: int | None = None, global_batch: int | None = None,
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
             time_limit: float = 10.0, plan: Plan | None = None, precision: str = "fp32",
-            replan_after: int | None = None) -> "Pipeline":
+            replan_after: int | None = None, devices_per_node: int | None = None) -> "Pipeline":
     """Compile ``model`` into pipeline stages and an executor that trains them.
 
     Args:
@@ -353,7 +380,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         recompute: force activation recomputation on (True) or off (False); None lets the planner decide.
         time_limit: seconds the solver may spend.
         precision: "fp32" | "bf16" | "fp16" (:mod:`fxpipe.precision`): the planner prices compute at
-            the compute dtype's FLOP rate and counts activations in it.
+            the compute dtype's FLOP rate and counts activations and gradients in it.
+        devices_per_node: devices sharing a node (default: the device's ``devices_per_node``); the
+            depth/width search prices transfers and all-reduces by where ranks sit
+            (:mod:`fxpipe.cost_models.topology`) and records ``plan.extra["placement"]``.
         plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
             baseline) instead of solving; it is re-checked against the traced graph.
         replan_after: after this many steps, re-plan once from what the run measured per stage
@@ -397,7 +427,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     plan_kw = dict(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                    optimizer=optimizer, memory_limit=memory_limit, device=device, num_devices=num_devices,
                    global_batch=global_batch, leaf_modules=leaf_modules, recompute=recompute,
-                   time_limit=time_limit, precision=precision)
+                   time_limit=time_limit, precision=precision, devices_per_node=devices_per_node)
     if executor == "distributed" and plan is None:
         # one plan for all ranks: rank 0 plans (and profiles, alone), the others check and take it
         from fxpipe.runtime.agree import plan_on_rank0

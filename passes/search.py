@@ -188,7 +188,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                        optimizer_slots: int = 0, microbatch_sizes: Sequence[int] | None = None,
                        time_limit: float = 10.0, allreduce_bandwidth: float | None = None,
                        recompute: bool | None = None, num_workers: int = 2,
-                       price: Price | None = None) -> Plan:
+                       price: Price | None = None, topology: Any = None) -> Plan:
     """Best pipeline depth d, width w, microbatch size b and count m for ``num_devices`` devices.
 
     Args:
@@ -209,6 +209,9 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
         num_workers: CP-SAT workers.
         price: ``price(plan, w, cost_model) -> (seconds per batch, exposed all-reduce seconds)``;
             default :func:`batch_time` with ``allreduce_bandwidth``.
+        topology: a :class:`~fxpipe.cost_models.topology.Topology`: transfers and all-reduces
+            priced by where the ranks sit, each candidate under its faster placement (recorded
+            in the row and as ``extra["placement"]``). Overrides ``price``.
 
     Returns:
         The best Plan, with ``data_parallel=w``, ``microbatch_size=b``,
@@ -304,7 +307,12 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             continue
         finally:
             timing["solve"] += time.perf_counter() - t0
-        t_batch, exposed = price(plan, w, cm)
+        if topology is not None:
+            t_batch, exposed, where = topology.price(plan, w)
+            row["placement"] = where["order"]
+            plan = dataclasses.replace(plan, extra={**plan.extra, "placement": where})
+        else:
+            t_batch, exposed = price(plan, w, cm)
         thr = global_batch / t_batch if t_batch > 0 else math.inf
         row.update(samples_per_s=thr, fits=True, status=SOLVED, batch_time=t_batch,
                    allreduce_exposed=exposed, bottleneck=plan.bottleneck, gap=plan.gap)

@@ -321,7 +321,8 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
 
 
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
-                      microbatches_per_flush: int | None = None, batches: int = 6) -> tuple[float, float]:
+                      microbatches_per_flush: int | None = None, batches: int = 6,
+                      comm: Sequence[float] | None = None) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
@@ -338,6 +339,7 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         allreduce: seconds per stage, or None (no data parallelism).
         microbatches_per_flush: gpipe only: g microbatches per flush (several flushes per batch).
         batches: batches simulated (>= 3).
+        comm: one-way seconds per boundary (d - 1); default ``C_{s+1} / 2`` from the plan.
     """
     from fxpipe.runtime.schedules import build_schedule
 
@@ -346,7 +348,8 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
     acts = build_schedule(plan.schedule, d, m, n, microbatches_per_flush=microbatches_per_flush)
     fwd = [st.fwd_time for st in plan.stages]
     bwd = [st.bwd_time + (st.fwd_time if st.recompute else 0.0) for st in plan.stages]
-    comm = [plan.stages[k + 1].comm_time / 2 for k in range(d - 1)]
+    if comm is None:
+        comm = [plan.stages[k + 1].comm_time / 2 for k in range(d - 1)]
 
     def spacing(ar: Sequence[float] | None) -> float:
         sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,

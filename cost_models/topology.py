@@ -1,0 +1,131 @@
+"""Where the d x w ranks of a replicated pipeline sit on nodes, and what their transfers cost there.
+
+N = d·w devices on nodes of ``devices_per_node`` (n). Two placements (PipeDream-2BW §3.3)::
+
+    stages-in-node     device = replica·d + stage     a pipeline's stages are neighbours: stage-to-stage
+                                                      transfers stay on NVLink while d <= n, the
+                                                      all-reduce of a stage's replicas crosses nodes
+    replicas-in-node   device = stage·w + replica     a stage's replicas are neighbours: the all-reduce
+                                                      stays on NVLink while w <= n, boundaries cross nodes
+
+e.g. d=2, w=4, n=4: stages-in-node puts pipelines (0,1) (2,3) | (4,5) (6,7) on two nodes:
+no boundary crosses, each stage's 4 replicas span both nodes. replicas-in-node puts
+stage 0 on node 0 and stage 1 on node 1: the one boundary crosses, all-reduces stay inside.
+
+A transfer over a boundary whose two stages sit on different nodes (for some replica)
+is priced at ``inter_node_bandwidth``, else ``intra_node_bandwidth``; a ring all-reduce
+among replicas on several nodes at ``inter_node_bandwidth`` (the per-device share of the
+node's network when every device of the node communicates, as in steady state), else
+intra. :class:`Topology` prices a plan under both placements and keeps the faster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fxpipe.errors import ConfigError
+
+from .device import DeviceSpec
+from .evaluator import gradient_bytes
+
+if TYPE_CHECKING:
+    from fxpipe.ir import Plan
+
+__all__ = ["PLACEMENTS", "Placement", "Topology"]
+
+PLACEMENTS = ("stages-in-node", "replicas-in-node")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The rank of every (stage, replica) and which transfers leave a node."""
+
+    order: str                 # one of PLACEMENTS
+    num_stages: int            # d
+    width: int                 # w
+    devices_per_node: int      # n
+
+    def device(self, stage: int, replica: int) -> int:
+        """Global device index of ``stage``'s ``replica``."""
+        if self.order == "stages-in-node":
+            return replica * self.num_stages + stage
+        return stage * self.width + replica
+
+    def node(self, stage: int, replica: int) -> int:
+        return self.device(stage, replica) // self.devices_per_node
+
+    def boundary_crosses(self, k: int) -> bool:
+        """True when stages k and k+1 sit on different nodes for some replica."""
+        return any(self.node(k, r) != self.node(k + 1, r) for r in range(self.width))
+
+    def replicas_span_nodes(self, stage: int) -> bool:
+        """True when ``stage``'s replicas sit on more than one node."""
+        return len({self.node(stage, r) for r in range(self.width)}) > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.num_stages
+        return {"order": self.order, "devices_per_node": self.devices_per_node,
+                "inter_node_boundaries": [k for k in range(d - 1) if self.boundary_crosses(k)],
+                "inter_node_allreduce": [s for s in range(d) if self.width > 1 and self.replicas_span_nodes(s)],
+                "devices": [[self.device(s, r) for r in range(self.width)] for s in range(d)]}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A cluster: the device, how many share a node, and the training precision (gradient bytes).
+
+    Example::
+
+        >>> topo = Topology(get_device("v100-16gb"), devices_per_node=8, precision="fp16")
+        >>> t, exposed, where = topo.price(plan, width=8)      # seconds per batch, placement
+    """
+
+    device: DeviceSpec
+    devices_per_node: int
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        n = self.devices_per_node
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"devices_per_node must be an int >= 1, got {n!r}")
+
+    def bandwidth(self, inter: bool) -> float:
+        return self.device.inter_node_bandwidth if inter else self.device.intra_node_bandwidth
+
+    def transfer(self, nbytes: int, inter: bool) -> float:
+        """Seconds to send ``nbytes`` once between two stages."""
+        return 0.0 if nbytes <= 0 else self.device.link_latency + nbytes / self.bandwidth(inter)
+
+    def allreduce(self, param_bytes: int, width: int, inter: bool) -> float:
+        """Ring all-reduce seconds of the gradients of ``param_bytes`` (fp32 bytes) among ``width`` replicas."""
+        if width <= 1 or param_bytes <= 0:
+            return 0.0
+        return 2.0 * (width - 1) / width * gradient_bytes(param_bytes, self.precision) / self.bandwidth(inter)
+
+    def placements(self, num_stages: int, width: int) -> list[Placement]:
+        """Both placements (one when d = 1 or w = 1: they coincide)."""
+        orders = PLACEMENTS if num_stages > 1 and width > 1 else PLACEMENTS[:1]
+        return [Placement(o, num_stages, width, self.devices_per_node) for o in orders]
+
+    def price(self, plan: "Plan", width: int) -> tuple[float, float, dict[str, Any]]:
+        """(seconds per batch, exposed all-reduce, placement) of ``plan`` replicated ``width`` times.
+
+        Each placement runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with its
+        boundary transfers (the received bytes X_{k+1} at the boundary's bandwidth) and
+        all-reduces; the faster wins (ties: stages-in-node).
+        """
+        from fxpipe.runtime.simulate import steady_batch_time
+
+        best: tuple[float, float, Placement] | None = None
+        g = plan.extra.get("microbatches_per_flush")
+        for pl in self.placements(plan.num_stages, width):
+            comm = [self.transfer(plan.stages[k + 1].received_bytes, pl.boundary_crosses(k))
+                    for k in range(plan.num_stages - 1)]
+            ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index)) for st in plan.stages]
+            t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,
+                                           comm=comm)
+            if best is None or t < best[0] * (1 - 1e-12):
+                best = (t, exposed, pl)
+        assert best is not None
+        return best[0], best[1], best[2].to_dict()
