@@ -325,6 +325,12 @@ PRESETS: dict[str, Factory] = {
     "gpt2-xl": functools.partial(gpt2, n_layer=48, d=1600, n_head=25),
     "bert-base": functools.partial(bert, n_layer=12, d=768, n_head=12),
     "bert-large": functools.partial(bert, n_layer=24, d=1024, n_head=16),
+    # PipeDream-2BW's models (ICML 2021 §5): seq 512, fp16 on V100s
+    "gpt-1.3b": functools.partial(gpt2, n_layer=24, d=2048, n_head=16, block=512, batch=8),
+    "gpt-2.2b": functools.partial(gpt2, n_layer=32, d=2304, n_head=24, block=512, batch=8),
+    "gpt-3.8b": functools.partial(gpt2, n_layer=32, d=3072, n_head=32, block=512, batch=8),
+    "bert-2.2b": functools.partial(bert, n_layer=32, d=2304, n_head=24, seq=512, batch=8),
+    "bert-3.8b": functools.partial(bert, n_layer=32, d=3072, n_head=32, seq=512, batch=8),
     "llama-7b": functools.partial(llama, n_layer=32, d=4096, n_head=32, d_ff=11008),
     "llama-13b": functools.partial(llama, n_layer=40, d=5120, n_head=40, d_ff=13824),
     "resnet-50": functools.partial(resnet, layers=(3, 4, 6, 3)),

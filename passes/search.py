@@ -1,7 +1,7 @@
 """Depth × width search (PipeDream-2BW's planner, Algorithm 1): pick d, w, b, m for N devices.
 
 For N devices and a global batch B, every candidate is a pipeline of depth d
-replicated w = N // d times (data parallel), a microbatch size b (a power of two
+dividing N replicated w = N / d times (data parallel), a microbatch size b (a power of two
 dividing B / w) and m = B / (w·b) microbatches per batch (2bw needs m >= d)::
 
     N = 8, B = 64          d=1 w=8   b ∈ {1,2,4,8}          m = 8/b
@@ -129,9 +129,11 @@ def _check(num_devices: Any, global_batch: Any, schedule: str, time_limit: Any) 
 
 
 def _enumerate(num_devices: int, global_batch: int, schedule: str, max_depth: int,
-               microbatch_sizes: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
+               microbatch_sizes: Sequence[int] | None, all_depths: bool = False) -> list[tuple[int, int, int, int]]:
     cands: list[tuple[int, int, int, int]] = []
     for d in range(1, min(num_devices, max_depth) + 1):
+        if not all_depths and num_devices % d:
+            continue
         w = num_devices // d
         if global_batch % w:
             continue
@@ -188,13 +190,14 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                        optimizer_slots: int = 0, microbatch_sizes: Sequence[int] | None = None,
                        time_limit: float = 10.0, allreduce_bandwidth: float | None = None,
                        recompute: bool | None = None, num_workers: int = 2,
-                       price: Price | None = None, topology: Any = None) -> Plan:
+                       price: Price | None = None, topology: Any = None, all_depths: bool = False) -> Plan:
     """Best pipeline depth d, width w, microbatch size b and count m for ``num_devices`` devices.
 
     Args:
         graph_for: ``graph_for(b) -> (gm, cost_model)``, the annotated graph traced at
             microbatch size b (called once per distinct b; results are cached here).
-        num_devices: N; candidates use d·(N // d) <= N devices.
+        num_devices: N; candidates are the depths d dividing N with w = N / d (as the paper's planner),
+            or with ``all_depths`` every d with w = N // d (d·w <= N devices).
         global_batch: B, samples per optimizer step over all replicas.
         schedule: "2bw" | "flush" | "gpipe".
         memory_limit: bytes per device, or None.
@@ -248,7 +251,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
 
     # Enumerate (d, w, b, m); the graph size caps d.
     n_nodes = graph(1 if microbatch_sizes is None else min(microbatch_sizes))[2].n
-    cands = _enumerate(num_devices, global_batch, schedule, n_nodes, microbatch_sizes)
+    cands = _enumerate(num_devices, global_batch, schedule, n_nodes, microbatch_sizes, all_depths)
     rec_label = "per stage" if recompute is None else ("all" if recompute else "none")
     rows: list[dict[str, Any]] = []
     order: list[tuple[float, int, int, int, int, dict[str, Any]]] = []

@@ -14,8 +14,9 @@ from fxpipe.trace import trace
 # Published sizes: GPT-2 XL 1.558e9 (tied), BERT-large 3.35e8 (MLM head tied), Llama-7B 6.74e9,
 # ResNet-50 25,557,032 (torchvision).
 EXPECTED = {"gpt2-small": 1.244e8, "gpt2-xl": 1.558e9, "bert-large": 3.35e8, "llama-7b": 6.738e9,
-            "resnet-50": 2.5557e7}
-SHAPES = {"gpt2-xl": (1024,), "bert-large": (512,), "llama-7b": (2048,), "resnet-50": (3, 224, 224)}
+            "resnet-50": 2.5557e7, "gpt-2.2b": 2.2e9, "gpt-3.8b": 3.8e9}   # the last two: PipeDream-2BW's
+SHAPES = {"gpt2-xl": (1024,), "bert-large": (512,), "llama-7b": (2048,), "resnet-50": (3, 224, 224),
+          "gpt-2.2b": (512,), "gpt-3.8b": (512,)}
 
 
 def _peak_rss_bytes() -> int:

@@ -408,3 +408,15 @@ def test_steady_batch_time_of_a_plan():
     gp = _plan("gpipe", 4, [1.0, 1.0], [2.0, 2.0])
     assert steady_batch_time(gp)[0] == pytest.approx(3 * (4 + 1))
     assert steady_batch_time(gp, microbatches_per_flush=1)[0] == pytest.approx(4 * 3 * 2)
+
+
+@pytest.mark.parametrize("schedule", ["2bw", "flush"])
+def test_long_batches_extrapolate_to_the_full_simulation(schedule, monkeypatch):
+    import fxpipe.runtime.simulate as sim_mod
+
+    plan = _plan(schedule, 200, [1.0, 1.5, 1.0], [2.0, 2.0, 3.0], comm=[0.0, 0.4, 0.2])
+    ar = [30.0, 80.0, 10.0]
+    short = sim_mod.steady_batch_time(plan, ar)          # 3 x 200 > 512 slots: extrapolated
+    monkeypatch.setattr(sim_mod, "_SIM_MAX_SLOTS", 10**9)
+    full = sim_mod.steady_batch_time(plan, ar)
+    assert short[0] == pytest.approx(full[0], rel=1e-9) and short[1] == pytest.approx(full[1], abs=1e-9)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from fxpipe.errors import ScheduleError
@@ -29,17 +30,22 @@ class _Run:
         return max((e for row in self.timeline for _, e, _ in row), default=0.0)
 
 
-def _deps(action: Action, num_stages: int) -> list[tuple[Action, bool]]:
+@lru_cache(maxsize=1 << 16)
+def _deps(action: Action, num_stages: int) -> tuple[tuple[Action, bool], ...]:
     """Dependencies of an action as (action, crosses_ranks)."""
     s, i = action.stage, action.microbatch
     if action.kind == "F":
-        return [(Action(s - 1, "F", i), True)] if s > 0 else []
+        return ((Action(s - 1, "F", i), True),) if s > 0 else ()
     if action.kind == "B":
-        deps = [(Action(s, "F", i), False)]
         if s < num_stages - 1:
-            deps.append((Action(s + 1, "B", i), True))
-        return deps
-    return []
+            return ((Action(s, "F", i), False), (Action(s + 1, "B", i), True))
+        return ((Action(s, "F", i), False),)
+    return ()
+
+
+@lru_cache(maxsize=1 << 14)
+def _update(stage: int, batch: int) -> Action:
+    return Action(stage, "U", batch)
 
 
 def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequence[float],
@@ -64,12 +70,12 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
         s = min(a.stage, d - 1)
         return {"F": fwd, "B": bwd, "U": upd}[a.kind][s]
 
-    def deps_of(a: Action) -> list[tuple[Action, bool]]:
+    def deps_of(a: Action) -> tuple[tuple[Action, bool], ...]:
         deps = _deps(a, d)
         if allreduce is not None and a.kind != "U":
             v = weight_version(schedule, a, m)
             if v > 0:
-                deps.append((Action(a.stage, "U", v - 1), False))
+                deps = deps + ((_update(a.stage, v - 1), False),)
         return deps
 
     progress = True
@@ -320,8 +326,11 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     )
 
 
+_SIM_MAX_SLOTS = 512       # d * m above which steady_batch_time extrapolates from two short batches
+
+
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
-                      microbatches_per_flush: int | None = None, batches: int = 6,
+                      microbatches_per_flush: int | None = None, batches: int = 4,
                       comm: Sequence[float] | None = None) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
@@ -340,11 +349,33 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         microbatches_per_flush: gpipe only: g microbatches per flush (several flushes per batch).
         batches: batches simulated (>= 3).
         comm: one-way seconds per boundary (d - 1); default ``C_{s+1} / 2`` from the plan.
+
+    Long batches (d·m > 512) are priced from two simulated batches of k and 2k
+    microbatches (the period per microbatch is steady), gpipe with g < m from one flush of g.
     """
+    import dataclasses
+
     from fxpipe.runtime.schedules import build_schedule
 
     d, m = plan.num_stages, plan.num_microbatches
     n = max(3, batches)
+    g = microbatches_per_flush
+    if plan.schedule == "gpipe" and g is not None and g < m:
+        # flushes of g serialize: price one flush of g per batch, m / g of them, then the all-reduce
+        one = dataclasses.replace(plan, num_microbatches=g)
+        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm)
+        return -(-m // g) * (t1 - exp1) + exp1, exp1
+    if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS:
+        # long batches: the per-microbatch period is steady; simulate two short batches, extrapolate
+        k = max(d, _SIM_MAX_SLOTS // (2 * d))
+        t_a, exp_a = steady_batch_time(dataclasses.replace(plan, num_microbatches=k), allreduce,
+                                       batches=batches, comm=comm)
+        t_b, _ = steady_batch_time(dataclasses.replace(plan, num_microbatches=2 * k), None,
+                                   batches=batches, comm=comm)
+        base_a = t_a - exp_a
+        base = base_a + (m - k) * (t_b - base_a) / k
+        t = max(base, t_a) if plan.schedule == "2bw" else base + exp_a
+        return t, max(0.0, t - base)
     acts = build_schedule(plan.schedule, d, m, n, microbatches_per_flush=microbatches_per_flush)
     fwd = [st.fwd_time for st in plan.stages]
     bwd = [st.bwd_time + (st.fwd_time if st.recompute else 0.0) for st in plan.stages]
