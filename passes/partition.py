@@ -627,14 +627,14 @@ def _build(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = 
     return _Model(m, z, r, obj, times, mems)
 
 
-def _solver(time_limit: float, num_workers: int) -> cp_model.CpSolver:
+def _solver(time_limit: float, num_workers: int, wall_limit: float | None = None) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = num_workers
     p.interleave_search = num_workers > 1   # deterministic multi-worker search
     p.random_seed = 0
     p.max_deterministic_time = max(0.05, time_limit * _DET_PER_SECOND)
-    p.max_time_in_seconds = max(0.1, time_limit)
+    p.max_time_in_seconds = max(0.1, time_limit if wall_limit is None else wall_limit)
     return solver
 
 
@@ -651,9 +651,10 @@ class _Solution:
 
 def _solve(prob: BlockProblem, *, objective: str, time_limit: float, num_workers: int,
            lb: int = 0, ub: int | None = None,
-           hint: tuple[Sequence[int], Sequence[bool], int] | None = None) -> _Solution:
+           hint: tuple[Sequence[int], Sequence[bool], int] | None = None,
+           wall_limit: float | None = None) -> _Solution:
     built = _build(prob, objective=objective, lb=lb, ub=ub, hint=hint)
-    solver = _solver(time_limit, num_workers)
+    solver = _solver(time_limit, num_workers, wall_limit)
     t0 = time.perf_counter()
     status = solver.solve(built.model)
     wall = time.perf_counter() - t0
@@ -685,7 +686,7 @@ def _assignment(gc: GraphCosts, blocks: Sequence[Sequence[int]], block_stage: Se
 def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: int,
               num_microbatches: int, schedule: str = "2bw", memory_limit: int | None = None,
               optimizer_slots: int = 0, recompute: bool | None = None, time_limit: float = 10.0,
-              num_workers: int = 2, coarsen: bool = True) -> Plan:
+              num_workers: int = 2, coarsen: bool = True, wall_limit: float | None = None) -> Plan:
     """Cut an annotated graph into pipeline stages minimising the bottleneck stage time.
 
     Steps: read costs; coarsen into blocks (graphs over ~12 blocks per stage);
@@ -706,6 +707,9 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         time_limit: seconds for CP-SAT (deterministic time is capped at
             ``0.5 * time_limit`` so that runs repeat exactly).
         num_workers: CP-SAT workers (interleaved deterministically when > 1).
+        wall_limit: wall-clock seconds allowed (default ``time_limit``); a larger one leaves only
+            CP-SAT's deterministic time (``0.5 * time_limit``) to decide, so the plan repeats on
+            a loaded machine (the depth/width search passes its remaining time).
         coarsen: merge nodes into blocks first (exactness is then only up to the
             blocks; ``Plan.lower_bound`` stays a bound on the uncoarsened graph).
 
@@ -722,6 +726,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         PartitionError: the graph lacks costs, or the solver found no plan in time.
     """
     t_start = time.perf_counter()
+    wall = time_limit if wall_limit is None else wall_limit
     _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
     if time_limit <= 0 or num_workers < 1:
         raise ConfigError(f"time_limit must be > 0 and num_workers >= 1, got {time_limit}, "
@@ -794,7 +799,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         if ub_int is not None and ub_int < lb_int:
             lb_int = ub_int
         sol = _solve(prob, objective="time", time_limit=limit, num_workers=num_workers,
-                     lb=lb_int, ub=ub_int, hint=best_hint)
+                     lb=lb_int, ub=ub_int, hint=best_hint, wall_limit=wall_limit)
         return prob, dp, chain, sol
 
     coarsened = len(blocks) < gc.n
@@ -859,7 +864,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
     per_stage, first_blocks, refinements = 12, len(blocks), 0
     while (coarsened and best.bottleneck > lower * 1.01 and per_stage < _MAX_BLOCKS_PER_STAGE
            and det_used < 0.5 * det_budget
-           and time.perf_counter() - t_start < time_limit):    # safety on an overloaded machine
+           and time.perf_counter() - t_start < wall):    # safety on an overloaded machine
         per_stage *= 2
         refinements += 1
         where = best.stage_of()
@@ -879,7 +884,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
     # bound ignores memory, so under a binding limit the last percent is often the bound's.
     fine_proof = False
     if (coarsened and best.bottleneck > lower * 1.01 and gc.n * (d - 1) <= _FINE_PROOF_MAX_VARS
-            and det_used < det_budget and time.perf_counter() - t_start < time_limit):
+            and det_used < det_budget and time.perf_counter() - t_start < wall):
         fprob, fsol, plan = resolve(singletons, best)
         if fsol.status in ("OPTIMAL", "FEASIBLE") and plan is not None:
             fine_proof = True

@@ -153,7 +153,7 @@ def _enumerate(num_devices: int, global_batch: int, schedule: str, max_depth: in
 
 def _solve(gm: torch.fx.GraphModule, cm: CostModel, gc: Any, *, d: int, m: int, schedule: str,
            memory_limit: int | None, optimizer_slots: int, recompute: bool | None, time_limit: float,
-           num_workers: int) -> tuple[Plan, int | None]:
+           num_workers: int, wall_limit: float | None = None) -> tuple[Plan, int | None]:
     """Partition one candidate; gpipe tries g = m, m/2, ... microbatches per flush until one fits.
 
     Returns the plan (num_microbatches = m) and g (None unless gpipe).
@@ -171,7 +171,8 @@ def _solve(gm: torch.fx.GraphModule, cm: CostModel, gc: Any, *, d: int, m: int, 
         try:
             plan = partition(gm, cm, num_stages=d, num_microbatches=g, schedule=schedule,
                              memory_limit=memory_limit, optimizer_slots=optimizer_slots,
-                             recompute=recompute, time_limit=time_limit, num_workers=num_workers)
+                             recompute=recompute, time_limit=time_limit, num_workers=num_workers,
+                             wall_limit=wall_limit)
         except InfeasibleMemoryError as e:
             last = e
             continue
@@ -296,7 +297,10 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
         try:
             plan, g = _solve(gm, cm, gc, d=d, m=m, schedule=schedule, memory_limit=memory_limit,
                              optimizer_slots=optimizer_slots, recompute=recompute, time_limit=per,
-                             num_workers=num_workers)
+                             num_workers=num_workers,
+                             # wall clock up to the search's deadline (at least 4x the share): CP-SAT's
+                             # deterministic time decides, not the machine's load
+                             wall_limit=max(4 * per, deadline - time.perf_counter()))
             if g is not None:
                 row["microbatches_per_flush"] = g
         except InfeasibleMemoryError as e:
