@@ -420,3 +420,10 @@ def test_long_batches_extrapolate_to_the_full_simulation(schedule, monkeypatch):
     monkeypatch.setattr(sim_mod, "_SIM_MAX_SLOTS", 10**9)
     full = sim_mod.steady_batch_time(plan, ar)
     assert short[0] == pytest.approx(full[0], rel=1e-9) and short[1] == pytest.approx(full[1], abs=1e-9)
+
+
+def test_deep_long_pipelines_extrapolate_once():
+    from fxpipe.runtime.simulate import steady_batch_time
+
+    deep = _plan("2bw", 512, [1.0] * 32, [2.0] * 32)        # d * k stays above the slot budget
+    assert steady_batch_time(deep)[0] == pytest.approx(512 * 3.0)

@@ -331,7 +331,7 @@ _SIM_MAX_SLOTS = 512       # d * m above which steady_batch_time extrapolates fr
 
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
                       microbatches_per_flush: int | None = None, batches: int = 4,
-                      comm: Sequence[float] | None = None) -> tuple[float, float]:
+                      comm: Sequence[float] | None = None, _exact: bool = False) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
@@ -365,13 +365,13 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         one = dataclasses.replace(plan, num_microbatches=g)
         t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm)
         return -(-m // g) * (t1 - exp1) + exp1, exp1
-    if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS:
+    if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS and not _exact and m > 2 * max(d, 4):
         # long batches: the per-microbatch period is steady; simulate two short batches, extrapolate
-        k = max(d, _SIM_MAX_SLOTS // (2 * d))
+        k = min(max(d, 4, _SIM_MAX_SLOTS // (2 * d)), m // 2)
         t_a, exp_a = steady_batch_time(dataclasses.replace(plan, num_microbatches=k), allreduce,
-                                       batches=batches, comm=comm)
+                                       batches=batches, comm=comm, _exact=True)
         t_b, _ = steady_batch_time(dataclasses.replace(plan, num_microbatches=2 * k), None,
-                                   batches=batches, comm=comm)
+                                   batches=batches, comm=comm, _exact=True)
         base_a = t_a - exp_a
         base = base_a + (m - k) * (t_b - base_a) / k
         t = max(base, t_a) if plan.schedule == "2bw" else base + exp_a
