@@ -109,6 +109,34 @@ def _check(cost: Any, node: torch.fx.Node, cost_model: Any) -> NodeCost:
     return cost
 
 
+def _state_bytes_read(node: torch.fx.Node, gm: torch.nn.Module) -> int:
+    """Real bytes of the buffers (tensor attributes that are not parameters) ``node`` reads via get_attr."""
+    total = 0
+    for a in node.all_input_nodes:
+        if a.op == "get_attr":
+            obj = _attr(gm, str(a.target))
+            if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
+                total += int(obj.numel() * obj.element_size())
+    return total
+
+
+def _price(table: dict[str, int], sizes: dict[str, int], read: tuple[str, ...], new: list[str],
+           priced: float, buffers: int) -> None:
+    """Bytes of the parameters ``new`` (first read here) from the cost model's figure ``priced``
+    for all the parameters ``read`` (and ``buffers`` bytes of buffers, which the built-in models
+    count too): each gets its share by real size, rounded so that the shares add up."""
+    real = sum(sizes[p] for p in read) + buffers
+    if real <= 0:
+        return
+    scale = priced / real
+    done = sum(sizes[p] for p in read if p not in new)   # shares of parameters priced at earlier users
+    acc = done
+    for p in new:
+        lo = round(acc * scale)
+        acc += sizes[p]
+        table[p] = int(round(acc * scale) - lo)
+
+
 def annotate(gm: torch.fx.GraphModule, cost_model: str | CostModel = "analytic") -> torch.fx.GraphModule:
     """Set ``node.meta["fxpipe.cost"]`` and ``node.meta["fxpipe.params"]`` on every node.
 
@@ -116,7 +144,16 @@ def annotate(gm: torch.fx.GraphModule, cost_model: str | CostModel = "analytic")
     (TinyGPT's ``wte.weight`` is ``lm_head.weight``) is known by the first name
     in ``gm.named_parameters()`` order, appears once in ``gm.meta["fxpipe.param_bytes"]``,
     and its bytes count in ``NodeCost.param_bytes`` of its first user in graph
-    order only. Placeholders cost nothing but carry ``output_bytes`` (the input's
+    order only (the planner charges it to every stage that reads it).
+
+    Parameter bytes are the cost model's: a node's ``NodeCost.param_bytes > 0``
+    prices all the parameters it reads (another dtype, or a small model standing
+    for a big one), shared among them by real size; a parameter takes its price
+    from its first user. ``param_bytes == 0`` means "not priced": the real bytes
+    are kept. The figure covers the buffers the node reads as well (as the
+    built-in models count them), so the built-in models keep the real bytes.
+    Example: a cost model that says bf16 (half of fp32) for ``fc`` with a 4 KiB
+    weight and 64 B bias gives them 2 KiB and 32 B. Placeholders cost nothing but carry ``output_bytes`` (the input's
     size); get_attr and output nodes cost nothing.
 
     Args:
@@ -138,7 +175,7 @@ def annotate(gm: torch.fx.GraphModule, cost_model: str | CostModel = "analytic")
                           f"{missing[0].format_node()}; run fxpipe.passes.shape_prop.shape_prop(gm, "
                           "*example_inputs) before annotate")
     canon, sizes = canonical_parameters(gm)
-    gm.meta[META_PARAM_BYTES] = dict(sizes)
+    table = dict(sizes)          # canonical parameter -> bytes, as the cost model prices them
     first_user: set[str] = set()
     for node in gm.graph.nodes:
         params = _params_read(node, gm, canon)
@@ -164,5 +201,8 @@ def annotate(gm: torch.fx.GraphModule, cost_model: str | CostModel = "analytic")
         cost = _check(cost, node, cm)
         mine = [p for p in params if p not in first_user]
         first_user.update(mine)
-        node.meta[META_COST] = dataclasses.replace(cost, param_bytes=sum(sizes[p] for p in mine))
+        if cost.param_bytes > 0 and mine:
+            _price(table, sizes, params, mine, float(cost.param_bytes), _state_bytes_read(node, gm))
+        node.meta[META_COST] = dataclasses.replace(cost, param_bytes=sum(table[p] for p in mine))
+    gm.meta[META_PARAM_BYTES] = table
     return gm

@@ -129,3 +129,106 @@ def test_annotation_is_repeatable() -> None:
     annotate(gm, AnalyticCostModel("a100-80gb"))
     assert first == {n.name: n.meta[META_COST] for n in gm.graph.nodes}
     assert all(dataclasses.is_dataclass(c) for c in first.values())
+
+
+class _Injected:
+    """A custom cost model: injected times and activations, parameters priced ``factor`` x their real bytes
+    (a model built small to stand for a big one, or another dtype)."""
+
+    def __init__(self, rng, factor: float) -> None:
+        self.rng, self.factor, self.costs = rng, factor, {}
+
+    def real_param_bytes(self, node: torch.fx.Node) -> int:
+        gm = node.graph.owning_module
+        ps = {id(p): p for p in gm.get_submodule(str(node.target)).parameters()} if node.op == "call_module" else {}
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and isinstance(getattr(gm, str(a.target), None), torch.nn.Parameter):
+                ps[id(a)] = getattr(gm, str(a.target))
+        return sum(p.numel() * p.element_size() for p in ps.values())
+
+    def node_cost(self, node: torch.fx.Node) -> NodeCost:
+        if node.name not in self.costs:
+            out = node.meta["val"]
+            self.costs[node.name] = NodeCost(
+                # later nodes heavier: the balanced split is not the one that balances parameters
+                fwd_time=self.rng.uniform(1, 3) * (1 + len(self.costs)), bwd_time=self.rng.uniform(2, 6),
+                activation_bytes=self.rng.randint(1, 20),
+                output_bytes=int(out.numel() * out.element_size()) if isinstance(out, torch.Tensor) else 0,
+                param_bytes=int(self.factor * self.real_param_bytes(node)))
+        return self.costs[node.name]
+
+    def comm_time(self, nbytes: int) -> float:
+        return nbytes / 1e4
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_custom_param_bytes_are_what_the_planner_limits(seed, d) -> None:
+    """A chain priced by a custom model (parameters at 10x): the plan under a tight memory limit is the
+    exact DP's on the injected figures, and differs from the DP's on the real parameter bytes."""
+    import itertools
+    import random
+
+    from fxpipe.passes.dp import best_contiguous_split
+    from fxpipe.passes.partition import partition, plan_from_assignment
+    from test_partition import make_graph
+
+    rng = random.Random(seed)
+    model, x = MLP((16, 64, 64, 16, 8, 8)), torch.randn(2, 16)    # parameters at the front, time at the back
+    gm = trace(model, (x,))
+    shape_prop(gm, x)
+    cm = _Injected(rng, factor=10.0)
+    annotate(gm, cm)
+    compute = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    assert sum(gm.meta[META_PARAM_BYTES].values()) == 10 * _unique_param_bytes(model)
+    assert [n.meta[META_COST].param_bytes for n in compute] == [cm.costs[n.name].param_bytes for n in compute]
+
+    def reference(factor: float) -> torch.fx.GraphModule:    # the chain with private parameters, by hand
+        costs = [dataclasses.replace(cm.costs[n.name], param_bytes=int(factor * cm.real_param_bytes(n)))
+                 for n in compute]
+        ref = make_graph([[i - 1] if i else [] for i in range(len(compute))], costs, input_bytes=2 * 16 * 4)
+        for nd in ref.graph.nodes:
+            nd.meta.pop(META_PARAMS, None)
+        return ref
+
+    kw = dict(num_stages=d, num_microbatches=4, optimizer_slots=1)
+    # every contiguous split of the injected chain: (bottleneck, peak memory); the tightest limit any meets
+    names = [f"n{i}" for i in range(len(compute))]
+    figures = []
+    for cuts in itertools.combinations(range(1, len(names)), d - 1):
+        stage_of = {n: sum(i >= c for c in cuts) for i, n in enumerate(names)}
+        p = plan_from_assignment(reference(10.0), cm, stage_of, [False] * d, num_microbatches=4, schedule="2bw",
+                                 optimizer_slots=1, check_memory=False)
+        figures.append((p.bottleneck, max(s.memory for s in p.stages)))
+    free = best_contiguous_split(reference(10.0), cm, recompute=False, **kw)
+    free_peak = min(m for b, m in figures if b == pytest.approx(free.bottleneck, rel=1e-12))
+    tight = max(m for _, m in figures if m < free_peak)     # the optimum no longer fits, something else does
+    want = best_contiguous_split(reference(10.0), cm, memory_limit=tight, recompute=False, **kw)
+    real = best_contiguous_split(reference(1.0), cm, memory_limit=tight, recompute=False, **kw)
+    assert want.bottleneck == pytest.approx(min(b for b, m in figures if m <= tight), rel=1e-9)
+    assert want.bottleneck > free.bottleneck, "the limit must bind on the priced bytes ..."
+    assert real.bottleneck == pytest.approx(free.bottleneck, rel=1e-9), "... and not on the real ones"
+    plan = partition(gm, cm, memory_limit=tight, recompute=False, **kw)
+    assert plan.bottleneck == pytest.approx(want.bottleneck, rel=1e-9)
+    assert max(s.memory for s in plan.stages) <= tight
+
+
+def test_custom_param_bytes_keep_tied_parameters_once_per_stage() -> None:
+    import random
+
+    from fxpipe.passes.partition import plan_from_assignment
+
+    model, gm = _gpt_graph()
+    cm = _Injected(random.Random(0), factor=2.0)
+    annotate(gm, cm)
+    table = gm.meta[META_PARAM_BYTES]
+    assert table["wte.weight"] == 2 * 37 * 16 * 4 and "lm_head.weight" not in table
+    assert sum(table.values()) == 2 * _unique_param_bytes(model)
+    compute = [n.name for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    stage_of = {n: i * 3 // len(compute) for i, n in enumerate(compute)}
+    plan = plan_from_assignment(gm, cm, stage_of, [False] * 3, num_microbatches=4, schedule="2bw")
+    for s in plan.stages:   # every stage holds, once, each parameter its nodes read, at the priced size
+        read = {p for n in gm.graph.nodes if n.name in s.nodes for p in n.meta[META_PARAMS]}
+        assert s.param_bytes == sum(table[p] for p in read)
+    assert "wte.weight" in {p for n in gm.graph.nodes if n.name in plan.stages[0].nodes for p in n.meta[META_PARAMS]}
+    assert "wte.weight" in {p for n in gm.graph.nodes if n.name in plan.stages[2].nodes for p in n.meta[META_PARAMS]}
