@@ -26,10 +26,14 @@ __all__ = [
     "META_COST",
     "META_PARAMS",
     "META_PARAM_BYTES",
+    "META_LOSS",
     "META_VAL",
     "NodeCost",
     "CostModel",
     "StagePlan",
+    "SolveInfo",
+    "LossCost",
+    "PlanNotes",
     "Plan",
     "SCHEDULES",
 ]
@@ -38,6 +42,8 @@ __all__ = [
 META_VAL = "val"                     # FakeTensor (or pytree of them): shape_prop, as torch does
 META_COST = "fxpipe.cost"            # NodeCost: annotate
 META_PARAMS = "fxpipe.params"        # tuple[str, ...] canonical parameter names the node reads
+# GraphModule.meta key: LossCost of loss_fn(output, targets), priced on the last stage (example_targets=).
+META_LOSS = "fxpipe.loss"
 # GraphModule.meta key: dict canonical parameter name -> bytes (tied parameters appear once).
 META_PARAM_BYTES = "fxpipe.param_bytes"
 
@@ -108,6 +114,77 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
+class SolveInfo:
+    """How the CP-SAT planner reached its plan (``Plan.solve_info``); figures are seconds."""
+
+    status: str = ""                 # CP-SAT's status of the last solve ("OPTIMAL", "FEASIBLE", ...)
+    solver_bound: float = 0.0        # CP-SAT's bound on the problem it last solved
+    solver_gap: float = 0.0          # (objective - bound) / objective of that solve
+    blocks: int = 0                  # blocks of the last solve
+    nodes: int = 0                   # compute nodes of the graph
+    coarsened: bool = False          # the last solve was on blocks, not single nodes
+    dp_bottleneck: float | None = None   # the exact DP over the graph order (None: graph too large)
+    wall_time: float = 0.0           # seconds of the last solve
+    deterministic_time: float = 0.0  # CP-SAT deterministic time of the last solve
+    source: str = ""                 # which candidate won: "cp-sat" | "dp" | "dp-blocks"
+    chain: bool = False              # the graph is a chain (the DP is then exact)
+    first_blocks: int = 0            # blocks of the first solve
+    refinements: int = 0             # re-coarsenings around the incumbent
+    fine_proof: bool = False         # the uncoarsened model was solved for a proof
+    balance_excess: float | None = None  # sum of stage times above the mean, after tie-breaking
+
+
+@dataclass(frozen=True)
+class LossCost:
+    """What ``loss_fn(output, targets)`` adds to the last stage (one microbatch)."""
+
+    fwd_time: float = 0.0            # seconds
+    bwd_time: float = 0.0            # seconds
+    activation_bytes: int = 0        # bytes autograd saves for the loss's backward
+    fwd_flops: float = 0.0
+    nodes: int = 0                   # operations in the traced loss
+
+
+_SOLVE_KEYS = frozenset(f.name for f in dataclasses.fields(SolveInfo))
+_LEGACY_KEYS = _SOLVE_KEYS | {"over_memory", "over_memory_stages"}
+
+
+class PlanNotes(dict):  # type: ignore[type-arg]
+    """``Plan.extra``: free-form notes of other passes (e.g. the depth search's table).
+
+    The planner's own figures are typed fields of the Plan (``solve_info``,
+    ``over_memory_stages``); they still read here under their old keys
+    (``plan.extra["status"]``, ``plan.extra.get("over_memory")``).
+    """
+
+    def __init__(self, data: Any = (), plan: "Plan | None" = None) -> None:
+        super().__init__(data)
+        self._plan = plan
+
+    def _typed(self, key: str) -> Any:
+        p = self._plan
+        if p is not None:
+            if key == "over_memory":
+                return bool(p.over_memory_stages)
+            if key == "over_memory_stages":
+                return list(p.over_memory_stages)
+            if key in _SOLVE_KEYS and p.solve_info is not None:
+                return getattr(p.solve_info, key)
+        raise KeyError(key)
+
+    def __missing__(self, key: str) -> Any:
+        return self._typed(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        try:
+            return self._typed(key)
+        except KeyError:
+            return default
+
+
+@dataclass(frozen=True)
 class Plan:
     """The planner's answer: which node runs on which stage, and what it costs."""
 
@@ -125,6 +202,26 @@ class Plan:
     data_parallel: int = 1           # w: replicas of every stage
     microbatch_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    solve_info: SolveInfo | None = field(default=None, compare=False)   # how CP-SAT got here
+    over_memory_stages: tuple[int, ...] = ()   # stages over memory_limit (baselines report, not raise)
+    loss: LossCost | None = None     # loss_fn's share of the last stage (example_targets=)
+
+    def __post_init__(self) -> None:
+        # Old callers and old JSON put the planner's figures in ``extra``: move them to the typed fields.
+        raw = dict(self.extra or {})
+        if self.solve_info is None and _SOLVE_KEYS & raw.keys():
+            object.__setattr__(self, "solve_info", SolveInfo(**{k: raw[k] for k in _SOLVE_KEYS & raw.keys()}))
+        if not self.over_memory_stages and raw.get("over_memory_stages"):
+            object.__setattr__(self, "over_memory_stages", tuple(int(s) for s in raw["over_memory_stages"]))
+        elif not isinstance(self.over_memory_stages, tuple):
+            object.__setattr__(self, "over_memory_stages", tuple(self.over_memory_stages))
+        notes = {k: v for k, v in raw.items() if k not in _LEGACY_KEYS}
+        object.__setattr__(self, "extra", PlanNotes(notes, self))
+
+    @property
+    def over_memory(self) -> bool:
+        """True when some stage exceeds ``memory_limit`` (only baselines return such plans)."""
+        return bool(self.over_memory_stages)
 
     @property
     def num_stages(self) -> int:
@@ -145,6 +242,8 @@ class Plan:
         d = dataclasses.asdict(self)
         d["stages"] = [dataclasses.asdict(s) for s in self.stages]
         d["cut_edges"] = [list(e) for e in self.cut_edges]
+        d["extra"] = dict(self.extra)
+        d["over_memory_stages"] = list(self.over_memory_stages)
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -157,6 +256,11 @@ class Plan:
             StagePlan(**{**s, "nodes": tuple(s["nodes"])}) for s in d["stages"]
         )
         d["cut_edges"] = tuple(tuple(e) for e in d.get("cut_edges", ()))
+        if isinstance(d.get("solve_info"), dict):
+            d["solve_info"] = SolveInfo(**d["solve_info"])
+        if isinstance(d.get("loss"), dict):
+            d["loss"] = LossCost(**d["loss"])
+        d["over_memory_stages"] = tuple(d.get("over_memory_stages", ()))
         return cls(**d)
 
     @classmethod

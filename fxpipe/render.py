@@ -460,7 +460,7 @@ def _stage_table_html(plan: Plan) -> str:
     head = ["stage", "nodes", "first node", "last node", "time/mb", "fwd", "bwd", "comm", "memory",
             "params", "in-flight", "recompute"]
     rows = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
-    over = set(plan.extra.get("over_memory_stages", []) or [])
+    over = set(plan.over_memory_stages)
     for s in plan.stages:
         fill, border = _stage_colour(s.index)
         mem_cls = ' class="warn"' if s.index in over or (plan.memory_limit and s.memory > plan.memory_limit) else ""
@@ -538,8 +538,8 @@ def to_html(plan: Plan, edges: Sequence[Edge] | None = None, labels: Mapping[str
         kv.append(("throughput", f"{plan.microbatch_size * plan.data_parallel / plan.bottleneck:,.1f} samples/s"))
     kv_html = "".join(f"<div><b>{_esc(k)}</b> {_esc(v)}</div>" for k, v in kv)
     warn = ""
-    if plan.extra.get("over_memory"):
-        warn = (f'<p class="warn">stages {plan.extra.get("over_memory_stages")} exceed the memory limit '
+    if plan.over_memory_stages:
+        warn = (f'<p class="warn">stages {list(plan.over_memory_stages)} exceed the memory limit '
                 "(baseline plan)</p>")
     if graph_svg is None and include_graph and has_dot():
         graph_svg = dot_to_svg(to_dot(plan, edges, labels, max_nodes=max_nodes))

@@ -114,7 +114,7 @@ def plan_table(plan: "Plan", node_names: bool = True) -> str:
     if plan.microbatch_size and plan.bottleneck > 0:
         rate = plan.microbatch_size * plan.data_parallel / plan.bottleneck
         extra.append(f"throughput {rate:,.1f} samples/s (microbatch {plan.microbatch_size})")
-    if plan.extra.get("over_memory"):
-        extra.append(f"OVER MEMORY on stages {plan.extra.get('over_memory_stages')}")
+    if plan.over_memory_stages:
+        extra.append(f"OVER MEMORY on stages {list(plan.over_memory_stages)}")
     out.append(", ".join(extra))
     return "\n".join(out)

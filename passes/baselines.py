@@ -41,7 +41,8 @@ from fxpipe.errors import ConfigError, PartitionError
 from fxpipe.ir import CostModel, Plan
 
 from .coarsen import COMPUTE_OPS, GraphCosts, graph_costs
-from .partition import _validate, plan_from_assignment
+from .plan_build import plan_from_assignment
+from .plan_build import validate_options as _validate
 
 __all__ = ["uniform_plan", "parameters_plan", "type_plan", "time_plan", "baseline", "BASELINES",
            "LayerUnit", "layer_units", "partition_uniform", "partition_balanced", "block_partition",

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch.fx
 
 from fxpipe.errors import ConfigError, PartitionError
-from fxpipe.ir import META_COST, META_PARAM_BYTES, META_PARAMS, CostModel, NodeCost
+from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_PARAMS, CostModel, LossCost, NodeCost
 
 __all__ = ["COMPUTE_OPS", "InputValue", "GraphCosts", "graph_costs", "coarsen", "coarsen_costs"]
 
@@ -66,6 +66,7 @@ class GraphCosts:
     inputs: tuple[InputValue, ...]    # placeholders read by compute nodes
     module: tuple[str, ...] = ()      # innermost-but-leaf module path of each node ("" if unknown)
     index: dict[str, int] = field(default_factory=dict, compare=False)
+    loss: LossCost | None = None      # loss_fn's share of the last stage (gm.meta["fxpipe.loss"])
 
     @property
     def n(self) -> int:
@@ -174,8 +175,15 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         names=tuple(index), fwd=tuple(fwd), bwd=tuple(bwd), act=tuple(act), out_bytes=tuple(out),
         comm=tuple(comm), consumers=tuple(cons), producers=tuple(prods), returned=tuple(returned),
         params=tuple(params), param_bytes=param_bytes, inputs=tuple(inputs),
-        module=tuple(module), index=index,
+        module=tuple(module), index=index, loss=_loss(gm),
     )
+
+
+def _loss(gm: torch.fx.GraphModule) -> LossCost | None:
+    loss = getattr(gm, "meta", {}).get(META_LOSS)
+    if loss is None or isinstance(loss, LossCost):
+        return loss
+    raise PartitionError(f"gm.meta[{META_LOSS!r}] must be a LossCost, got {type(loss).__name__}")
 
 
 def _order_with_glue(gc: GraphCosts) -> tuple[list[int], list[bool]]:

@@ -36,7 +36,9 @@ from fxpipe.cost_models.evaluator import stage_memory, stage_time
 from fxpipe.errors import ConfigError, InfeasibleMemoryError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 
+from .bounds import trivial_lower_bound
 from .coarsen import graph_costs
+from .plan_build import plan_from_assignment
 from .problem import BlockProblem, Value, build_problem, evaluate
 
 __all__ = ["Value", "BlockProblem", "SplitResult", "DPSplit", "build_problem", "split_sequence",
@@ -153,6 +155,8 @@ def stage_table(prob: BlockProblem, s: int,
     else:
         Cs, Is, Xs = S.C[:, n] + S.ret_c, S.I[:, n] + S.ret_i, S.X[:, n] + S.ret_i
         Fs, Bs, As, Ps = S.F[:, n], S.B[:, n], S.A[:, n], S.P[:, n]
+        lf, lb, la = prob.loss          # loss_fn runs after the last stage's forward
+        Fs, Bs, As = Fs + lf, Bs + lb, As + la
     ns = prob.ctx.in_flight(s)
     return {r: (stage_time(Fs, Bs, Cs, r), stage_memory(Ps, As, Is, Xs, ns, r, prob.ctx))
             for r in (False, True)}
@@ -310,7 +314,6 @@ def dp_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: int,
     """
     import time
 
-    from .partition import plan_from_assignment, trivial_lower_bound
 
     t0 = time.perf_counter()
     sp = best_contiguous_split(gm, cost_model, num_stages=num_stages,

@@ -43,6 +43,7 @@ class BlockProblem:
     edges: tuple[tuple[int, int], ...]                # block precedence (u before v), u < v
     ctx: CostContext               # schedule, d, m, k, recompute policy
     memory_limit: int | None
+    loss: tuple[float, float, int] = (0.0, 0.0, 0)   # loss_fn's (F, B, A), always on the last stage
 
     @property
     def n(self) -> int:
@@ -127,8 +128,10 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
     for (u, w) in edges:
         if u >= w:
             raise ValueError(f"blocks are not in a topological order: edge {u} -> {w}")
+    loss = (t(gc.loss.fwd_time), t(gc.loss.bwd_time), int(gc.loss.activation_bytes)) \
+        if gc.loss is not None else (0.0, 0.0, 0)
     return BlockProblem(fwd=fwd, bwd=bwd, act=act, values=tuple(values), params=params,
-                        edges=tuple(sorted(edges)), ctx=ctx, memory_limit=memory_limit)
+                        edges=tuple(sorted(edges)), ctx=ctx, memory_limit=memory_limit, loss=loss)
 
 
 def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageFigures]:
@@ -148,6 +151,10 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
         f[s] += prob.fwd[b]
         b_[s] += prob.bwd[b]
         a[s] += prob.act[b]
+    if prob.loss != (0.0, 0.0, 0):      # loss_fn runs after the last stage's forward
+        f[d - 1] += prob.loss[0]
+        b_[d - 1] += prob.loss[1]
+        a[d - 1] += prob.loss[2]
     c = [0.0] * d
     ib = [0] * d
     xb = [0] * d

@@ -11,7 +11,8 @@ from fxpipe.cost_models.evaluator import CostContext, StageFigures
 from fxpipe.ir import NodeCost
 from fxpipe.passes.coarsen import graph_costs
 from fxpipe.passes.dp import build_problem, evaluate, stage_table
-from fxpipe.passes.partition import _build, plan_from_assignment
+from fxpipe.passes.cpsat_model import build_model as _build
+from fxpipe.passes.plan_build import plan_from_assignment
 from test_partition import FakeCostModel, make_graph
 
 
