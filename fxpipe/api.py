@@ -218,7 +218,9 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
          time_limit: float = 10.0, precision: str = "fp32", devices_per_node: int | None = None) -> Plan:
     """Plan a pipeline without building it (works on meta-device models).
 
-    Takes the same arguments as :func:`compile`; ``loss_fn`` and ``executor`` are ignored.
+    Takes the same arguments as :func:`compile`; ``loss_fn`` is ignored. With ``executor="local"``
+    (the default "auto" outside torchrun), ``device=None`` and a named cost model, a transfer between
+    stages is priced as a hand-over by reference in one process (a few microseconds).
 
     Returns:
         The Plan: stages, per-stage predicted time and memory, recompute flags, cut edges.
@@ -231,7 +233,14 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                  device=device, num_devices=num_devices, global_batch=global_batch,
                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit,
-                 precision=precision, devices_per_node=devices_per_node)[0]
+                 precision=precision, devices_per_node=devices_per_node, executor=executor)[0]
+
+
+def _resolve_executor(executor: str) -> str:
+    """"auto" -> "distributed" under torchrun with WORLD_SIZE > 1, else "local"."""
+    if executor == "auto":
+        return "distributed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+    return executor
 
 
 def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None, num_microbatches: int,
@@ -239,7 +248,8 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
           device: Any, num_devices: int | None, global_batch: int | None,
           leaf_modules: Iterable[type | str], recompute: bool | None,
           time_limit: float, given_plan: Plan | None = None,
-          precision: str = "fp32", devices_per_node: int | None = None) -> tuple[Plan, CompiledGraph]:
+          precision: str = "fp32", devices_per_node: int | None = None,
+          executor: str = "auto") -> tuple[Plan, CompiledGraph]:
     from fxpipe.cost_models.memory import optimizer_slots
     from fxpipe.passes.partition import partition
 
@@ -269,6 +279,11 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         return p, cached[int(p.microbatch_size or 1)]
     cg = prepare(model, example_inputs, num_microbatches=num_microbatches, cost_model=cost_model,
                  device=device, leaf_modules=leaf_modules, precision=precision)
+    if _resolve_executor(executor) == "local" and device is None and isinstance(cost_model, str):
+        # one process, this machine: a stage hands its outputs over by reference (issue 10 item 6)
+        from fxpipe.cost_models.evaluator import InProcessTransfers
+
+        cg.cost_model = InProcessTransfers(cg.cost_model)
     if given_plan is not None:
         from fxpipe.passes.partition import plan_from_assignment
 
@@ -413,8 +428,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     if any(p.is_meta for p in model.parameters()):
         raise ConfigError(f"{type(model).__name__} has parameters on the meta device: compile needs real "
                           "weights to train; use fxpipe.plan(...) to plan a meta-device model")
-    if executor == "auto":
-        executor = "distributed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+    executor = _resolve_executor(executor)
     width = 1
     if executor == "distributed":
         # one process per (stage, replica): each of w replicas traces and trains its 1/w share of a batch
@@ -427,7 +441,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     plan_kw = dict(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                    optimizer=optimizer, memory_limit=memory_limit, device=device, num_devices=num_devices,
                    global_batch=global_batch, leaf_modules=leaf_modules, recompute=recompute,
-                   time_limit=time_limit, precision=precision, devices_per_node=devices_per_node)
+                   time_limit=time_limit, precision=precision, devices_per_node=devices_per_node,
+                   executor=executor)
     if executor == "distributed" and plan is None:
         # one plan for all ranks: rank 0 plans (and profiles, alone), the others check and take it
         from fxpipe.runtime.agree import plan_on_rank0

@@ -131,7 +131,7 @@ class SolveInfo:
     first_blocks: int = 0            # blocks of the first solve
     refinements: int = 0             # re-coarsenings around the incumbent
     fine_proof: bool = False         # the uncoarsened model was solved for a proof
-    balance_excess: float | None = None  # sum of stage times above the mean, after tie-breaking
+    imbalance: float | None = None   # the balance tie-break's measure of the plan kept (seconds)
 
 
 @dataclass(frozen=True)

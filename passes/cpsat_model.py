@@ -18,7 +18,7 @@ from fxpipe.cost_models.evaluator import stage_memory, stage_time
 
 from .problem import BlockProblem, evaluate
 
-__all__ = ["CpModel", "build_model", "Solution", "solve", "solve_model", "balance_model", "DET_PER_SECOND"]
+__all__ = ["CpModel", "build_model", "Solution", "solve", "solve_model", "balance_model", "imbalance", "imbalance_levels", "DET_PER_SECOND"]
 
 DET_PER_SECOND = 0.5         # CP-SAT deterministic time granted per second of time_limit
 
@@ -277,27 +277,36 @@ def solve_model(built: CpModel, prob: BlockProblem, *, time_limit: float, num_wo
     return Solution(name, None, None, None, bound, wall, solver.deterministic_time)
 
 
-def balance_model(prob: BlockProblem, *, cap: int, mean: int,
-                  hint: tuple[Sequence[int], Sequence[bool], int]) -> CpModel:
-    """The time model with every T_s <= ``cap``, minimising the sum of T_s above ``mean`` (a tie-break).
+def imbalance_levels(mean: int, count: int = 4) -> list[int]:
+    """Thresholds k*mean/count, k = 1..count: the pieces of a convex, piecewise-linear imbalance."""
+    return [mean * k // count for k in range(1, count + 1)]
 
-    ``hint`` is a feasible (block stages, flags, excess); the excess variables
-    ex_s >= T_s - mean, ex_s >= 0 are hinted from it.
+
+def imbalance(times: Sequence[float], levels: Sequence[int]) -> int:
+    """sum_s sum_L max(0, T_s - L): grows faster for a stage the further it is above the others."""
+    return sum(max(0, int(round(t)) - lv) for t in times for lv in levels)
+
+
+def balance_model(prob: BlockProblem, *, cap: int, levels: Sequence[int],
+                  hint: tuple[Sequence[int], Sequence[bool]]) -> CpModel:
+    """The time model with every T_s <= ``cap``, minimising :func:`imbalance` (a tie-break).
+
+    ``hint`` is a feasible (block stages, flags); the excess variables
+    ex[s,L] >= T_s - L, ex[s,L] >= 0 are hinted from it.
     """
     built = build_model(prob, objective="time", lb=0, ub=cap, hint=(hint[0], hint[1], cap))
     m, r = built.model, built.r
-    hint_stage, hint_flags = list(hint[0]), list(hint[1])
-    times, _ = evaluate(prob, hint_stage, hint_flags)
-    hint_t = [int(round(t)) for t in times]
+    times, _ = evaluate(prob, list(hint[0]), list(hint[1]))
     ex = []
     for s in range(prob.num_stages):
-        e = m.new_int_var(0, max(0, cap - mean), f"ex[{s}]")
-        if isinstance(r[s], int):
-            m.add(e >= built.times[s][bool(r[s])] - mean)
-        else:
-            m.add(e >= built.times[s][False] - mean)
-            m.add(e >= built.times[s][True] - mean).only_enforce_if(r[s])
-        m.add_hint(e, max(0, hint_t[s] - mean))
-        ex.append(e)
+        for k, lv in enumerate(levels):
+            e = m.new_int_var(0, max(0, cap - lv), f"ex[{s},{k}]")
+            if isinstance(r[s], int):
+                m.add(e >= built.times[s][bool(r[s])] - lv)
+            else:
+                m.add(e >= built.times[s][False] - lv)
+                m.add(e >= built.times[s][True] - lv).only_enforce_if(r[s])
+            m.add_hint(e, max(0, int(round(times[s])) - lv))
+            ex.append(e)
     m.minimize(sum(ex))
     return built

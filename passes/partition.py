@@ -17,7 +17,8 @@ e.g. a skip connection a -> d over 4 stages [a][b][c][d] sets only e[a,3]: the
 value is sent to stage 3 directly and paid there once.
 
 Among plans of the optimal (or best found) bottleneck the most balanced is kept:
-a second solve minimises the sum of stage times above the mean work per stage.
+a second solve, with every T_s at most that bottleneck, minimises
+sum_s sum_k max(0, T_s - k*mean/4), k = 1..4 (mean = the work per stage).
 
 Where each part lives: the model (``cpsat_model.py``), solving and refining
 (``refine.py``), the bounds (``bounds.py``), the plan builder and re-checker
@@ -120,7 +121,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
                 articulation_lower_bound(gc, d, recompute, upper=best.bottleneck))
     at, best, source, lower, refinements = search.refine(at, best, source, lower)
     at, best, source, fine_proof = search.prove(at, best, source, lower)
-    best, excess = search.balance(at, best)
+    best, imbalance = search.balance(at, best)
 
     sol, scale, fine_dp = at.sol, search.scale, search.fine_dp
     coarsened = len(at.blocks) < gc.n
@@ -139,7 +140,7 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         dp_bottleneck=(fine_dp.bottleneck / scale) if fine_dp is not None else None,
         wall_time=sol.wall, deterministic_time=sol.deterministic, source=source,
         chain=search.fine_chain, first_blocks=first_blocks, refinements=refinements,
-        fine_proof=fine_proof, balance_excess=excess)
+        fine_proof=fine_proof, imbalance=imbalance)
     return plan_from_assignment(
         gm, cost_model, best.stage_of(), [st.recompute for st in best.stages], costs=gc,
         solver="cp-sat", solve_time=time.perf_counter() - t_start,

@@ -24,7 +24,8 @@ from fxpipe.ir import CostModel, Plan
 
 from .bounds import articulation_lower_bound
 from .coarsen import GraphCosts, coarsen_costs
-from .cpsat_model import DET_PER_SECOND, Solution, balance_model, solve, solve_model
+from .cpsat_model import (DET_PER_SECOND, Solution, balance_model, imbalance, imbalance_levels, solve,
+                          solve_model)
 from .diagnose import min_memory, raise_infeasible
 from .dp import SplitResult, split_sequence
 from .plan_build import drop_needless_recompute, plan_from_assignment
@@ -245,15 +246,16 @@ class Search:
         return fine, best, source, True
 
     def balance(self, at: Attempt, best: Plan) -> tuple[Plan, float | None]:
-        """Among plans no slower than ``best`` on ``at``'s blocks, the one closest to balanced.
+        """Among plans no slower than ``best`` on ``at``'s blocks, the most balanced one.
 
-        Minimises the sum of stage times above the mean work per stage (integer
-        units), with every stage time at most ``best``'s bottleneck, hinted with
-        ``best``; deterministic, on at most a quarter of the budget. Returns the
-        plan kept and its excess in seconds (None when no tie-break ran).
+        Minimises :func:`~fxpipe.passes.cpsat_model.imbalance` (stage times above
+        fractions of the mean work per stage, in integer units) with every stage
+        time at most ``best``'s, hinted with ``best``; deterministic, on at most a
+        quarter of the budget. Returns the plan kept and its imbalance in seconds
+        (None when no tie-break ran).
         """
         gc, blocks = self.gc, at.blocks
-        if self.out_of_time() or len(blocks) < self.d:
+        if self.out_of_time() or len(blocks) < self.d or self.d < 2:
             return best, None
         prob = at.prob
         where = best.stage_of()
@@ -263,18 +265,19 @@ class Search:
         flags = [st.recompute for st in best.stages]
         times, _ = evaluate(prob, bs, flags)
         cap = int(round(max(times)))
-        mean = -(-int(sum(int(f) + int(b) for f, b in zip(prob.fwd, prob.bwd))) // self.d)
-        excess = sum(max(0, int(round(t)) - mean) for t in times)
-        if excess == 0:
+        work = sum(int(f) + int(b) for f, b in zip(prob.fwd, prob.bwd)) + int(prob.loss[0] + prob.loss[1])
+        levels = imbalance_levels(-(-work // self.d))
+        before = imbalance(times, levels)
+        if before == 0:
             return best, 0.0
         limit = min(self.det_budget - self.det_used, _BALANCE_SHARE * self.det_budget) / DET_PER_SECOND
-        built = balance_model(prob, cap=cap, mean=mean, hint=(bs, flags, excess))
+        built = balance_model(prob, cap=cap, levels=levels, hint=(bs, flags))
         sol = solve_model(built, prob, time_limit=max(0.05, limit), num_workers=self.num_workers,
                           wall_limit=self.wall_limit)
         self.det_used += sol.deterministic
-        if sol.block_stage is None or sol.objective is None or sol.objective >= excess:
-            return best, excess / self.scale
+        if sol.block_stage is None or sol.objective is None or sol.objective >= before:
+            return best, before / self.scale
         plan = self.plan(assignment(gc, blocks, sol.block_stage), list(sol.recompute or []))
         if plan.bottleneck > best.bottleneck * (1 + 1e-9):
-            return best, excess / self.scale   # integer rounding: never trade the bottleneck
+            return best, before / self.scale   # integer rounding: never trade the bottleneck
         return plan, sol.objective / self.scale

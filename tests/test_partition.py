@@ -17,6 +17,7 @@ import torch.fx
 from fxpipe.cost_models.memory import in_flight, stage_memory
 from fxpipe.errors import ConfigError, InfeasibleMemoryError, PartitionError
 from fxpipe.ir import META_COST, META_PARAM_BYTES, META_PARAMS, NodeCost, Plan
+from fxpipe.passes.coarsen import graph_costs
 from fxpipe.passes.partition import partition, plan_from_assignment
 
 
@@ -466,3 +467,50 @@ def test_forced_recompute_flags_are_kept() -> None:
     assert all(s.recompute for s in on.stages)
     assert not any(s.recompute for s in off.stages + free.stages)
     assert on.bottleneck >= off.bottleneck == pytest.approx(free.bottleneck)
+
+
+def _head_heavy_chain() -> torch.fx.GraphModule:
+    """9 light nodes (F+B = 3) then one heavy head (F+B = 30): the head's stage is the bottleneck."""
+    n = 10
+    costs = [NodeCost(fwd_time=10.0, bwd_time=20.0, output_bytes=8) if i == n - 1
+             else NodeCost(fwd_time=1.0, bwd_time=2.0, output_bytes=8) for i in range(n)]
+    return make_graph([[i - 1] if i else [] for i in range(n)], costs)
+
+
+def test_ties_go_to_the_balanced_plan() -> None:
+    """Of plans with the optimal bottleneck, the tie-break keeps one whose other stages are even."""
+    from fxpipe.passes.refine import Search
+
+    gm, cm = _head_heavy_chain(), FakeCostModel(latency=0.1)
+    opts = dict(num_microbatches=4, schedule="2bw", memory_limit=None, optimizer_slots=0)
+    lopsided = plan_from_assignment(gm, cm, {f"n{i}": (0, 1, 2, 2, 2, 2, 2, 2, 2, 3)[i] for i in range(10)},
+                                    [False] * 4, **opts)
+    assert [round(s.time, 6) for s in lopsided.stages] == [3.0, 3.2, 21.2, 30.2]
+    search = Search(gm, cm, graph_costs(gm, cm), num_stages=4, recompute=None, time_limit=5.0,
+                    num_workers=1, opts=opts)
+    at = search.attempt(search.singletons, 5.0)
+    plan, imbalance = search.balance(at, lopsided)
+    assert plan.bottleneck == pytest.approx(lopsided.bottleneck, rel=1e-9)
+    assert [len(s.nodes) for s in plan.stages] == [3, 3, 3, 1] and imbalance is not None
+    full = partition(gm, cm, num_stages=4, num_microbatches=4)
+    assert [len(s.nodes) for s in full.stages] == [3, 3, 3, 1]
+    assert full.solve_info is not None and full.solve_info.imbalance is not None
+
+
+def test_local_executor_prices_transfers_in_process_and_balances_nanogpt() -> None:
+    """nanoGPT-style model at 4 stages on this machine: transfers cost microseconds, stages are even."""
+    import fxpipe
+    from fxpipe.cost_models.evaluator import IN_PROCESS_TRANSFER_SECONDS
+    from models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=64, d=32, n_layer=6, n_head=2, block=16)
+    x = torch.randint(0, 64, (8, 16))
+    local = fxpipe.plan(model, (x,), num_stages=4, num_microbatches=4, executor="local", time_limit=5.0)
+    counts = [len(s.nodes) for s in local.stages]
+    assert max(counts) <= 2 * min(counts), counts
+    for s in local.stages:   # comm = 2 * (one way) per value entering the stage
+        assert s.comm_time <= 2 * IN_PROCESS_TRANSFER_SECONDS * max(1, len(local.cut_edges))
+    remote = fxpipe.plan(model, (x,), num_stages=4, num_microbatches=4, executor="distributed",
+                         time_limit=5.0)
+    assert max(s.comm_time for s in remote.stages) > 10 * max(s.comm_time for s in local.stages)

@@ -170,3 +170,26 @@ def test_graph_edges_from_traced_model():
     assert all(u != "x" for u, _, _ in edges)               # placeholders are not plan nodes
     labels = render.node_labels(gm)
     assert labels["layers_0"] == "layers_0\nLinear" and labels["tanh"] == "tanh\ntanh"
+
+
+def test_plan_json_keeps_typed_fields_and_loads_old_extra():
+    import dataclasses
+
+    from fxpipe.ir import LossCost, SolveInfo
+
+    plan, _ = hand_plan()
+    p = dataclasses.replace(plan, solve_info=SolveInfo(status="OPTIMAL", blocks=7, imbalance=0.5),
+                            over_memory_stages=(1,), loss=LossCost(fwd_time=1e-3, activation_bytes=10),
+                            extra={"note": 1})
+    back = Plan.from_json(p.to_json())
+    assert back == p and back.solve_info == p.solve_info and back.loss == p.loss
+    assert back.over_memory_stages == (1,) and dict(back.extra) == {"note": 1}
+    assert back.extra["status"] == "OPTIMAL" and back.extra.get("over_memory") is True   # old keys still read
+    old = p.to_dict()
+    for key in ("solve_info", "over_memory_stages", "loss"):
+        old.pop(key)
+    old["extra"] = {"status": "FEASIBLE", "first_blocks": 3, "over_memory": True, "over_memory_stages": [2]}
+    legacy = Plan.from_dict(old)                       # a plan saved before the typed fields
+    assert legacy.solve_info == SolveInfo(status="FEASIBLE", first_blocks=3)
+    assert legacy.over_memory_stages == (2,) and dict(legacy.extra) == {}
+    assert "OVER MEMORY on stages [2]" in legacy.summary()
