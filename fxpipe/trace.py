@@ -96,9 +96,22 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
 def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
            leaf_modules: list[type | str]) -> torch.fx.GraphModule:
     try:
-        return _fx(model, args, kwargs, leaf_modules, "fx")
+        gm = _fx(model, args, kwargs, leaf_modules, "fx")
     except Exception as e:  # noqa: BLE001 - any tracer failure leads to the next frontend
         fx_err = e
+    else:
+        if not _fx_mutates(gm):
+            return gm
+        # in-place updates (``s[:, 1:] = x``) are no fx edges, so a plan could split them from their
+        # readers: take export's graph, where they become edges (_functional_inplace)
+        try:
+            return _export(model, args, kwargs, _leaf_paths(model, leaf_modules), "export")
+        except Exception:  # noqa: BLE001
+            warnings.warn(f"fxpipe: {type(model).__name__} updates tensors in place "
+                          f"({', '.join(_fx_mutates(gm)[:3])}) and torch.export could not trace it; the "
+                          "plan must keep each update on the stage of the tensor's readers. Write it "
+                          "out of place (torch.cat, torch.where) to be safe", stacklevel=3)
+            return gm
     try:
         return _export(model, args, kwargs, _leaf_paths(model, leaf_modules), "export")
     except Exception as e:  # noqa: BLE001
@@ -141,10 +154,13 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         gm.meta["fxpipe.leaves"] = ex_made
         return gm
     where = next((w for w in map(_user_frame, (last, ex_err, err, fx_err)) if w), "")
-    cache = any("cache" in str(e).lower() for e in (ex_err, last))
-    advice = ("The model returns a key/value cache object, which no tracer can pass between stages: "
-              "training needs none, so turn it off (config.use_cache=False, or use_cache=False in the "
-              "forward inputs) and return tensors only. " if cache else "")
+    msgs = " ".join(str(e) for e in (ex_err, last))
+    advice = ""
+    if "in output, which is not a known type" in msgs or "cache" in msgs.lower():
+        advice = ("The model returns an object that is not tensors (or a pytree of them), typically a "
+                  "key/value cache (DynamicCache, past_key_values): training needs no cache, so turn it off "
+                  "(config.use_cache=False, or use_cache=False in the forward inputs) or return tensors "
+                  "only. ")
     raise TraceError(
         f"could not trace {type(model).__name__}: {where}torch.fx failed with {_one_line(fx_err)}; "
         f"torch.export failed with {_one_line(last)}. {advice}If this is data-dependent control flow "
@@ -421,6 +437,16 @@ def _opaque_calls_to_modules(gm: torch.fx.GraphModule, model: torch.nn.Module, c
     gm.recompile()
 
 
+def _fx_mutates(gm: torch.fx.GraphModule) -> list[str]:
+    """Nodes of an fx graph that update a tensor in place: ``x[i] = v`` and ``x.add_(y)``-style methods."""
+    import operator
+
+    return [n.name for n in gm.graph.nodes
+            if (n.op == "call_function" and n.target is operator.setitem)
+            or (n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_")
+                and str(n.target) != "requires_grad_")]
+
+
 def _mutated_copy(base: torch.Tensor, views: tuple, op: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     """``base`` copied, then ``op`` applied in place to the view ``views`` of the copy; returns the copy."""
     out = base.clone()
@@ -539,7 +565,8 @@ def _user_frame(e: BaseException) -> str:
     frames = traceback.extract_tb(e.__traceback__)
     torch_dir = os.path.dirname(torch.__file__)
     for fr in reversed(frames):
-        if not fr.filename.startswith(torch_dir) and "fxpipe" + os.sep + "trace.py" not in fr.filename:
+        if not fr.filename.startswith(torch_dir) and "fxpipe" + os.sep + "trace.py" not in fr.filename \
+                and not fr.filename.startswith("<") and fr.line:
             return f"tracing stopped at {fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`; "
     return ""
 def _drop_concrete_placeholders(gm: torch.fx.GraphModule, num_args: int, kwarg_names: list[str],

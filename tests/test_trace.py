@@ -176,3 +176,117 @@ class RootBranch(nn.Module):
 def test_data_dependent_control_flow_names_the_line_and_fix():
     with pytest.raises(TraceError, match=r"test_trace\.py:\d+ `if h\.mean\(\) > 0:`.*torch\.where"):
         trace(RootBranch(), (torch.randn(2, 4),))
+
+
+class ShiftRight(nn.Module):
+    """T5's ``_shift_right``: a tensor of the graph's own, updated in place through views, read later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        sh = ids.new_zeros(ids.shape)
+        sh[:, 1:] = ids[:, :-1]
+        sh[:, 0] = 3
+        return self.b(torch.tanh(self.a(self.emb(ids)))) + self.emb(sh)
+
+
+def test_in_place_updates_become_edges_so_every_valid_split_is_exact():
+    import random
+
+    from fxpipe.passes.split import split
+    from test_split_property import _random_valid_stages, _run
+
+    torch.manual_seed(0)
+    model = ShiftRight().double()
+    ids = torch.randint(0, 16, (2, 6))
+    gm = trace(model, (ids,))
+    assert gm.meta["fxpipe.tracer"] == "export"
+    mutating = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                and n.target._schema.is_mutable]
+    assert mutating == [], [n.format_node() for n in mutating]
+    want = model(ids)
+    rng = random.Random(0)
+    for d in (2, 3, 4):
+        done = 0
+        while done < 15:
+            stage_of = _random_valid_stages(rng, gm, d)
+            if stage_of is None:
+                continue
+            torch.testing.assert_close(_run(split(gm, stage_of, d), ids)[0], want, atol=0, rtol=0)
+            done += 1
+
+
+class _KV:
+    def __init__(self, k) -> None:
+        self.k = k
+
+
+class ReturnsCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h, _KV(h)
+
+
+def test_cache_in_the_output_gets_the_cache_advice():
+    with pytest.raises(TraceError, match=r"Found <class 'test_trace\._KV'> in output.*key/value cache.*"
+                                         r"use_cache=False"):
+        trace(ReturnsCache(), (torch.randn(2, 4),))
+
+
+class KwargsBranch(nn.Module):
+    """``forward(x, **kwargs)`` as in HF models, with data-dependent control flow in the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        h = self.fc(x)
+        if h.mean() > 0:
+            return h
+        return -h
+
+
+def test_export_failure_names_the_line():
+    with pytest.raises(TraceError, match=r"tracing stopped at .*test_trace\.py:\d+ `if h\.mean\(\) > 0:`"):
+        trace(KwargsBranch(), (torch.randn(2, 4),))
+
+
+class ExportOnly(nn.Module):
+    """Shape-dependent code (fx cannot trace it) around a data-dependent submodule (export cannot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.gate = Gate()
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        mask = torch.ones(x.shape[0], 6, dtype=x.dtype).tril()
+        return self.b(torch.relu(self.gate(self.a(x))) * mask)
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_leaves_under_export_run_eagerly_and_train_exactly(chosen):
+    torch.manual_seed(0)
+    model = ExportOnly().double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = trace(model, (x[:2],), leaf_modules=[Gate] if chosen else ())
+    opaque = [str(w.message) for w in caught if "could not be traced" in str(w.message)]
+    assert gm.meta["fxpipe.tracer"] == ("export" if chosen else "export+leaves")
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate"]
+    assert (opaque == []) if chosen else (len(opaque) == 1 and "submodule 'gate' (Gate)" in opaque[0])
+    y = torch.randn(8, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check_against_reference(model, (x,), [(x, y), (-x, y), (x, y)], F.mse_loss, 2, "2bw")
