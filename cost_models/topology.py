@@ -103,6 +103,14 @@ class Topology:
             return 0.0
         return 2.0 * (width - 1) / width * gradient_bytes(param_bytes, self.precision) / self.bandwidth(inter)
 
+    def planning_transfer(self, num_stages: int, width: int) -> Any:
+        """``nbytes -> seconds`` for the partitioner's C_s at (d, w): the network when the likely
+        placement puts boundaries across nodes (replicas fill a node: 1 < w <= n; or d > n), else NVLink.
+        The simulator then prices each boundary where it really sits."""
+        n = self.devices_per_node
+        inter = (1 < width <= n and num_stages > 1) or num_stages > n
+        return lambda nbytes: self.transfer(int(nbytes), inter)
+
     def placements(self, num_stages: int, width: int) -> list[Placement]:
         """Both placements (one when d = 1 or w = 1: they coincide)."""
         orders = PLACEMENTS if num_stages > 1 and width > 1 else PLACEMENTS[:1]

@@ -151,6 +151,22 @@ def _enumerate(num_devices: int, global_batch: int, schedule: str, max_depth: in
     return cands
 
 
+class _Links:
+    """A cost model whose transfers are priced by the topology (node costs unchanged)."""
+
+    def __init__(self, cost_model: CostModel, seconds: Callable[[int], float]) -> None:
+        self._cm, self._seconds = cost_model, seconds
+
+    def node_cost(self, node: torch.fx.Node) -> Any:
+        return self._cm.node_cost(node)
+
+    def comm_time(self, nbytes: int) -> float:
+        return float(self._seconds(nbytes))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cm, name)
+
+
 def _solve(gm: torch.fx.GraphModule, cm: CostModel, gc: Any, *, d: int, m: int, schedule: str,
            memory_limit: int | None, optimizer_slots: int, recompute: bool | None, time_limit: float,
            num_workers: int, wall_limit: float | None = None) -> tuple[Plan, int | None]:
@@ -238,7 +254,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             return batch_time(plan, width=w, cost_model=cm, allreduce_bandwidth=allreduce_bandwidth)
 
     cache: dict[int, tuple[torch.fx.GraphModule, CostModel, Any]] = {}
-    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0}
+    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0, "longest_solve": 0.0}
 
     def graph(b: int) -> tuple[torch.fx.GraphModule, CostModel, Any]:
         if b not in cache:
@@ -290,10 +306,13 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                 row.update(fits=False, status=INFEASIBLE, reason=f"needs >= {need} B per device")
                 min_memory = need if min_memory is None else min(min_memory, need)
                 continue
-        if best is not None and time.perf_counter() + per > deadline:   # the first one always runs
+        if best is not None and time.perf_counter() + max(per, timing["longest_solve"]) > deadline:
+            # (the first one always runs; a candidate takes about as long as the slowest so far)
             row.update(status=GAVE_UP, reason=f"time_limit={time_limit} s ran out before its turn")
             continue
         t0 = time.perf_counter()
+        if topology is not None:   # C_s priced where the boundaries will likely sit
+            cm = _Links(cm, topology.planning_transfer(d, w))  # type: ignore[assignment]
         try:
             plan, g = _solve(gm, cm, gc, d=d, m=m, schedule=schedule, memory_limit=memory_limit,
                              optimizer_slots=optimizer_slots, recompute=recompute, time_limit=per,
@@ -314,6 +333,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             continue
         finally:
             timing["solve"] += time.perf_counter() - t0
+            timing["longest_solve"] = max(timing["longest_solve"], time.perf_counter() - t0)
         if topology is not None:
             t_batch, exposed, where = topology.price(plan, w)
             row["placement"] = where["order"]
