@@ -47,10 +47,13 @@ B_SIZES = [1, 2, 4, 8, 16, 32]
 SETUPS = [
     ("gpt-1.3b", 8, 64, None), ("gpt-1.3b", 8, 256, None),
     ("gpt-2.2b", 64, 512, 8), ("gpt-2.2b", 64, 2048, None),
-    ("gpt-3.8b", 64, 512, 16), ("gpt-3.8b", 64, 2048, None),
+    ("gpt-3.8b", 64, 512, 16), ("gpt-3.8b", 64, 2048, None), ("gpt-3.8b@15GiB", 64, 512, 16),
     ("bert-2.2b", 64, 512, None), ("bert-3.8b", 64, 512, None),
 ]
-SEARCHED = {("gpt-2.2b", 64, 512), ("gpt-3.8b", 64, 512), ("gpt-3.8b", 64, 2048), ("gpt-1.3b", 8, 64)}
+SEARCHED = {("gpt-2.2b", 64, 512), ("gpt-3.8b", 64, 512), ("gpt-3.8b", 64, 2048), ("gpt-1.3b", 8, 64),
+            ("gpt-3.8b@15GiB", 64, 512)}
+# "model@15GiB": the same model with 15 GiB usable per V100 (CUDA context, cuBLAS workspace and the
+# allocator's reserve take about 1 GiB of the 16 the planner would otherwise fill to the brim)
 
 
 class Graphs:
@@ -80,11 +83,12 @@ def paper_allreduce(topo: Topology):
     return ar
 
 
-def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, search_time: float) -> dict[str, Any]:
+def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, search_time: float,
+              limit: int = 16 * GiB) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for schedule in ("2bw", "flush", "gpipe"):
         t0 = time.perf_counter()
-        p = paper_plan(graphs, num_devices=n, global_batch=batch, schedule=schedule, memory_limit=16 * GiB,
+        p = paper_plan(graphs, num_devices=n, global_batch=batch, schedule=schedule, memory_limit=limit,
                        optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, allreduce=paper_allreduce(topo))
         t, _, where = topo.price(p, p.data_parallel)
         out[schedule] = {"d": p.num_stages, "w": p.data_parallel, "b": p.microbatch_size,
@@ -93,7 +97,7 @@ def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, 
                          "placement": where["order"], "time": time.perf_counter() - t0, "plan": p}
     if search:
         t0 = time.perf_counter()
-        q = search_depth_width(graphs, num_devices=n, global_batch=batch, schedule="2bw", memory_limit=16 * GiB,
+        q = search_depth_width(graphs, num_devices=n, global_batch=batch, schedule="2bw", memory_limit=limit,
                                optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, time_limit=search_time,
                                topology=topo)
         s = q.extra["search"]
@@ -129,7 +133,7 @@ def main() -> int:
           f"inter-node {v100.inter_node_bandwidth * 8 / 1e9:.3f} Gbit/s per GPU (25 Gbit/s per 8-GPU server); "
           "fp16 + Adam, seq 512, memory limit 16 GiB")
     print("samples/s from fxpipe's simulator; 'formula' = the paper planner's own estimate for its 2bw pick")
-    hdr = (f"{'model':10} {'N':>3} {'B':>5} | {'paper d':>7} {'fx d,w,b':>9} {'eq d,w,b,r':>11} | {'2bw':>7} "
+    hdr = (f"{'model':14} {'N':>3} {'B':>5} | {'paper d':>7} {'fx d,w,b':>9} {'eq d,w,b,r':>11} | {'2bw':>7} "
            f"{'flush':>7} {'gpipe':>7} {'formula':>7} | {'2bw/fl':>6} {'fl/gp':>6} {'2bw/gp':>6} | "
            f"{'fx 2bw':>7} {'fx/eq':>5} {'search s':>8}")
     print(hdr)
@@ -138,14 +142,16 @@ def main() -> int:
     for model, n, batch, paper_d in SETUPS:
         if wanted and model not in wanted:
             continue
-        g = graphs.setdefault(model, Graphs(model, "fp16"))
+        base, _, usable = model.partition("@")
+        limit = int(float(usable.removesuffix("GiB")) * GiB) if usable else 16 * GiB
+        g = graphs.setdefault(base, Graphs(base, "fp16"))
         key = (model, n, batch)
-        r = run_setup(g, topo, n, batch, key in SEARCHED and not a.no_search, a.search_time)
+        r = run_setup(g, topo, n, batch, key in SEARCHED and not a.no_search, a.search_time, limit)
         bw, fl, gp = r["2bw"], r["flush"], r["gpipe"]
         fx = r.get("fxpipe")
         eq = f"{bw['d']},{bw['w']},{bw['b']},{'all' if bw['r'] else 'no'}"
         fxs = f"{fx['d']},{fx['w']},{fx['b']}" if fx else "-"
-        print(f"{model:10} {n:>3} {batch:>5} | {paper_d or '?':>7} {fxs:>9} {eq:>11} | {bw['sim']:7.1f} "
+        print(f"{model:14} {n:>3} {batch:>5} | {paper_d or '?':>7} {fxs:>9} {eq:>11} | {bw['sim']:7.1f} "
               f"{fl['sim']:7.1f} {gp['sim']:7.1f} {bw['formula']:7.1f} | {bw['sim'] / fl['sim']:6.2f} "
               f"{fl['sim'] / gp['sim']:6.2f} {bw['sim'] / gp['sim']:6.2f} | "
               + (f"{fx['sim']:7.1f} {fx['sim'] / bw['sim']:5.2f} {fx['time']:8.1f}" if fx else f"{'-':>7} {'-':>5} {'-':>8}"))
