@@ -215,10 +215,12 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
          memory_limit: int | str | None | _DeviceMemory = DEVICE_MEMORY, device: Any = None, executor: str = "auto",
          num_devices: int | None = None, global_batch: int | None = None,
          leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
-         time_limit: float = 10.0, precision: str = "fp32", devices_per_node: int | None = None) -> Plan:
+         time_limit: float = 10.0, precision: str = "fp32", devices_per_node: int | None = None,
+         example_targets: Any = None) -> Plan:
     """Plan a pipeline without building it (works on meta-device models).
 
-    Takes the same arguments as :func:`compile`; ``loss_fn`` is ignored. With ``executor="local"``
+    Takes the same arguments as :func:`compile`; ``loss_fn`` is used only with ``example_targets``
+    (then the loss is priced on the last stage). With ``executor="local"``
     (the default "auto" outside torchrun), ``device=None`` and a named cost model, a transfer between
     stages is priced as a hand-over by reference in one process (a few microseconds).
 
@@ -229,11 +231,39 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
         ConfigError, ScheduleError, TraceError, InfeasibleMemoryError (all FxpipeError).
     """
     _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit, precision)
+    _check_targets(example_targets, loss_fn)
     return _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                  device=device, num_devices=num_devices, global_batch=global_batch,
                  leaf_modules=leaf_modules, recompute=recompute, time_limit=time_limit,
-                 precision=precision, devices_per_node=devices_per_node, executor=executor)[0]
+                 precision=precision, devices_per_node=devices_per_node, executor=executor,
+                 loss_fn=loss_fn, example_targets=example_targets)[0]
+
+
+def _check_targets(example_targets: Any, loss_fn: Any) -> None:
+    if example_targets is None:
+        return
+    if loss_fn is None or not callable(loss_fn):
+        raise ConfigError(f"example_targets= needs loss_fn=(model_output, targets) -> scalar to price, got "
+                          f"loss_fn={loss_fn!r}; pass loss_fn, or leave example_targets=None")
+    leaves = [v for v in pytree.tree_leaves(example_targets) if isinstance(v, torch.Tensor)]
+    if not leaves:
+        raise ConfigError(f"example_targets must hold tensors (one batch of targets), got "
+                          f"{type(example_targets).__name__}")
+
+
+def _price_loss(cg: "CompiledGraph", loss_fn: Callable[..., Any], example_targets: Any,
+                num_microbatches: int) -> None:
+    """Price loss_fn on one microbatch of ``example_targets`` (gm.meta["fxpipe.loss"])."""
+    from fxpipe.passes.loss_cost import price_loss
+
+    flat, spec = pytree.tree_flatten(example_targets)
+    tensors = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+    mb = split_batch([flat[i] for i in tensors], num_microbatches, "example_targets")[0]
+    one = list(flat)
+    for i, v in zip(tensors, mb):
+        one[i] = v
+    price_loss(cg.gm, cg.cost_model, loss_fn, pytree.tree_unflatten(one, spec))
 
 
 def _resolve_executor(executor: str) -> str:
@@ -249,7 +279,8 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
           leaf_modules: Iterable[type | str], recompute: bool | None,
           time_limit: float, given_plan: Plan | None = None,
           precision: str = "fp32", devices_per_node: int | None = None,
-          executor: str = "auto") -> tuple[Plan, CompiledGraph]:
+          executor: str = "auto", loss_fn: Callable[..., Any] | None = None,
+          example_targets: Any = None) -> tuple[Plan, CompiledGraph]:
     from fxpipe.cost_models.memory import optimizer_slots
     from fxpipe.passes.partition import partition
 
@@ -268,6 +299,8 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
                 cached[b] = prepare(model, _resize_batch(example_inputs, b), num_microbatches=1,
                                     cost_model=cost_model, device=device, leaf_modules=leaf_modules,
                                     precision=precision)
+                if example_targets is not None and loss_fn is not None:
+                    _price_loss(cached[b], loss_fn, _resize_batch(example_targets, b), 1)
             return cached[b].gm, cached[b].cost_model
 
         batch = global_batch or _batch_size(example_inputs)
@@ -284,6 +317,8 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
         from fxpipe.cost_models.evaluator import InProcessTransfers
 
         cg.cost_model = InProcessTransfers(cg.cost_model)
+    if example_targets is not None and loss_fn is not None:
+        _price_loss(cg, loss_fn, example_targets, num_microbatches)
     if given_plan is not None:
         from fxpipe.passes.partition import plan_from_assignment
 
@@ -375,7 +410,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             num_devices: int | None = None, global_batch: int | None = None,
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
             time_limit: float = 10.0, plan: Plan | None = None, precision: str = "fp32",
-            replan_after: int | None = None, devices_per_node: int | None = None) -> "Pipeline":
+            replan_after: int | None = None, devices_per_node: int | None = None,
+            example_targets: Any = None) -> "Pipeline":
     """Compile ``model`` into pipeline stages and an executor that trains them.
 
     Args:
@@ -401,6 +437,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             (:mod:`fxpipe.cost_models.topology`) and records ``plan.extra["placement"]``.
         plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
             baseline) instead of solving; it is re-checked against the traced graph.
+        example_targets: one batch of targets as ``step`` will receive them; when given, ``loss_fn``
+            (model_output, targets) is traced and priced by the cost model as part of the last stage
+            (its time and the activations it saves, e.g. a large vocabulary's log-softmax), shown in
+            ``plan.loss`` and the plan summary.
         replan_after: after this many steps, re-plan once from what the run measured per stage
             (``pipe.replan()``) and go on training exactly (same numbers; weights, both 2BW versions,
             optimizer state carried over); under torchrun every rank switches at the same step.
@@ -422,6 +462,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         raise ConfigError(f"unknown executor {executor!r}; choose 'auto', 'local' or 'distributed'")
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable (model_output, targets) -> scalar, got {loss_fn!r}")
+    _check_targets(example_targets, loss_fn)
     if optimizer is not None and not callable(optimizer):
         raise ConfigError(f"optimizer must be a factory params -> torch.optim.Optimizer, got {optimizer!r}; "
                           "pass e.g. optimizer=lambda params: torch.optim.SGD(params, lr=0.1)")
@@ -438,11 +479,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             raise ConfigError("executor='distributed' needs num_stages=d (WORLD_SIZE = d x replicas)")
         width = data_parallel_width(num_stages)
         example_inputs = replica_share(example_inputs, width, 0)
+        if example_targets is not None:
+            example_targets = replica_share(example_targets, width, 0)
     plan_kw = dict(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                    optimizer=optimizer, memory_limit=memory_limit, device=device, num_devices=num_devices,
                    global_batch=global_batch, leaf_modules=leaf_modules, recompute=recompute,
                    time_limit=time_limit, precision=precision, devices_per_node=devices_per_node,
-                   executor=executor)
+                   executor=executor, loss_fn=loss_fn, example_targets=example_targets)
     if executor == "distributed" and plan is None:
         # one plan for all ranks: rank 0 plans (and profiles, alone), the others check and take it
         from fxpipe.runtime.agree import plan_on_rank0

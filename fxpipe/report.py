@@ -110,6 +110,10 @@ def plan_table(plan: "Plan", node_names: bool = True) -> str:
     out.append(f"bottleneck {fmt_time(plan.bottleneck)} per microbatch (stage {worst}), lower bound "
                f"{fmt_time(plan.lower_bound)}, gap {gap:.2f}%"
                + (f", memory limit {fmt_bytes(plan.memory_limit)}" if plan.memory_limit else ""))
+    if plan.loss is not None:
+        ls = plan.loss
+        out.append(f"loss_fn on stage {plan.num_stages - 1} (included above): fwd {fmt_time(ls.fwd_time)}, "
+                   f"bwd {fmt_time(ls.bwd_time)}, saves {fmt_bytes(ls.activation_bytes)} ({ls.nodes} ops)")
     extra = [f"solver time {plan.solve_time:.2f} s", f"cut edges {len(plan.cut_edges)}"]
     if plan.microbatch_size and plan.bottleneck > 0:
         rate = plan.microbatch_size * plan.data_parallel / plan.bottleneck
