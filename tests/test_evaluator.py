@@ -8,7 +8,7 @@ import pytest
 from ortools.sat.python import cp_model
 
 from fxpipe.cost_models.evaluator import CostContext, StageFigures
-from fxpipe.ir import NodeCost
+from fxpipe.ir import META_LOSS, LossCost, NodeCost
 from fxpipe.passes.coarsen import graph_costs
 from fxpipe.passes.dp import build_problem, evaluate, stage_table
 from fxpipe.passes.cpsat_model import build_model as _build
@@ -22,6 +22,12 @@ def test_docstring_example() -> None:
                        in_flight=ctx.in_flight(1))
     assert fig.in_flight == 3
     assert fig.memory(ctx, False) == 336 and fig.memory(ctx, True) == 316
+
+
+def gm_without_loss(gm):
+    out = _graph()
+    assert META_LOSS not in out.meta and out.graph.python_code("self").src == gm.graph.python_code("self").src
+    return out
 
 
 def _graph():
@@ -38,9 +44,11 @@ def _graph():
                       input_bytes=48)
 
 
-@pytest.mark.parametrize("schedule,k", [("2bw", 1), ("gpipe", 2)])
-def test_same_stage_same_numbers_in_dp_cpsat_and_rechecker(schedule: str, k: int) -> None:
+@pytest.mark.parametrize("schedule,k,loss", [("2bw", 1, False), ("gpipe", 2, False), ("flush", 0, True)])
+def test_same_stage_same_numbers_in_dp_cpsat_and_rechecker(schedule: str, k: int, loss: bool) -> None:
     gm, cm = _graph(), FakeCostModel(bandwidth=7.0, latency=0.5)
+    if loss:   # loss_fn's cost (example_targets=) is part of the last stage everywhere
+        gm.meta[META_LOSS] = LossCost(fwd_time=2.5, bwd_time=4.0, activation_bytes=333)
     d, m = 3, 4
     bounds = [0, 3, 6, 9]
     stage = [s for s in range(d) for _ in range(bounds[s + 1] - bounds[s])]
@@ -56,6 +64,12 @@ def test_same_stage_same_numbers_in_dp_cpsat_and_rechecker(schedule: str, k: int
     times, mems = evaluate(prob, stage, flags)
     assert times == [st.time for st in plan.stages] and mems == [st.memory for st in plan.stages]
     assert len({st.memory for st in plan.stages}) == d and plan.stages[2].param_bytes == 430
+    if loss:
+        bare = plan_from_assignment(gm_without_loss(gm), cm, {f"n{v}": stage[v] for v in range(9)}, flags, **opts)
+        assert plan.loss == gm.meta[META_LOSS] and bare.loss is None
+        assert plan.stages[2].fwd_time == pytest.approx(bare.stages[2].fwd_time + 2.5)
+        assert plan.stages[2].activation_bytes == bare.stages[2].activation_bytes + 333
+        assert plan.stages[:2] == bare.stages[:2]
 
     # the DP's numpy form of every contiguous stage, read at this plan's stages
     for s in range(d):
