@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fxpipe
 from fxpipe.calibrate import measurements
+from fxpipe.cost_models.profiled import ProfiledCostModel
 from fxpipe.errors import ConfigError
 
 VOCAB = 8192
@@ -51,8 +52,10 @@ def test_loss_is_priced_on_the_last_stage_and_matches_measurement() -> None:
     torch.manual_seed(0)
     model = HeadLM()
     x, y = torch.randint(0, VOCAB, (8, 16)), torch.randint(0, VOCAB, (8, 16))
+    # prices measured now (not from the cache), so they see the machine as the steps below do
     pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=2, schedule="flush",
-                          loss_fn=lm_loss, example_targets=y, cost_model="profile", time_limit=3.0)
+                          loss_fn=lm_loss, example_targets=y, cost_model=ProfiledCostModel(cache="off"),
+                          time_limit=3.0)
     loss, last = pipe.plan.loss, pipe.plan.stages[-1]
     assert loss is not None and loss.nodes >= 2 and loss.fwd_time > 0 and loss.bwd_time > 0
     assert "head" in last.nodes and "loss_fn on stage 1" in pipe.plan.summary()
