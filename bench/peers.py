@@ -16,6 +16,8 @@ trained and each stage's forward+backward per microbatch is measured; the plans 
 interleaved round by round. ``bottleneck`` is the slowest stage, ``balance`` slowest / mean.
 
     fxpipe        fxpipe.plan, cost_model="profile" (fresh cache), its own cuts inside layers
+    fxpipe+replan that plan trained 3 steps, then pipe.replan() from the measured stage times
+                  (what compile(..., replan_after=3) switches to)
     ds-uniform    deepspeed.runtime.utils.partition_uniform (the real 0.19.8), layers
     ds-params     deepspeed.runtime.utils.partition_balanced over per-layer parameter counts
     tg-time       torchgpipe.balance.balance_by_time (the real 0.0.7), profiled on this CPU
@@ -146,6 +148,13 @@ def plans_for(name: str, d: int, cache: Path) -> tuple[dict, list[str]]:
     plans = {"fxpipe": fxpipe.plan(model, (x,), num_stages=d, num_microbatches=M, schedule="flush",
                                    cost_model="profile", time_limit=5.0)}
     notes = []
+    # replan_after in miniature: train 3 steps on fxpipe's plan, re-plan from the measured stage times
+    pipe = fxpipe.compile(copy.deepcopy(model), (x,), num_stages=d, num_microbatches=M, schedule="flush",
+                          loss_fn=build(name)[3], plan=plans["fxpipe"], cost_model="profile", executor="local",
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-4))
+    for _ in range(3):
+        pipe.step(x, y)
+    plans["fxpipe+replan"] = pipe.replan(time_limit=5.0).plan
     plans["equal"] = layer_plan(model, x, partition_uniform(len(model), d), d, "equal")
     try:
         from deepspeed.runtime.utils import partition_balanced as ds_balanced
@@ -316,11 +325,11 @@ def main() -> None:
             bal = stage_balance(name, plans, args.rounds, args.steps)
             ref = statistics.median(bal["fxpipe"]["bottleneck"])
             print(f"\n== {name}, {d} stages: stage balance (local executor, flush, per microbatch)")
-            print(f"{'plan':12s} {'stage sizes (nodes)':22s} {'bottleneck ms':24s} {'/ fxpipe':>8s}  balance (max/mean)")
+            print(f"{'plan':13s} {'stage sizes (nodes)':22s} {'bottleneck ms':24s} {'/ fxpipe':>8s}  balance (max/mean)")
             for k, p in plans.items():
                 b = bal[k]["bottleneck"]
                 sizes = "/".join(str(len(s.nodes)) for s in p.stages)
-                print(f"{k:12s} {sizes:22s} {fmt(b, 1e3, 3):24s} {statistics.median(b) / ref:8.3f}  "
+                print(f"{k:13s} {sizes:22s} {fmt(b, 1e3, 3):24s} {statistics.median(b) / ref:8.3f}  "
                       f"{fmt(bal[k]['balance'], 1.0, 3)}")
             pf = tmp / f"plans-{name}-{d}.json"
             pf.write_text(json.dumps({k: p.to_json() for k, p in plans.items()}))
