@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from fxpipe.errors import ConfigError, InputError, ScheduleError
+from fxpipe.errors import ConfigError, ScheduleError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 from fxpipe.precision import check_precision
+from fxpipe.runtime.microbatch import bind_inputs as _bind_inputs
+from fxpipe.runtime.microbatch import flatten_for_graph as _flatten_for_graph
+from fxpipe.runtime.microbatch import split_batch
 
 __all__ = ["compile", "plan", "CompiledGraph", "prepare", "split_batch", "DEVICE_MEMORY", "resolve_memory_limit"]
 
@@ -112,65 +114,6 @@ def _check_common(model: Any, num_stages: int | None, num_microbatches: int, sch
     if memory_limit is not DEVICE_MEMORY:
         resolve_memory_limit(memory_limit, None)  # validates strings and numbers
     check_precision(precision)
-
-
-def _bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise ConfigError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
-                      f"tensors, got {type(example_inputs).__name__}")
-
-
-def split_batch(values: Sequence[Any], num_microbatches: int, what: str) -> list[list[Any]]:
-    """Split every tensor along dim 0 into ``num_microbatches`` equal parts.
-
-    Returns:
-        ``out[mb][i]`` is microbatch ``mb`` of ``values[i]``.
-
-    Raises:
-        InputError: a value is not a tensor, or its batch is not divisible.
-    """
-    per_value = []
-    for i, v in enumerate(values):
-        if not isinstance(v, torch.Tensor):
-            raise InputError(f"{what}[{i}] is a {type(v).__name__}, not a tensor; fxpipe splits every "
-                             "input into microbatches along dim 0, so inputs must be tensors "
-                             "(fold constants into the model instead)")
-        if v.dim() == 0 or v.shape[0] % num_microbatches != 0:
-            raise InputError(f"{what}[{i}] has shape {tuple(v.shape)}: its batch dimension (dim 0) must be "
-                             f"divisible by num_microbatches={num_microbatches}; use a batch size that is "
-                             f"a multiple of {num_microbatches} or change num_microbatches")
-        per_value.append(v.chunk(num_microbatches, dim=0) if v.shape[0] else [v] * num_microbatches)
-    return [[pv[mb] for pv in per_value] for mb in range(num_microbatches)]
-
-
-def _flatten_for_graph(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple, kwargs: dict) -> list[Any]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if gm.meta.get("fxpipe.tracer") == "export":
-        order = gm.meta.get("fxpipe.kwarg_names", list(kwargs))
-        if set(order) != set(kwargs):
-            raise InputError(f"keyword inputs {sorted(kwargs)} differ from the compiled ones {sorted(order)}")
-        flat = pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in order}))
-        if len(flat) != len(placeholders):
-            raise InputError(f"got {len(flat)} input tensors, the exported graph takes {len(placeholders)}")
-        return flat
-    try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    except TypeError as e:
-        raise InputError(f"inputs do not match {type(model).__name__}.forward: {e}") from e
-    values = dict(bound.arguments)
-    flat = []
-    for p in placeholders:
-        name = str(p.target).lstrip("*")
-        if name not in values:
-            raise InputError(f"input {name!r} of {type(model).__name__}.forward was not given; "
-                             f"given: {sorted(values)}")
-        flat.append(values[name])
-    return flat
 
 
 def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: int,

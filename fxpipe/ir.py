@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch.fx
+import torch.nn
+import torch.utils._pytree as pytree
 
 __all__ = [
     "META_COST",
@@ -36,6 +38,9 @@ __all__ = [
     "PlanNotes",
     "Plan",
     "SCHEDULES",
+    "Source",
+    "StageProgram",
+    "PipelineProgram",
 ]
 
 # node.meta keys written by the passes.
@@ -278,3 +283,46 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     return str(o)
+
+
+# -- routing of a split pipeline: written by passes/split.py, read by the runtime -------------------
+@dataclass(frozen=True)
+class Source:
+    """Where a value comes from.
+
+    kind: "input" (``index`` = position among the model's placeholders),
+    "attr" (``name`` = qualified attribute of the root module), "stage"
+    (output ``index`` of stage ``stage``), or "const" (``value``).
+    """
+
+    kind: str
+    index: int = 0
+    stage: int = -1
+    name: str = ""
+    value: Any = None
+
+
+@dataclass
+class StageProgram:
+    """One generated stage: its module and where each of its inputs comes from."""
+
+    index: int
+    module: torch.fx.GraphModule
+    sources: list[Source]                  # one per placeholder of ``module``, in order
+    num_outputs: int                       # the module returns a tuple of this length
+    consumers: set[int] = field(default_factory=set)   # stages (or d for the loss) reading its outputs
+
+
+@dataclass
+class PipelineProgram:
+    """All stages plus the model output as a pytree of Sources (read on the last stage)."""
+
+    stages: list[StageProgram]
+    output_sources: list[Source]           # leaves of the model output
+    output_spec: pytree.TreeSpec           # how to rebuild the model's output object
+    input_names: list[str]                 # placeholder names of the traced model, in order
+    root: torch.nn.Module                  # owner of the attributes named by "attr" sources
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from fxpipe.api import CompiledGraph, _bind_inputs, _flatten_for_graph, split_batch
-from fxpipe.errors import ConfigError, InputError, StateDictError
-from fxpipe.ir import Plan
-from fxpipe.passes.split import PipelineProgram, split
+from fxpipe.errors import ConfigError, StateDictError
+from fxpipe.ir import PipelineProgram, Plan
+from fxpipe.passes.split import split
 from fxpipe.runtime.executor import LocalExecutor, build_stage_runtimes
+from fxpipe.runtime.microbatch import split_inputs, split_targets
+
+if TYPE_CHECKING:
+    from fxpipe.api import CompiledGraph
 
 __all__ = ["Pipeline"]
 
@@ -34,7 +37,7 @@ class Pipeline:
     initial_plan: Plan | None = None
     steps_done: int = 0
 
-    def __init__(self, model: torch.nn.Module, cg: CompiledGraph, plan: Plan, *,
+    def __init__(self, model: torch.nn.Module, cg: "CompiledGraph", plan: Plan, *,
                  loss_fn: Callable[..., torch.Tensor] | None, optimizer: Callable,
                  executor: str = "local") -> None:
         self.model = model
@@ -61,44 +64,15 @@ class Pipeline:
                                                       plan, loss_fn)
         else:
             runtimes = build_stage_runtimes(self.program, canonical, self._params, optimizer,
-                                            plan.schedule, [s.recompute for s in plan.stages])
-            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, self.num_microbatches,
-                                           loss_fn or _no_loss)
+                                            plan.schedule, [s.recompute for s in plan.stages], loss_fn=loss_fn,
+                                            num_microbatches=self.num_microbatches)
+            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, self.num_microbatches)
         self.executor = executor
 
     # -- inputs ---------------------------------------------------------------
     def _microbatches(self, inputs: Any) -> list[list[Any]]:
-        args, kwargs = _bind_inputs(self.model, inputs)
-        given = list(args) + list(kwargs.values())
-        for i, v in enumerate(given):
-            if not isinstance(v, torch.Tensor):
-                raise InputError(f"input {i} is a {type(v).__name__}, not a tensor; pass the same kind of "
-                                 "inputs as example_inputs")
-        m = self.num_microbatches
-        mbs = split_batch(given, m, "inputs")
-        names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
-        out = []
-        for mb in mbs:
-            flat = _flatten_for_graph(self._cg.gm, self.model, tuple(mb[: len(args)]),
-                                      dict(zip(names[len(args):], mb[len(args):])))
-            if len(flat) != len(self._example):
-                raise InputError(f"got {len(flat)} inputs, compiled for {len(self._example)}")
-            for i, (x, e) in enumerate(zip(flat, self._example)):
-                if tuple(x.shape) != tuple(e.shape) or x.dtype != e.dtype:
-                    raise InputError(
-                        f"input {self._cg.input_names[i]!r}: microbatch has shape {tuple(x.shape)} "
-                        f"{x.dtype}, compiled for {tuple(e.shape)} {e.dtype} (batch {e.shape[0] * m if e.dim() else '?'}"
-                        f" = {m} microbatches of {e.shape[0] if e.dim() else '?'}); pass batches of the "
-                        "example's shape or compile again for the new shape")
-            out.append(flat)
-        return out
-
-    def _target_microbatches(self, targets: Any) -> list[Any]:
-        leaves, spec = pytree.tree_flatten(targets)
-        if not leaves:
-            raise InputError("targets are empty; pass the targets loss_fn(output, targets) expects")
-        per = split_batch(leaves, self.num_microbatches, "targets")
-        return [pytree.tree_unflatten(mb, spec) for mb in per]
+        return split_inputs(self._cg.gm, self.model, inputs, self.num_microbatches, self._example,
+                            self._cg.input_names)
 
     # -- API ------------------------------------------------------------------
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -111,16 +85,10 @@ class Pipeline:
         if self.loss_fn is None:
             raise ConfigError("step() needs a loss: compile(..., loss_fn=torch.nn.functional.cross_entropy) "
                               "or any callable (model_output, targets) -> scalar tensor")
-        if hasattr(self._executor, "shard"):      # distributed: this replica's share of the batch
-            inputs, targets = self._executor.shard(inputs), self._executor.shard(targets)
+        inputs, targets = self._executor.shard(inputs), self._executor.shard(targets)  # this replica's share
         mbs = self._microbatches(inputs)
         batch = self._example[0].shape[0] * self.num_microbatches if self._example else None
-        for i, t in enumerate(pytree.tree_leaves(targets)):
-            if isinstance(t, torch.Tensor) and batch is not None and (t.dim() == 0 or t.shape[0] != batch):
-                raise InputError(f"targets leaf {i} has shape {tuple(t.shape)}: its dim 0 must be the batch size "
-                                 f"{batch} of the inputs; pass one target row per input sample")
-        tgt = self._target_microbatches(targets)
-        loss = self._executor.step(mbs, tgt)
+        loss = self._executor.step(mbs, split_targets(targets, self.num_microbatches, batch))
         self.steps_done += 1
         if self.replan_after is not None and self.steps_done == self.replan_after and not self.replanned:
             self._adopt(self.replan())          # compile(..., replan_after=N): once, from what was measured
@@ -134,9 +102,7 @@ class Pipeline:
 
     def __call__(self, inputs: Any) -> Any:
         """Forward only, through all stages, with the newest weights; outputs concatenated along dim 0."""
-        if hasattr(self._executor, "shard"):      # distributed: every replica runs its share
-            inputs = self._executor.shard(inputs)
-        outs = self._executor.forward(self._microbatches(inputs))
+        outs = self._executor.forward(self._microbatches(self._executor.shard(inputs)))
         leaves = [pytree.tree_flatten(o)[0] for o in outs]
         spec = pytree.tree_flatten(outs[0])[1]
         cat = [torch.cat(list(vals), 0) if isinstance(vals[0], torch.Tensor) and vals[0].dim() > 0
@@ -146,9 +112,7 @@ class Pipeline:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The newest weights and buffers, keyed by the ORIGINAL model's names (a copy)."""
-        if hasattr(self._executor, "state_dict"):
-            return self._executor.state_dict(self.model)
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self._executor.state_dict(self.model)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights keyed by the original model's names; both 2BW versions become these weights.
@@ -171,15 +135,7 @@ class Pipeline:
                 raise StateDictError(f"state_dict[{k!r}] has shape "
                                      f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, "
                                      f"the model expects {tuple(own[k].shape)}")
-        if hasattr(self._executor, "load_state_dict"):
-            self._executor.load_state_dict(self.model, state_dict)
-            return
-        with torch.no_grad():
-            for k, t in own.items():
-                t.copy_(state_dict[k].to(t.dtype))
-        for rt in self._executor.runtimes:
-            rt.weights.reset()
-        self._executor.reset(0)
+        self._executor.load_state_dict(self.model, state_dict)
 
     def save(self, path: str) -> None:
         """Write a checkpoint directory: both 2BW weight versions, optimizer state, the batch counter.
@@ -213,9 +169,7 @@ class Pipeline:
         """This rank's stage as a ``torch.distributed.pipelining.PipelineStage`` (see fxpipe.runtime.interop)."""
         from fxpipe.runtime.interop import to_torch_pipelining
 
-        drain = getattr(self._executor, "drain", None)
-        if drain is not None:       # finish a 2bw stream so the stages hold the newest weights
-            drain()
+        self._executor.drain()       # finish a 2bw stream so the stages hold the newest weights
         return to_torch_pipelining(self, group=group)
 
     def report(self) -> str:
@@ -254,6 +208,3 @@ class Pipeline:
         return (f"Pipeline({type(self.model).__name__}, stages={self.plan.num_stages}, "
                 f"microbatches={self.num_microbatches}, schedule={self.schedule!r}, executor={self.executor!r})")
 
-
-def _no_loss(*_: Any) -> torch.Tensor:
-    raise ConfigError("step() needs loss_fn")

@@ -12,7 +12,6 @@ parameter read through ``get_attr``), or output ``k`` of an earlier stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,50 +20,9 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.split_module import split_module
 
 from fxpipe.errors import PartitionError
+from fxpipe.ir import PipelineProgram, Source, StageProgram
 
 __all__ = ["Source", "StageProgram", "PipelineProgram", "split"]
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a value comes from.
-
-    kind: "input" (``index`` = position among the model's placeholders),
-    "attr" (``name`` = qualified attribute of the root module), "stage"
-    (output ``index`` of stage ``stage``), or "const" (``value``).
-    """
-
-    kind: str
-    index: int = 0
-    stage: int = -1
-    name: str = ""
-    value: Any = None
-
-
-@dataclass
-class StageProgram:
-    """One generated stage: its module and where each of its inputs comes from."""
-
-    index: int
-    module: torch.fx.GraphModule
-    sources: list[Source]                  # one per placeholder of ``module``, in order
-    num_outputs: int                       # the module returns a tuple of this length
-    consumers: set[int] = field(default_factory=set)   # stages (or d for the loss) reading its outputs
-
-
-@dataclass
-class PipelineProgram:
-    """All stages plus the model output as a pytree of Sources (read on the last stage)."""
-
-    stages: list[StageProgram]
-    output_sources: list[Source]           # leaves of the model output
-    output_spec: pytree.TreeSpec           # how to rebuild the model's output object
-    input_names: list[str]                 # placeholder names of the traced model, in order
-    root: torch.nn.Module                  # owner of the attributes named by "attr" sources
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
 
 
 def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -> PipelineProgram:

@@ -84,7 +84,7 @@ def stage_state(weights: WeightVersions, buffers: dict[str, torch.Tensor] | None
     """A stage's weight versions, optimizer state and ``buffers``, keyed by the model's names (CPU copies)."""
     names = list(weights.params)
     versions = {str(v): {k: t.detach().cpu().clone() for k, t in bufs.items()}
-                for v, bufs in weights._bufs.items()}
+                for v, bufs in weights.versions().items()}
     opt: dict[str, Any] = {}
     group: dict[str, Any] = {}
     if weights.optimizer is not None:
@@ -192,12 +192,7 @@ def _apply(r: _Restore) -> None:
     w = r.weights
     bufs = {v: {n: t.to(device=w.params[n].device, dtype=w.params[n].dtype).clone() for n, t in b.items()}
             for v, b in r.bufs.items()}
-    bufs.setdefault(r.current, {})
-    w.current = r.current
-    w._bufs = bufs
-    w._leaves = {}
-    for n, p in w.params.items():
-        p.data = bufs[w.current][n]
+    w.restore(r.current, bufs)
     if w.optimizer is not None and r.optimizer is not None:
         w.optimizer.load_state_dict(r.optimizer)
 
@@ -436,9 +431,8 @@ def save_local(pipe: Any, path: Any) -> None:
     tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        for rt in ex.runtimes:
-            s = rt.program.index
-            torch.save(stage_state(rt.weights, _owned_buffers(pipe, s)), tmp / f"stage_{s}.pt")
+        for s, weights in enumerate(ex.weight_versions()):
+            torch.save(stage_state(weights, _owned_buffers(pipe, s)), tmp / f"stage_{s}.pt")
         (tmp / _META).write_text(json.dumps(_meta(pipe, ex.batch, "local", 1), indent=1))   # last: complete
         check_destination(p)
         _install(tmp, p)
@@ -456,10 +450,10 @@ def load_local(pipe: Any, path: Any) -> None:
     meta = read_meta(p, pipe)
     ex = pipe._executor
     restores, states_all = [], []
-    for rt in ex.runtimes:
-        states = _stage_files(p, meta, rt.program.index)
+    for s, weights in enumerate(ex.weight_versions()):
+        states = _stage_files(p, meta, s)
         states_all = states_all or states
-        restores.append(_prepare(rt.weights, states, str(p)))
+        restores.append(_prepare(weights, states, str(p)))
     buffers = _prepare_buffers(pipe.model, states_all, meta, str(p))
     for r in restores:
         _apply(r)

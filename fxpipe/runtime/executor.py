@@ -3,75 +3,33 @@
 Each rank's list is executed in order; ranks take turns, and an action runs as
 soon as what it needs is there (a forward needs its inputs, a backward the
 gradients of every consumer of its outputs). If no rank can move, the schedule
-deadlocks and the rank x step grid is printed in the error.
+deadlocks and the rank x step grid is printed in the error.  The computation of
+every action is the stage's (:class:`fxpipe.runtime.stage.StageRuntime`); this
+module only hands values from producers to consumers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import time
-
 import torch
-import torch.utils._pytree as pytree
-from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
-from fxpipe.errors import LossError, PipelineStateError, ScheduleError
-from fxpipe.passes.split import PipelineProgram, Source, StageProgram
-from fxpipe.runtime.schedules import Action, build_schedule, render
-from fxpipe.runtime.weights import WeightVersions, version_for_batch
+from fxpipe.errors import PipelineStateError, ScheduleError
+from fxpipe.ir import PipelineProgram
+from fxpipe.runtime.schedules import Action, build_schedule, render, weight_version
+from fxpipe.runtime.stage import SavedBytes, StageRuntime, check_loss, stage_needs, stage_param_names
+from fxpipe.runtime.weights import WeightVersions
 
 __all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes", "stage_param_names", "SavedBytes",
            "check_loss"]
 
 
-def check_loss(loss: Any, microbatch: int) -> torch.Tensor:
-    """``loss`` if it is a one-element floating tensor with a gradient, else a LossError saying what it is.
-
-    Raises:
-        LossError: a Python number, a non-scalar tensor, an integer tensor, or one without ``grad_fn``.
-    """
-    how = "return loss_fn(model_output, targets) as a scalar tensor computed from the output, e.g. " \
-          "torch.nn.functional.mse_loss(out, y)"
-    if not isinstance(loss, torch.Tensor):
-        extra = " (was .item() or float() called on it?)" if isinstance(loss, (int, float)) else ""
-        raise LossError(f"loss_fn returned a {type(loss).__name__} ({loss!r:.60}) for microbatch {microbatch}, "
-                        f"not a tensor{extra}; {how}")
-    if loss.numel() != 1:
-        raise LossError(f"loss_fn returned a tensor of shape {tuple(loss.shape)} for microbatch {microbatch}, "
-                        "not a scalar; reduce it (e.g. .mean() or reduction='mean') — " + how)
-    if not (loss.is_floating_point() or loss.is_complex()):
-        raise LossError(f"loss_fn returned a {loss.dtype} tensor for microbatch {microbatch}; a loss must be "
-                        f"floating point to have a gradient; {how}")
-    if not loss.requires_grad:
-        raise LossError(f"loss_fn returned a tensor without a gradient (requires_grad=False) for microbatch "
-                        f"{microbatch}: it was detached, computed under torch.no_grad(), or built from "
-                        f"Python numbers; {how}")
-    return loss
-
-
-@dataclass
-class StageRuntime:
-    """A stage with its parameters mapped to canonical names and its weight versions."""
-
-    program: StageProgram
-    param_names: dict[str, str]          # stage-module parameter name -> canonical name
-    owned: list[str]                     # canonical names whose versions/optimizer live here
-    weights: WeightVersions | None = None
-    recompute: bool = False
-    # measured, for reports: seconds of forward / backward compute and bytes autograd saved
-    # (parameters excluded, one count per storage), one entry per microbatch of the last batch
-    fwd_seconds: list[float] = field(default_factory=list)
-    bwd_seconds: list[float] = field(default_factory=list)
-    saved_bytes: list[int] = field(default_factory=list)
-
-
 def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
                          params: dict[str, torch.nn.Parameter], optimizer: Callable | None,
-                         schedule: str, recompute: Sequence[bool]) -> list[StageRuntime]:
-    """Map every stage parameter to its canonical name; the lowest stage using a parameter owns it.
+                         schedule: str, recompute: Sequence[bool], *,
+                         loss_fn: Callable[..., torch.Tensor] | None = None, num_microbatches: int = 1,
+                         devices: Sequence[torch.device | None] | None = None) -> list[StageRuntime]:
+    """One StageRuntime per stage; the lowest stage using a parameter owns it (versions and optimizer).
 
     Args:
         program: the split pipeline.
@@ -80,143 +38,62 @@ def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
         optimizer: optimizer factory; one optimizer per stage over the parameters it owns.
         schedule: "2bw" | "flush" | "gpipe".
         recompute: per stage, whether to recompute activations in backward.
+        loss_fn: the loss, run by the last stage.
+        num_microbatches: microbatches per batch (the loss is their mean).
+        devices: per stage, where it computes (None: where its parameters are).
     """
+    names = [stage_param_names(program, st, canonical) for st in program.stages]
     owner: dict[str, int] = {}
+    for st in program.stages:
+        for c in names[st.index].values():
+            owner.setdefault(c, st.index)
+    owned: list[list[str]] = [[] for _ in program.stages]
+    for c, s in owner.items():
+        owned[s].append(c)
+    weights = [WeightVersions({c: params[c] for c in own}, optimizer, schedule) for own in owned]
+    weights_of = {c: weights[s] for c, s in owner.items()}
+    needs = stage_needs(program)
     runtimes = []
     for st in program.stages:
-        names = stage_param_names(program, st, canonical)
-        for c in names.values():
-            owner.setdefault(c, st.index)
-        runtimes.append(StageRuntime(program=st, param_names=names, owned=[], recompute=bool(recompute[st.index])))
-    for c, s in owner.items():
-        runtimes[s].owned.append(c)
-    for rt in runtimes:
-        rt.weights = WeightVersions({c: params[c] for c in rt.owned}, optimizer, schedule)
+        rt = StageRuntime(program, st.index, needs, names[st.index], weights_of,
+                          recompute=bool(recompute[st.index]), loss_fn=loss_fn, num_microbatches=num_microbatches,
+                          device=devices[st.index] if devices is not None else None)
+        rt.weights, rt.owned = weights[st.index], owned[st.index]
+        runtimes.append(rt)
     return runtimes
-
-
-def stage_param_names(program: PipelineProgram, st: StageProgram, canonical: dict[int, str]) -> dict[str, str]:
-    """Stage-module parameter name (or attr name read as a stage input) -> canonical name, tied ones included."""
-    names = {n: canonical[id(p)] for n, p in st.module.named_parameters(remove_duplicate=False)}
-    for src in st.sources:
-        if src.kind == "attr":
-            obj = _get_attr(program.root, src.name)
-            if isinstance(obj, torch.nn.Parameter) and id(obj) in canonical:
-                names.setdefault(src.name, canonical[id(obj)])
-    return names
-
-
-class SavedBytes:
-    """Counts the bytes autograd saves for backward inside ``with``: once per view, at most the whole
-    storage, parameters (``weights``) excluded; :meth:`hold` adds tensors the executor keeps anyway
-    (a stage's received inputs).  ``total`` holds the count after the block."""
-
-    def __init__(self, weights: Any) -> None:
-        self._weights = {t.untyped_storage().data_ptr() for t in weights if t.device.type != "meta"}
-        self._views: dict[int, tuple[int, set[tuple[int, tuple[int, ...], tuple[int, ...]]], int]] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            if ptr not in self._weights:
-                cap, seen, total = self._views.get(ptr, (st.nbytes(), set(), 0))
-                key = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-                if key not in seen:
-                    seen.add(key)
-                    total += t.numel() * t.element_size()
-                self._views[ptr] = (cap, seen, total)
-        return t
-
-    def hold(self, tensors: Any) -> None:
-        """Count ``tensors`` (those that are tensors) as held for the backward too."""
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                self._pack(t)
-
-    @property
-    def total(self) -> int:
-        return sum(min(cap, total) for cap, _, total in self._views.values())
-
-    def __enter__(self) -> "SavedBytes":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _detach_input(x: Any) -> Any:
-    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
-        return x.detach().requires_grad_(True)
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    return x
 
 
 class LocalExecutor:
     """Runs a PipelineProgram's stages in one process, following the schedule's action lists."""
 
     def __init__(self, program: PipelineProgram, runtimes: list[StageRuntime], schedule: str,
-                 num_microbatches: int, loss_fn: Callable[..., torch.Tensor]) -> None:
+                 num_microbatches: int) -> None:
         self.program = program
         self.runtimes = runtimes
         self.schedule = schedule
         self.m = num_microbatches
         self.d = program.num_stages
-        self.loss_fn = loss_fn
         self.batch = 0                       # batches trained so far
         self.broken: str | None = None       # why step() refuses to run (a step failed mid-update)
         self._updated = False                # the running step has stepped some optimizer
         self._mutable: list[torch.Tensor] | None = None   # buffers a step changes; None until a step ran
         self.actions = build_schedule(schedule, self.d, self.m, 1)
-        owner = {}
-        for rt in runtimes:
-            for c in rt.owned:
-                owner[c] = rt
-        self._owner = owner
+        owner = {c: rt for rt in runtimes for c in rt.owned}
+        # per stage: the stages whose backward must be done before its update (they read its parameters)
+        self._users = [[u.index for u in runtimes if any(owner[c] is rt for c in u.param_names.values())]
+                       for rt in runtimes]
 
-    # -- parameters -----------------------------------------------------------
-    def _params_for(self, rt: StageRuntime, version: int | None) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, c in rt.param_names.items():
-            w = self._owner[c].weights
-            assert w is not None
-            out[name] = w.newest()[c] if version is None else w.leaves(version)[c]
-        return out
+    # -- what the pipeline asks of every executor --------------------------------
+    def shard(self, tree: Any) -> Any:
+        """This process's share of a batch: all of it (one process holds every replica)."""
+        return tree
 
-    def _resolve(self, src: Source, mb: int, inputs: list[list[Any]], outputs: dict, params: dict) -> Any:
-        if src.kind == "input":
-            return inputs[mb][src.index]
-        if src.kind == "attr":
-            if src.name in params:
-                return params[src.name]
-            return _get_attr(self.program.root, src.name)
-        if src.kind == "stage":
-            return outputs[(src.stage, mb)][src.index]
-        return src.value
+    def drain(self) -> None:
+        """Nothing is ever left in flight between steps here."""
 
-    def _run_stage(self, rt: StageRuntime, args: list[Any], params: dict[str, torch.Tensor],
-                   grad: bool) -> tuple[Any, ...]:
-        mod = rt.program.module
-        attr_params = {s.name: params[s.name] for s in rt.program.sources if s.kind == "attr" and s.name in params}
-        mod_params = {k: v for k, v in params.items() if k not in attr_params}
-
-        def fn(*xs: Any) -> tuple[Any, ...]:
-            return functional_call(mod, mod_params, xs)
-
-        if not grad:
-            out = fn(*args)
-            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        with SavedBytes(params.values()) as saved:
-            saved.hold(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
-            if rt.recompute:
-                out = checkpoint(fn, *args, use_reentrant=False)
-            else:
-                out = fn(*args)
-        rt.saved_bytes.append(saved.total)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    def weight_versions(self) -> list[WeightVersions]:
+        """Per stage, the versions (and optimizer) it owns."""
+        return [rt.weights for rt in self.runtimes]  # type: ignore[misc]
 
     # -- forward only ---------------------------------------------------------
     @torch.no_grad()
@@ -224,13 +101,12 @@ class LocalExecutor:
         """Model outputs for each microbatch, with the newest weights."""
         results = []
         for mb in range(len(inputs)):
-            outputs: dict = {}
+            outputs: dict[int, tuple[Any, ...]] = {}
+            model_out = None
             for rt in self.runtimes:
-                params = self._params_for(rt, None)
-                args = [self._resolve(s, mb, inputs, outputs, params) for s in rt.program.sources]
-                outputs[(rt.program.index, mb)] = self._run_stage(rt, args, params, grad=False)
-            leaves = [self._resolve(s, mb, inputs, outputs, {}) for s in self.program.output_sources]
-            results.append(pytree.tree_unflatten(leaves, self.program.output_spec))
+                received = {(p, k): outputs[p][k] for p, k in rt.needs}
+                outputs[rt.index], model_out = rt.forward_only(inputs[mb], received)
+            results.append(model_out)
         return results
 
     # -- training -------------------------------------------------------------
@@ -263,6 +139,8 @@ class LocalExecutor:
                                "pipe.load_state_dict(...), or compile the model again")
             else:
                 self._undo(rng, cuda_rng, snap)
+            for rt in self.runtimes:
+                rt.discard()
             raise
         if self._mutable is None:        # learnt once: the buffers a step changes (BatchNorm statistics)
             self._mutable = [b for b, old in snap if not torch.equal(b, old)]
@@ -277,11 +155,11 @@ class LocalExecutor:
 
     def _undo(self, rng: torch.Tensor, cuda_rng: Any, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Forget what a failed step did before any update: gradients, buffer changes, random draws."""
-        version = version_for_batch(self.schedule, self.batch)
+        version = weight_version(self.schedule, Action(0, "F", self.batch * self.m), self.m)
         for rt in self.runtimes:
             if rt.weights is not None:
                 rt.weights.forget_grads(version)
-            rt.fwd_seconds, rt.bwd_seconds, rt.saved_bytes = [], [], []
+            rt.reset_measurements()
         with torch.no_grad():
             for b, old in snap:
                 b.copy_(old)
@@ -296,86 +174,39 @@ class LocalExecutor:
 
     def _step(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
         m, d, batch = self.m, self.d, self.batch
-        version = version_for_batch(self.schedule, batch)
-        outputs: dict[tuple[int, int], tuple[Any, ...]] = {}
-        saved: dict[tuple[int, int], tuple[list[tuple[Source, torch.Tensor]], tuple[Any, ...], Any]] = {}
-        out_grads: dict[tuple[int, int], list[Any]] = {}
+        outputs: dict[tuple[int, int], tuple[Any, ...]] = {}          # (stage, mb) -> detached outputs
+        out_grads: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # (stage, mb) -> k -> summed grad
         backward_done: set[tuple[int, int]] = set()
         losses: list[torch.Tensor | None] = [None] * m
         pos = [0] * d
         done_steps: list[list[Action]] = [[] for _ in range(d)]
 
         def ready(a: Action) -> bool:
-            st = self.runtimes[a.stage].program
+            rt = self.runtimes[a.stage]
             if a.kind == "F":
-                return all((s.stage, a.microbatch) in outputs for s in st.sources if s.kind == "stage") and \
-                    (a.stage != d - 1 or all((s.stage, a.microbatch) in outputs for s in self.program.output_sources
-                                             if s.kind == "stage" and s.stage != a.stage))
+                return all((p, a.microbatch) in outputs for p in rt.producers)
             if a.kind == "B":
-                return (a.stage, a.microbatch) in saved and all(
-                    (c, a.microbatch) in backward_done for c in st.consumers if c < d)
+                return a.microbatch in rt.saved and all((c, a.microbatch) in backward_done for c in rt.consumers)
             if a.kind == "U":
-                users = [rt.program.index for rt in self.runtimes
-                         if any(self._owner[c] is self.runtimes[a.stage] for c in rt.param_names.values())]
-                return all((u, mb) in backward_done for u in users for mb in range(m))
+                return all((u, i) in backward_done for u in self._users[a.stage] for i in range(m))
             raise ScheduleError(f"unknown action kind {a.kind!r} in {a}")
 
         def run(a: Action) -> None:
             rt = self.runtimes[a.stage]
             s, mb = a.stage, a.microbatch
             if a.kind == "F":
-                t0 = time.perf_counter()
-                params = self._params_for(rt, version)
-                leaf_inputs: list[tuple[Source, torch.Tensor]] = []
-                args = []
-                for src in rt.program.sources:
-                    v = self._resolve(src, mb, inputs, outputs, params)
-                    if src.kind == "stage":
-                        v = _detach_input(v)
-                        if isinstance(v, torch.Tensor) and v.requires_grad:
-                            leaf_inputs.append((src, v))
-                    args.append(v)
-                outs = self._run_stage(rt, args, params, grad=True)
+                version = weight_version(self.schedule, Action(s, "F", batch * m + mb), m)
+                received = {(p, k): outputs[(p, mb)][k] for p, k in rt.needs}
+                outs, loss = rt.forward(mb, inputs[mb], received, version, targets[mb] if rt.is_last else None)
                 outputs[(s, mb)] = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs)
-                loss = None
-                if s == d - 1:
-                    leaves = []
-                    for src in self.program.output_sources:
-                        if src.kind == "stage" and src.stage == s:
-                            leaves.append(outs[src.index])
-                        elif src.kind == "stage":
-                            v = _detach_input(outputs[(src.stage, mb)][src.index])
-                            if isinstance(v, torch.Tensor) and v.requires_grad:
-                                leaf_inputs.append((src, v))
-                            leaves.append(v)
-                        else:
-                            leaves.append(self._resolve(src, mb, inputs, outputs, params))
-                    model_out = pytree.tree_unflatten(leaves, self.program.output_spec)
-                    loss = check_loss(self.loss_fn(model_out, targets[mb]), mb)
-                    losses[mb] = loss.detach()
-                saved[(s, mb)] = (leaf_inputs, outs, loss)
-                out_grads[(s, mb)] = [None] * len(outs)
-                rt.fwd_seconds.append(time.perf_counter() - t0)
-            elif a.kind == "B":
-                t0 = time.perf_counter()
-                leaf_inputs, outs, loss = saved.pop((s, mb))
-                tensors, grads = [], []
                 if loss is not None:
-                    tensors.append(loss / m)
-                    grads.append(None)
-                for o, g in zip(outs, out_grads.pop((s, mb))):
-                    if g is not None and isinstance(o, torch.Tensor) and o.requires_grad:
-                        tensors.append(o)
-                        grads.append(g)
-                if tensors:
-                    torch.autograd.backward(tensors, grads)
-                for src, leaf in leaf_inputs:
-                    if leaf.grad is None:
-                        continue
-                    slot = out_grads[(src.stage, mb)]
-                    slot[src.index] = leaf.grad if slot[src.index] is None else slot[src.index] + leaf.grad
+                    losses[mb] = loss
+            elif a.kind == "B":
+                for (p, k), g in rt.backward(mb, out_grads.pop((s, mb), {})).items():
+                    if g is not None:
+                        slot = out_grads.setdefault((p, mb), {})
+                        slot[k] = g if k not in slot else slot[k] + g
                 backward_done.add((s, mb))
-                rt.bwd_seconds.append(time.perf_counter() - t0)
                 if all((s, i) in backward_done for i in range(m)):
                     for i in range(m):
                         outputs.pop((s, i), None)
@@ -384,7 +215,7 @@ class LocalExecutor:
                 rt.weights.update(batch)  # type: ignore[union-attr]
 
         for rt in self.runtimes:
-            rt.fwd_seconds, rt.bwd_seconds, rt.saved_bytes = [], [], []
+            rt.reset_measurements()
         total = sum(len(x) for x in self.actions)
         executed = 0
         while executed < total:
@@ -392,10 +223,9 @@ class LocalExecutor:
             for r in range(d):
                 while pos[r] < len(self.actions[r]):
                     a = self.actions[r][pos[r]]
-                    shifted = Action(a.stage, a.kind, a.microbatch)
-                    if not ready(shifted):
+                    if not ready(a):
                         break
-                    run(shifted)
+                    run(a)
                     done_steps[r].append(a)
                     pos[r] += 1
                     executed += 1
@@ -406,9 +236,16 @@ class LocalExecutor:
         self.batch += 1
         return torch.stack([l for l in losses if l is not None]).mean()
 
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The newest weights and buffers of ``model`` (a copy): the model's parameters are the newest version."""
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-def _get_attr(root: torch.nn.Module, qualname: str) -> Any:
-    obj: Any = root
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    def load_state_dict(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        """Copy ``sd`` into ``model``; every stage's versions restart from these weights."""
+        with torch.no_grad():
+            for k, t in model.state_dict().items():
+                t.copy_(sd[k].to(t.dtype))
+        for w in self.weight_versions():
+            w.reset()
+        self.reset(0)
+

@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, DistributedError
-from fxpipe.passes.split import PipelineProgram
-from fxpipe.runtime.distributed import _get_attr, stage_params
+from fxpipe.ir import PipelineProgram
+from fxpipe.runtime.stage import get_attr as _get_attr, stage_params
 
 __all__ = ["ChainStage", "chain_stages", "to_torch_pipelining"]
 

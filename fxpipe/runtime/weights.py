@@ -21,14 +21,14 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["WeightVersions", "version_for_batch"]
+from fxpipe.runtime.schedules import Action, weight_version
+
+__all__ = ["WeightVersions"]
 
 
-def version_for_batch(schedule: str, batch: int) -> int:
-    """The weight version every microbatch of ``batch`` computes with (docs/semantics.md)."""
-    if schedule == "2bw":
-        return max(batch - 1, 0)
-    return batch
+def _version_used(schedule: str, batch: int) -> int:
+    """The version batch ``batch``'s forwards and backwards use: the schedule's rule, :func:`weight_version`."""
+    return weight_version(schedule, Action(0, "F", batch), num_microbatches=1)
 
 
 class WeightVersions:
@@ -82,7 +82,7 @@ class WeightVersions:
         caller has taken them already (the distributed executor reduces them first);
         the leaves' gradients are then left alone.
         """
-        used = version_for_batch(self.schedule, batch)
+        used = _version_used(self.schedule, batch)
         given = grads is not None
         if grads is None:
             grads = {k: t.grad for k, t in self._leaves.get(used, {}).items()}
@@ -119,6 +119,27 @@ class WeightVersions:
             elif used in self._leaves and not given:
                 for t in self._leaves[used].values():
                     t.grad = None
+
+    def versions(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every alive version's buffers (canonical name -> tensor), by version; not copies."""
+        return {v: dict(b) for v, b in self._bufs.items()}
+
+    def restore(self, current: int, versions: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Make ``versions`` (as :meth:`versions` returns them) the alive buffers and ``current`` the newest.
+
+        The model's parameters then hold version ``current``; no gradient is kept.
+
+        Raises:
+            KeyError: ``versions`` lacks ``current`` or one of this stage's parameters in it.
+        """
+        missing = [k for k in self.params if k not in versions.get(current, {})]
+        if missing:
+            raise KeyError(f"version {current} lacks {missing[:5]}")
+        self.current = int(current)
+        self._bufs = {int(v): dict(b) for v, b in versions.items()}
+        self._leaves = {}
+        for k, p in self.params.items():
+            p.data = self._bufs[self.current][k]
 
     def reset(self) -> None:
         """Forget every version: the newest weights (self.params) become version 0's only buffer."""

@@ -1,0 +1,146 @@
+"""Inputs to microbatches: bind a batch to the traced graph's placeholders and split it along dim 0.
+
+    step(inputs, targets)                         (like torch.distributed.pipelining.microbatch)
+        │ bind_inputs:  tensor | tuple | dict  ->  (args, kwargs)
+        │ split_batch:  every tensor chunked along dim 0 into m equal parts
+        ▼ flatten_for_graph: each microbatch in the graph's placeholder order, checked against the example
+    [[x_0, mask_0], [x_1, mask_1], ...]           one flat list per microbatch
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from fxpipe.errors import ConfigError, InputError
+
+__all__ = ["bind_inputs", "split_batch", "flatten_for_graph", "split_inputs", "split_targets"]
+
+
+def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``example_inputs`` (a tensor, a tuple/list of positional inputs or a dict of keyword inputs) as (args, kwargs).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ConfigError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                      f"tensors, got {type(example_inputs).__name__}")
+
+
+def split_batch(values: Sequence[Any], num_microbatches: int, what: str) -> list[list[Any]]:
+    """Split every tensor along dim 0 into ``num_microbatches`` equal parts.
+
+    Returns:
+        ``out[mb][i]`` is microbatch ``mb`` of ``values[i]``.
+
+    Raises:
+        InputError: a value is not a tensor, or its batch is not divisible.
+    """
+    per_value = []
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{what}[{i}] is a {type(v).__name__}, not a tensor; fxpipe splits every "
+                             "input into microbatches along dim 0, so inputs must be tensors "
+                             "(fold constants into the model instead)")
+        if v.dim() == 0 or v.shape[0] % num_microbatches != 0:
+            raise InputError(f"{what}[{i}] has shape {tuple(v.shape)}: its batch dimension (dim 0) must be "
+                             f"divisible by num_microbatches={num_microbatches}; use a batch size that is "
+                             f"a multiple of {num_microbatches} or change num_microbatches")
+        per_value.append(v.chunk(num_microbatches, dim=0) if v.shape[0] else [v] * num_microbatches)
+    return [[pv[mb] for pv in per_value] for mb in range(num_microbatches)]
+
+
+def flatten_for_graph(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    """The values of ``model.forward(*args, **kwargs)``'s inputs in the order of ``gm``'s placeholders.
+
+    Raises:
+        InputError: an input the graph reads was not given, or the inputs do not bind to ``forward``.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if gm.meta.get("fxpipe.tracer") == "export":
+        order = gm.meta.get("fxpipe.kwarg_names", list(kwargs))
+        if set(order) != set(kwargs):
+            raise InputError(f"keyword inputs {sorted(kwargs)} differ from the compiled ones {sorted(order)}")
+        flat = pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in order}))
+        if len(flat) != len(placeholders):
+            raise InputError(f"got {len(flat)} input tensors, the exported graph takes {len(placeholders)}")
+        return flat
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"inputs do not match {type(model).__name__}.forward: {e}") from e
+    values = dict(bound.arguments)
+    flat = []
+    for p in placeholders:
+        name = str(p.target).lstrip("*")
+        if name not in values:
+            raise InputError(f"input {name!r} of {type(model).__name__}.forward was not given; "
+                             f"given: {sorted(values)}")
+        flat.append(values[name])
+    return flat
+
+
+def split_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any, num_microbatches: int,
+                 example: Sequence[torch.Tensor], input_names: Sequence[str]) -> list[list[Any]]:
+    """A batch of ``inputs`` as ``num_microbatches`` flat microbatches, each checked against ``example``.
+
+    Args:
+        gm: the traced graph (its placeholders fix the order).
+        model: the user's model (its ``forward`` signature binds keyword inputs).
+        inputs: a batch as ``step`` receives it.
+        num_microbatches: m.
+        example: the compiled example microbatch (flat, placeholder order).
+        input_names: placeholder names, for messages.
+
+    Raises:
+        InputError: a non-tensor input, a batch not divisible by m, or a shape/dtype the graph was not compiled for.
+    """
+    args, kwargs = bind_inputs(model, inputs)
+    given = list(args) + list(kwargs.values())
+    for i, v in enumerate(given):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"input {i} is a {type(v).__name__}, not a tensor; pass the same kind of "
+                             "inputs as example_inputs")
+    m = num_microbatches
+    names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
+    out = []
+    for mb in split_batch(given, m, "inputs"):
+        flat = flatten_for_graph(gm, model, tuple(mb[: len(args)]), dict(zip(names[len(args):], mb[len(args):])))
+        if len(flat) != len(example):
+            raise InputError(f"got {len(flat)} inputs, compiled for {len(example)}")
+        for i, (x, e) in enumerate(zip(flat, example)):
+            if tuple(x.shape) != tuple(e.shape) or x.dtype != e.dtype:
+                raise InputError(
+                    f"input {input_names[i]!r}: microbatch has shape {tuple(x.shape)} "
+                    f"{x.dtype}, compiled for {tuple(e.shape)} {e.dtype} (batch {e.shape[0] * m if e.dim() else '?'}"
+                    f" = {m} microbatches of {e.shape[0] if e.dim() else '?'}); pass batches of the "
+                    "example's shape or compile again for the new shape")
+        out.append(flat)
+    return out
+
+
+def split_targets(targets: Any, num_microbatches: int, batch: int | None) -> list[Any]:
+    """``targets`` (any pytree of tensors with ``batch`` rows) as ``num_microbatches`` pytrees of the same shape.
+
+    Raises:
+        InputError: no tensors, or a leaf whose dim 0 is not the inputs' batch size.
+    """
+    for i, t in enumerate(pytree.tree_leaves(targets)):
+        if isinstance(t, torch.Tensor) and batch is not None and (t.dim() == 0 or t.shape[0] != batch):
+            raise InputError(f"targets leaf {i} has shape {tuple(t.shape)}: its dim 0 must be the batch size "
+                             f"{batch} of the inputs; pass one target row per input sample")
+    leaves, spec = pytree.tree_flatten(targets)
+    if not leaves:
+        raise InputError("targets are empty; pass the targets loss_fn(output, targets) expects")
+    per = split_batch(leaves, num_microbatches, "targets")
+    return [pytree.tree_unflatten(mb, spec) for mb in per]

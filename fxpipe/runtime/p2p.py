@@ -1,0 +1,156 @@
+"""Communication with bounded waits: point-to-point sends and receives, collectives, and failing loudly.
+
+Every wait is bounded by ``FXPIPE_TIMEOUT`` seconds (default 60; it is also the
+process-group timeout).  An operation that raises (or whose peer died) becomes a
+:class:`fxpipe.errors.DistributedError` naming this rank, its stage and what it
+was doing, and arms a watchdog that ends the process with exit code 1 after
+``FXPIPE_ABORT_GRACE`` seconds (default 10; 0 disables) in case the program
+catches the error or hangs while shutting down.  Peers blocked on the failed rank
+then see its connection close and fail the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import faulthandler
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fxpipe.errors import DistributedError
+from fxpipe.runtime.groups import Layout, timeout_seconds
+
+__all__ = ["Comm"]
+
+Posted = tuple  # (works, {stage: buffers}, peer ranks)
+
+
+class Comm:
+    """Sends, receives and collectives of one rank; tracks the seconds spent waiting.
+
+    Args:
+        layout: ranks and groups.
+        device: where received buffers are allocated.
+    """
+
+    def __init__(self, layout: Layout, device: torch.device) -> None:
+        self.layout = layout
+        self.device = device
+        self.timeout = timeout_seconds()
+        self.failed: DistributedError | None = None
+        self.wait_seconds = 0.0            # blocked on receives / collectives since the last reset
+        # posted sends, oldest first: (batch of the microbatch sent, Work, the tensor(s) it reads)
+        self._sends: collections.deque[tuple[int, Any, Any]] = collections.deque()
+
+    # -- faults ---------------------------------------------------------------
+    def fail(self, what: str, exc: BaseException, peer: int | None = None) -> DistributedError:
+        """The DistributedError for ``exc`` raised during ``what`` (naming ``peer`` if one is to blame)."""
+        text = f"{type(exc).__name__}: {exc}".strip()
+        hint = ""
+        if peer is not None:
+            hint = (f"; the peer {self.layout.where(peer)} probably raised, died or is stuck — its own log names "
+                    f"the cause (waits are bounded by FXPIPE_TIMEOUT={self.timeout:g}s)")
+        err = DistributedError(f"fxpipe distributed: {self.layout.where()} failed in {what}: {text}{hint}")
+        self.failed = err
+        print(str(err), file=sys.stderr, flush=True)
+        grace = float(os.environ.get("FXPIPE_ABORT_GRACE", "10"))
+        if grace > 0:
+            faulthandler.dump_traceback_later(grace, exit=True)  # C watchdog: ends the process even mid-shutdown
+        return err
+
+    def check_alive(self) -> None:
+        """Raise if this rank failed before: its peers are gone or out of step."""
+        if self.failed is not None:
+            raise DistributedError(f"{self.layout.where()} already failed ({self.failed}); the pipeline cannot "
+                                   "continue — restart all ranks, e.g. from a checkpoint (pipe.load(dir))")
+
+    def wait(self, works: list[Any], what: str, peers: list[int]) -> None:
+        """Wait for ``works``, at most the timeout each."""
+        t0 = time.perf_counter()
+        try:
+            for wk in works:
+                wk.wait(timeout=timedelta(seconds=self.timeout))
+        except Exception as e:  # noqa: BLE001
+            raise self.fail(what, e, peers[0] if len(peers) == 1 else None) from e
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+
+    # -- point to point -------------------------------------------------------------
+    def post_recv(self, pairs: list[tuple[int, list[tuple[torch.Size, torch.dtype]]]], what: str) -> Posted:
+        """Post receives, from each (stage, metas), of tensors of the given shapes; wait with :meth:`finish_recv`."""
+        ops, out = [], {}
+        for s, metas in pairs:
+            bufs = [torch.empty(shape, dtype=dt, device=self.device) for shape, dt in metas]
+            out[s] = bufs
+            ops += [dist.P2POp(dist.irecv, b, self.layout.rank_of(s)) for b in bufs]
+        works = []
+        if ops:
+            try:
+                works = dist.batch_isend_irecv(ops)
+            except Exception as e:  # noqa: BLE001
+                raise self.fail(what, e) from e
+        return works, out, [self.layout.rank_of(s) for s, _ in pairs]
+
+    def finish_recv(self, posted: Posted, what: str) -> dict[int, list[torch.Tensor]]:
+        """Wait for posted receives; stage -> received tensors."""
+        works, out, peers = posted
+        self.wait(works, what, peers)
+        return out
+
+    def send(self, pairs: list[tuple[int, list[torch.Tensor]]], what: str, batch: int) -> None:
+        """Send each stage its tensors of ``batch`` (not waited for; kept alive until reaped)."""
+        ops = []
+        keep = []
+        for s, tensors in pairs:
+            for t in tensors:
+                t = t.detach().contiguous()
+                keep.append(t)
+                ops.append(dist.P2POp(dist.isend, t, self.layout.rank_of(s)))
+        if ops:
+            try:
+                works = dist.batch_isend_irecv(ops)
+            except Exception as e:  # noqa: BLE001
+                raise self.fail(what, e) from e
+            self._sends.extend((batch, wk, t) for wk, t in (zip(works, keep) if len(works) == len(keep)
+                                                             else [(wk, keep) for wk in works]))
+        self.reap_sends()
+
+    def reap_sends(self, wait: bool = False, upto: int | None = None) -> None:
+        """Forget finished sends, oldest first; ``wait``: wait for all, ``upto``: for those of batches <= upto.
+
+        gloo's send ``Work.is_completed()`` stays False until ``wait()`` is called, so waiting
+        is the only way to let go of a send (its Work and the tensor it reads).  A send of batch
+        b is certainly received once every rank has passed the first forward of batch b + 2
+        (see ``DistributedExecutor.step``), so waiting for it then never blocks on a peer: the
+        list holds at most the sends of the last three batches.
+        """
+        while self._sends:
+            b, wk, _ = self._sends[0]
+            if not (wait or (upto is not None and b <= upto) or wk.is_completed()):
+                break
+            if not wk.is_completed():
+                self.wait([wk], "finishing sends", [])
+            self._sends.popleft()
+
+    # -- collectives ----------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor, group: Any, what: str) -> Any:
+        """Post an async sum of ``t`` over ``group``; returns the work to :meth:`wait` on."""
+        try:
+            return dist.all_reduce(t, group=group, async_op=True)
+        except Exception as e:  # noqa: BLE001
+            raise self.fail(what, e) from e
+
+    def agree(self, ok: bool, what: str) -> bool:
+        """True on every rank iff ``ok`` on every rank (collective)."""
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        self.wait([self.all_reduce(flag, self.layout.loss_group, what)], what, [])
+        return flag.item() == 0.0
+
+    def barrier(self, what: str) -> None:
+        """Every rank reaches this point (collective)."""
+        self.agree(True, what)
