@@ -29,7 +29,6 @@ changes no number).
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, DistributedError
 from fxpipe.ir import PipelineProgram, Plan
+from fxpipe.runtime.gather import Gathered
 from fxpipe.runtime.groups import (Layout, data_parallel_width, init_distributed, replica_share,  # noqa: F401
                                    timeout_seconds)
 from fxpipe.runtime.p2p import Comm
@@ -78,7 +78,7 @@ def _edge_meta(program: PipelineProgram, needs: list[list[Key]]) -> dict[Key, tu
     return meta
 
 
-class DistributedExecutor:
+class DistributedExecutor(Gathered):
     """Runs this process's stage of a PipelineProgram; see the module docstring for the layout.
 
     Args:
@@ -420,63 +420,6 @@ class DistributedExecutor:
             gathered += obj[0]
         return gathered
 
-    def gather_params(self) -> dict[str, torch.Tensor]:
-        """Newest value of every canonical parameter, on every rank (collective; replica 0 is the source)."""
-        self.drain()
-        out: dict[str, torch.Tensor] = {}
-        for s in range(self.d):
-            by_dtype: dict[torch.dtype, list[str]] = {}
-            for c in sorted(set(self.stage_names[s].values())):
-                by_dtype.setdefault(self._all_params[c].dtype, []).append(c)
-            for dt, cs in by_dtype.items():
-                if self.rank == s:
-                    flat = torch.cat([self._all_params[c].detach().reshape(-1) for c in cs])
-                else:
-                    flat = torch.empty(sum(self._all_params[c].numel() for c in cs), dtype=dt, device=self.device)
-                try:
-                    dist.broadcast(flat, src=s)
-                except Exception as e:  # noqa: BLE001
-                    raise self.comm.fail("state_dict (gathering parameters)", e, s) from e
-                off = 0
-                for c in cs:
-                    n = self._all_params[c].numel()
-                    out.setdefault(c, flat[off:off + n].view(self._all_params[c].shape).cpu().clone())
-                    off += n
-        return out
-
-    def gather_buffers(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Every persistent buffer of ``model`` as its owning stage's replica-0 rank holds it (collective).
-
-        A rank only runs its own stage, so its copy of another stage's buffers (BatchNorm statistics)
-        is stale; each buffer comes from the lowest stage holding it (checkpoint.buffer_owners).
-        """
-        from fxpipe.runtime.checkpoint import buffer_owners
-
-        owners = buffer_owners(self.program, model)
-        sd = model.state_dict(keep_vars=True)
-        out: dict[str, torch.Tensor] = {}
-        for name in sorted(owners, key=lambda n: (owners[n], n)):
-            src = owners[name]
-            b = sd[name].detach()
-            wire = b.to(self.device).clone() if b.dtype != torch.bool else b.to(self.device, torch.uint8)
-            try:
-                dist.broadcast(wire, src=src)
-            except Exception as e:  # noqa: BLE001
-                raise self.comm.fail(f"state_dict (gathering buffer {name!r})", e, src) from e
-            out[name] = wire.to(b.dtype).cpu()
-        return out
-
-    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The full model state (original names) on every rank; collective."""
-        gathered = self.gather_params()
-        buffers = self.gather_buffers(model)
-        out = {}
-        for k, v in model.state_dict(keep_vars=True).items():
-            c = self._canonical.get(id(v)) if isinstance(v, torch.nn.Parameter) else None
-            out[k] = gathered[c].clone() if c is not None else \
-                buffers[k].clone() if k in buffers else v.detach().cpu().clone()
-        return out
-
     def load_state_dict(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
         """Every rank loads the same full state dict; both 2BW versions become these weights."""
         self.drain()
@@ -490,22 +433,3 @@ class DistributedExecutor:
     def reset(self, batch: int) -> None:
         """After new weights were loaded: the next step trains batch ``batch``."""
         self.batch = batch
-
-    def gather_measurements(self) -> list[dict[str, Any]]:
-        """Every rank's measurements of its last step, on every rank (collective), in rank order.
-
-        Each entry: rank, stage, replica, fwd/bwd (median seconds per microbatch), saved (median bytes),
-        compute (seconds of forward+backward in the last m microbatches), wait and wall (last step).
-        """
-        self.drain()     # a peer may be blocked in this batch's update (tied weights) until we finish it
-        med = lambda xs: float(statistics.median(xs)) if xs else 0.0  # noqa: E731
-        mine = {"rank": self.rank, "stage": self.stage, "replica": self.replica,
-                "fwd": med(self.fwd_seconds), "bwd": med(self.bwd_seconds), "saved": int(med(self.saved_bytes)),
-                "compute": float(sum(self.fwd_seconds) + sum(self.bwd_seconds)),
-                "wait": self.wait_seconds, "wall": self.step_seconds}
-        out: list[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(out, mine, group=self.layout.loss_group)
-        except Exception as e:  # noqa: BLE001
-            raise self.comm.fail("report (gathering measurements)", e) from e
-        return out
