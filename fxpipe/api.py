@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from fxpipe.errors import ConfigError, ScheduleError
+from fxpipe.errors import ConfigError, InputError, ScheduleError
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 from fxpipe.precision import check_precision
 from fxpipe.runtime.microbatch import bind_inputs as _bind_inputs
@@ -75,6 +76,9 @@ def resolve_memory_limit(memory_limit: Any, device: Any) -> int | None:
             or memory_limit == float("inf"):
         raise ConfigError(f"memory_limit must be a positive number of bytes or None, got {memory_limit!r}; "
                           "give bytes, a size string like '16GiB', or None (no limit)")
+    if memory_limit < 1:
+        raise ConfigError(f"memory_limit={memory_limit!r} is less than one byte (it would be taken as "
+                          f"{int(memory_limit)}); memory_limit is in bytes: give e.g. 16e9 or '16GiB', or None")
     return int(memory_limit)
 
 
@@ -113,7 +117,84 @@ def _check_common(model: Any, num_stages: int | None, num_microbatches: int, sch
             f"{num_stages} or use schedule='flush'")
     if memory_limit is not DEVICE_MEMORY:
         resolve_memory_limit(memory_limit, None)  # validates strings and numbers
+    if num_devices is not None and (not isinstance(num_devices, int) or isinstance(num_devices, bool)
+                                    or num_devices < 1):
+        raise ConfigError(f"num_devices must be an int >= 1 or None, got {num_devices!r}; it is the number of "
+                          "devices the planner may use (depth x data-parallel width)")
     check_precision(precision)
+
+
+def _check_planning(model: torch.nn.Module, time_limit: Any, recompute: Any, leaf_modules: Any) -> None:
+    """The planner's own knobs: a solver time, a recompute switch, and leaf modules that exist."""
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not 0 < time_limit < float("inf"):
+        raise ConfigError(f"time_limit must be a positive finite number of seconds, got {time_limit!r} "
+                          f"({type(time_limit).__name__}); e.g. time_limit=10.0")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise ConfigError(f"recompute must be True (always recompute), False (never) or None (the planner "
+                          f"decides per stage), got {recompute!r}")
+    if isinstance(leaf_modules, (str, type)):
+        raise ConfigError(f"leaf_modules must be a list of module types or qualified names, got "
+                          f"{leaf_modules!r}; write leaf_modules=[{leaf_modules!r}]")
+    names = dict(model.named_modules())
+    for entry in leaf_modules:
+        if isinstance(entry, str):
+            hit = entry in names
+        elif isinstance(entry, type) and issubclass(entry, torch.nn.Module):
+            hit = any(isinstance(mod, entry) for mod in names.values())
+        else:
+            raise ConfigError(f"leaf_modules entry {entry!r} is neither an nn.Module subclass nor a qualified "
+                              "module name such as 'blocks.0.attn'")
+        if not hit:
+            import difflib
+            import warnings
+
+            close = difflib.get_close_matches(entry, list(names), n=3) if isinstance(entry, str) else []
+            warnings.warn(f"leaf_modules entry {entry!r} matches no submodule of {type(model).__name__}; it has "
+                          f"no effect{f' (did you mean {close}?)' if close else ''}", stacklevel=3)
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+    if loss_fn is None:
+        return
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable (model_output, targets) -> scalar, got {loss_fn!r}")
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):     # a builtin without a signature: it is tried at the first step
+        return
+    try:
+        sig.bind(object(), object())
+    except TypeError as e:
+        raise ConfigError(f"loss_fn{sig} cannot be called as loss_fn(model_output, targets): {e}; give it "
+                          "exactly two positional parameters, e.g. lambda out, y: F.cross_entropy(out, y)") from None
+
+
+def _read_plan(plan: Any) -> Plan | None:
+    """``plan=`` as given: None, a Plan, or the path of a JSON file written by ``fxpipe dump --format json``."""
+    if plan is None or isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        try:
+            with open(plan, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"plan={str(plan)!r}: cannot read the plan file ({e.strerror}); pass a Plan or "
+                              "the path of `fxpipe dump ... --format json -o plan.json`") from None
+        return Plan.from_json(text)
+    raise ConfigError(f"plan must be a Plan, a path to a plan JSON file, or None, got {type(plan).__name__}")
+
+
+def _check_input_dtypes(model: torch.nn.Module, example_inputs: Any) -> None:
+    """A floating input of another dtype than every floating parameter fails in the first matmul; say so now."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (want,) = dtypes
+    for i, v in enumerate(pytree.tree_leaves(example_inputs)):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != want:
+            raise InputError(f"example input {i} is {v.dtype} but every floating parameter of "
+                             f"{type(model).__name__} is {want}; convert one of them (x.to({want}) or "
+                             f"model.to({v.dtype})) — under torch.autocast the parameters stay {want} too")
 
 
 def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: int,
@@ -175,6 +256,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None 
     """
     _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit, precision)
     _check_targets(example_targets, loss_fn)
+    _check_planning(model, time_limit, recompute, leaf_modules)
     return _plan(model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
                  schedule=schedule, optimizer=optimizer, cost_model=cost_model, memory_limit=memory_limit,
                  device=device, num_devices=num_devices, global_batch=global_batch,
@@ -283,6 +365,9 @@ def _plan(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | None
                                  lower_bound=given_plan.lower_bound, optimal=given_plan.optimal)
         return p, cg
     n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+    if n_compute == 0:
+        raise ConfigError(f"the traced graph of {type(model).__name__} has no operations (its forward returns "
+                          "its inputs or constants): there is nothing to cut into stages")
     if num_stages > n_compute:
         raise ConfigError(f"num_stages={num_stages} is more than the {n_compute} operations in the "
                           f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
@@ -403,15 +488,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
                           "e.g. replan_after=10")
     if executor not in ("auto", "local", "distributed"):
         raise ConfigError(f"unknown executor {executor!r}; choose 'auto', 'local' or 'distributed'")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ConfigError(f"loss_fn must be callable (model_output, targets) -> scalar, got {loss_fn!r}")
+    _check_planning(model, time_limit, recompute, leaf_modules)
+    _check_loss_fn(loss_fn)
     _check_targets(example_targets, loss_fn)
+    plan = _read_plan(plan)
     if optimizer is not None and not callable(optimizer):
         raise ConfigError(f"optimizer must be a factory params -> torch.optim.Optimizer, got {optimizer!r}; "
                           "pass e.g. optimizer=lambda params: torch.optim.SGD(params, lr=0.1)")
     if any(p.is_meta for p in model.parameters()):
         raise ConfigError(f"{type(model).__name__} has parameters on the meta device: compile needs real "
                           "weights to train; use fxpipe.plan(...) to plan a meta-device model")
+    _check_input_dtypes(model, example_inputs)
     executor = _resolve_executor(executor)
     width = 1
     if executor == "distributed":

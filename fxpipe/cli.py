@@ -21,7 +21,7 @@ import sys
 from typing import Any, Callable
 
 from fxpipe import __version__
-from fxpipe.errors import FxpipeError, ModelSpecError
+from fxpipe.errors import ConfigError, FxpipeError, ModelSpecError
 
 __all__ = ["main", "load_model_spec", "resolve_model"]
 
@@ -119,6 +119,45 @@ def resolve_model(spec: str, num_microbatches: int, batch: int | None = None) ->
     return model, example
 
 
+def _check_args(a: argparse.Namespace) -> None:
+    """Numbers in range and ``-o`` writable, before anything is planned.
+
+    Raises:
+        ConfigError: a count < 1, or ``-o`` names a directory or a file in a missing directory.
+    """
+    for flag in ("microbatches", "steps", "batch", "max_nodes"):   # --stages: compile says num_stages
+        v = getattr(a, flag, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v} must be >= 1")
+    if getattr(a, "time_limit", None) is not None and not a.time_limit > 0:
+        raise ConfigError(f"--time-limit {a.time_limit} must be > 0 seconds")
+    out = getattr(a, "output", None)
+    if out:
+        if os.path.isdir(out):
+            raise ConfigError(f"-o {out!r} is a directory; give a file name, e.g. -o {os.path.join(out, 'plan.' + a.format)!r}")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"-o {out!r}: the directory {parent!r} does not exist; create it first "
+                              f"(mkdir -p {parent}) or write elsewhere")
+
+
+def _check_batch(a: argparse.Namespace, example: Any) -> None:
+    """A factory's batch must split into the microbatches; say which flag set them."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    sizes = [int(t.shape[0]) for t in pytree.tree_leaves(example) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if sizes and sizes[0] % a.microbatches:
+        why = (f"--microbatches defaults to max(--stages, 4) = {a.microbatches}" if a.default_microbatches
+               else f"--microbatches {a.microbatches}")
+        fits = [m for m in range(1, sizes[0] + 1) if sizes[0] % m == 0 and (a.schedule != "2bw" or m >= a.stages)]
+        raise ConfigError(f"{a.model!r} gives a batch of {sizes[0]}, not divisible into {a.microbatches} "
+                          f"microbatches ({why}); pass --microbatches M with M dividing {sizes[0]}"
+                          + (f" (e.g. {fits[0]})" if fits else
+                             f" — none is >= --stages {a.stages} as 2bw needs: use fewer --stages, "
+                             "--schedule flush, or a larger batch"))
+
+
 def _dump(a: argparse.Namespace) -> int:
     import fxpipe
     from fxpipe import api
@@ -134,6 +173,7 @@ def _dump(a: argparse.Namespace) -> int:
             raise ModelSpecError(f"--memory-limit {a.memory_limit!r} is not a size; write e.g. 16GiB or 8e9, "
                                  "or none for no limit") from None
     model, example = resolve_model(a.model, a.microbatches, a.batch)
+    _check_batch(a, example)
     kwargs = dict(num_stages=a.stages, num_microbatches=a.microbatches, schedule=a.schedule,
                   memory_limit=limit, device=a.device, cost_model=a.cost_model, time_limit=a.time_limit)
     if a.format in ("table", "json"):
@@ -208,6 +248,7 @@ def _calibrate(a: argparse.Namespace) -> int:
         model, example = get_preset(a.model, device="cpu")
     else:
         model, example = load_model_spec(a.model)
+    _check_batch(a, example)
     if any(p.is_meta for p in model.parameters()):
         raise ModelSpecError(f"{a.model!r} builds its model on the meta device; calibrate trains it, so the "
                              "factory must create real weights")
@@ -223,7 +264,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     leaves = pytree.tree_leaves(example)
     batch = next(t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0)
     targets = torch.zeros(batch)
-    for _ in range(max(1, a.steps)):
+    for _ in range(a.steps):
         pipe.step(example, targets)
     print(pipe.plan.summary())
     print()
@@ -279,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     try:
+        _check_args(a)
+        a.default_microbatches = a.microbatches is None
         if a.microbatches is None:
             a.microbatches = max(a.stages, 4)
         if a.cmd == "calibrate":

@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "StateDictError",
     "CheckpointError",
+    "PlanFormatError",
     "LossError",
     "PipelineStateError",
     "ModelSpecError",
@@ -30,6 +31,10 @@ class FxpipeError(Exception):
 
 class ConfigError(FxpipeError, ValueError):
     """An argument of :func:`fxpipe.compile` / :func:`fxpipe.plan` is out of range."""
+
+
+class PlanFormatError(ConfigError):
+    """A Plan's JSON (``Plan.from_json``, ``compile(plan=path)``) is not valid JSON or not a Plan."""
 
 
 class TraceError(FxpipeError):

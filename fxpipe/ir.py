@@ -256,21 +256,66 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """The Plan of :meth:`to_dict`'s output.
+
+        Raises:
+            PlanFormatError: not a dict, a required field missing, an unknown field, or a malformed stage.
+        """
+        from fxpipe.errors import PlanFormatError
+
+        how = "pass the output of Plan.to_json() / `fxpipe dump ... --format json` unchanged"
+        if not isinstance(d, dict):
+            raise PlanFormatError(f"a Plan is a JSON object, got {type(d).__name__}; {how}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in d]
+        unknown = sorted(set(d) - set(fields))
+        if missing or unknown:
+            raise PlanFormatError(f"not a Plan: missing fields {missing}, unknown fields {unknown} (a Plan has "
+                                  f"{sorted(fields)}); {how}")
+        if not isinstance(d["stages"], list) or not d["stages"]:
+            raise PlanFormatError(f"Plan 'stages' must be a non-empty list of stages, got {d['stages']!r:.80}; {how}")
+        stage_fields = {f.name for f in dataclasses.fields(StagePlan)}
+        stages = []
+        for i, st in enumerate(d["stages"]):
+            if not isinstance(st, dict) or "index" not in st or not isinstance(st.get("nodes"), list) \
+                    or set(st) - stage_fields:
+                bad = sorted(set(st) - stage_fields) if isinstance(st, dict) else type(st).__name__
+                raise PlanFormatError(f"Plan stage {i} must be an object with 'index' and a list of 'nodes' "
+                                      f"(and only {sorted(stage_fields)}); unexpected: {bad}; {how}")
+            stages.append(StagePlan(**{**st, "nodes": tuple(st["nodes"])}))
         d = dict(d)
-        d["stages"] = tuple(
-            StagePlan(**{**s, "nodes": tuple(s["nodes"])}) for s in d["stages"]
-        )
+        d["stages"] = tuple(stages)
         d["cut_edges"] = tuple(tuple(e) for e in d.get("cut_edges", ()))
-        if isinstance(d.get("solve_info"), dict):
-            d["solve_info"] = SolveInfo(**d["solve_info"])
-        if isinstance(d.get("loss"), dict):
-            d["loss"] = LossCost(**d["loss"])
-        d["over_memory_stages"] = tuple(d.get("over_memory_stages", ()))
-        return cls(**d)
+        try:
+            if isinstance(d.get("solve_info"), dict):
+                d["solve_info"] = SolveInfo(**d["solve_info"])
+            if isinstance(d.get("loss"), dict):
+                d["loss"] = LossCost(**d["loss"])
+            d["over_memory_stages"] = tuple(d.get("over_memory_stages", ()))
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise PlanFormatError(f"not a Plan: {e}; {how}") from e
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        return cls.from_dict(json.loads(text))
+        """:meth:`from_dict` of a JSON text.
+
+        Raises:
+            PlanFormatError: the text is not JSON (e.g. truncated) or not a Plan.
+        """
+        from fxpipe.errors import PlanFormatError
+
+        if not isinstance(text, (str, bytes)):
+            raise PlanFormatError(f"Plan.from_json takes the JSON text, got {type(text).__name__}; to read a file "
+                                  "use Plan.from_json(open(path).read()) or compile(plan=path)")
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise PlanFormatError(f"the plan is not valid JSON ({e}; {len(text)} characters — truncated?); "
+                                  "write it again with Plan.to_json() or `fxpipe dump ... --format json`") from None
+        return cls.from_dict(d)
 
     def summary(self) -> str:
         """A plain-text table, one row per stage."""

@@ -195,3 +195,32 @@ def test_calibrate_rejects_meta_models(tmp_path, capsys):
                  "(torch.randn(8, 4),)\n")
     assert main(["calibrate", f"{f}:make", "--stages", "2"]) == 2
     assert "builds its model on the meta device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["-o", "{tmp}/missing/plan.txt"], r"-o '.*missing/plan.txt': the directory '.*missing' does not exist; "
+                                       r"create it first"),
+    (["-o", "{tmp}"], r"-o '.*' is a directory; give a file name, e.g. -o '.*plan.table'"),
+    (["--stages", "50"], r"gives a batch of 16, not divisible into 50 microbatches \(--microbatches defaults "
+                         r"to max\(--stages, 4\) = 50\); .*none is >= --stages 50 as 2bw needs"),
+    (["--microbatches", "5"], r"batch of 16, not divisible into 5 microbatches \(--microbatches 5\); pass "
+                              r"--microbatches M with M dividing 16 \(e.g. 2\)"),
+    (["--microbatches", "0"], r"--microbatches 0 must be >= 1"),
+])
+def test_dump_bad_arguments_exit_2_before_planning(model_file, tmp_path, capsys, extra, match):
+    argv = ["dump", f"{model_file}:make", "--stages", "2"] + [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxpipe: error: ") and err.strip().count("\n") == 0
+    assert re.search(match, err), err
+    assert sorted(os.listdir(tmp_path)) == ["mymodel.py"]        # nothing written
+
+
+def test_calibrate_needs_a_step(model_file, capsys):
+    assert main(["calibrate", f"{model_file}:make", "--stages", "2", "--steps", "0"]) == 2
+    assert "--steps 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_rejects_negative_steps(capsys):
+    assert main(["demo", "--steps", "-5"]) == 2
+    assert "fxpipe: error: --steps -5 must be >= 1" in capsys.readouterr().err

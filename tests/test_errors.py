@@ -226,3 +226,86 @@ def test_bad_loss_values(bad, match):
     with pytest.raises(LossError, match=match):
         pipe.step(x, y)
     assert all(torch.equal(before[k], v) for k, v in pipe.state_dict().items())
+
+
+# -- arguments of compile / plan, and plans read back ------------------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(memory_limit=float("nan")), ConfigError, r"memory_limit must be a positive number of bytes or None, got nan"),
+    (dict(memory_limit=float("inf")), ConfigError, r"got inf"),
+    (dict(memory_limit=True), ConfigError, r"got True"),
+    (dict(memory_limit=0.5), ConfigError, r"memory_limit=0.5 is less than one byte \(it would be taken as 0\)"),
+    (dict(time_limit="10"), ConfigError, r"time_limit must be a positive finite number of seconds, got '10' \(str\)"),
+    (dict(recompute="yes"), ConfigError, r"recompute must be True .* or None .*, got 'yes'"),
+    (dict(num_stages=None, num_devices=0), ConfigError, r"num_devices must be an int >= 1 or None, got 0"),
+    (dict(loss_fn=lambda out: out.sum()), ConfigError,
+     r"loss_fn\(out\) cannot be called as loss_fn\(model_output, targets\): too many positional arguments"),
+    (dict(loss_fn=lambda a, b, c: a), ConfigError, r"missing a required argument: 'c'"),
+    (dict(plan="no/such/plan.json"), ConfigError, r"plan='no/such/plan.json': cannot read the plan file"),
+    (dict(plan=3), ConfigError, r"plan must be a Plan, a path to a plan JSON file, or None, got int"),
+    (dict(leaf_modules=[3]), ConfigError, r"leaf_modules entry 3 is neither an nn.Module subclass"),
+    (dict(optimizer=lambda ps: torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), ConfigError,
+     r"returned a SGD holding none of the \d+ parameters it was given \(e.g. 'layers.\d.weight'\), so this "
+     r"stage would never train"),
+    (dict(optimizer=lambda ps: "adam"), ConfigError, r"returned (a )?str, not a torch.optim.Optimizer"),
+])
+def test_compile_rejects_more(kwargs, exc, match):
+    model, x = _mlp()
+    args = dict(num_stages=2, num_microbatches=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fxpipe.compile(model, (x,), **args)
+
+
+def test_float32_model_with_float64_example_fails_at_compile():
+    model, x = _mlp()
+    with pytest.raises(InputError, match=r"example input 0 is torch.float32 but every floating parameter of MLP "
+                                         r"is torch.float64; convert one of them \(x.to\(torch.float64\)"):
+        fxpipe.compile(model, (x.float(),), num_stages=2, num_microbatches=4)
+
+
+def test_empty_model_says_there_is_nothing_to_cut():
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x
+    with pytest.raises(ConfigError, match=r"traced graph of Identity has no operations .*nothing to cut"):
+        fxpipe.compile(Identity(), (torch.randn(4, 2),), num_stages=2, num_microbatches=2)
+
+
+def test_leaf_module_typo_warns():
+    model, x = _mlp()
+    with pytest.warns(UserWarning, match=r"leaf_modules entry 'layer.0' matches no submodule of MLP; it has no "
+                                         r"effect \(did you mean \['layers.0'"):
+        fxpipe.plan(model, (x,), num_stages=2, num_microbatches=4, leaf_modules=["layer.0"])
+
+
+def test_compile_takes_a_plan_path(tmp_path):
+    model, x = _mlp()
+    p = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=4)
+    f = tmp_path / "plan.json"
+    f.write_text(p.to_json())
+    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, plan=str(f))
+    assert pipe.plan.stage_of() == p.stage_of()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("TRUNC", r"the plan is not valid JSON \(.*\d+ characters — truncated\?\)"),
+    ("{}", r"not a Plan: missing fields \['stages', 'num_microbatches', 'schedule', 'bottleneck', 'lower_bound', "
+           r"'optimal'\], unknown fields \[\]"),
+    ("UNKNOWN", r"not a Plan: missing fields \[\], unknown fields \['colour'\]"),
+    ("[1, 2]", r"a Plan is a JSON object, got list"),
+    ('{"stages": [{"nodes": []}], "num_microbatches": 4, "schedule": "2bw", "bottleneck": 0, "lower_bound": 0, '
+     '"optimal": false}', r"Plan stage 0 must be an object with 'index' and a list of 'nodes'"),
+])
+def test_plan_from_json_rejects(text, match):
+    from fxpipe.errors import PlanFormatError
+    from fxpipe.ir import Plan
+
+    model, x = _mlp()
+    good = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=4).to_json()
+    if text == "TRUNC":
+        text = good[: len(good) // 2]
+    elif text == "UNKNOWN":
+        import json
+        text = json.dumps({**json.loads(good), "colour": "red"})
+    with pytest.raises(PlanFormatError, match=match):
+        Plan.from_json(text)

@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for flag in ("steps", "stages", "microbatches", "batch", "block"):
+        if getattr(args, flag) < 1:
+            raise fxpipe.ConfigError(f"--{flag} {getattr(args, flag)} must be >= 1")
+    if not args.lr > 0:
+        raise fxpipe.ConfigError(f"--lr {args.lr} must be > 0")
 
     torch.manual_seed(args.seed)
     data = CharData()

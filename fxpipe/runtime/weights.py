@@ -26,6 +26,21 @@ from fxpipe.runtime.schedules import Action, weight_version
 __all__ = ["WeightVersions"]
 
 
+def _check_optimizer(opt: object, params: dict[str, torch.nn.Parameter]) -> None:
+    """The factory's optimizer must be an Optimizer over (some of) the parameters it was given."""
+    from fxpipe.errors import ConfigError
+
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"the optimizer factory returned a {type(opt).__name__}, not a torch.optim.Optimizer; "
+                          "pass e.g. optimizer=lambda params: torch.optim.SGD(params, lr=0.1)")
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    if params and not any(id(p) in held for p in params.values()):
+        raise ConfigError(f"the optimizer factory returned a {type(opt).__name__} holding none of the "
+                          f"{len(params)} parameters it was given (e.g. {next(iter(params))!r}), so this stage "
+                          "would never train; build it from the factory's argument: "
+                          "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)")
+
+
 def _version_used(schedule: str, batch: int) -> int:
     """The version batch ``batch``'s forwards and backwards use: the schedule's rule, :func:`weight_version`."""
     return weight_version(schedule, Action(0, "F", batch), num_microbatches=1)
@@ -46,6 +61,8 @@ class WeightVersions:
         self.params = params
         self.schedule = schedule
         self.optimizer = optimizer(list(params.values())) if (optimizer is not None and params) else None
+        if self.optimizer is not None:
+            _check_optimizer(self.optimizer, params)
         self.current = 0                                   # version held by self.params
         self._bufs: dict[int, dict[str, torch.Tensor]] = {0: {k: p.data for k, p in params.items()}}
         self._leaves: dict[int, dict[str, torch.Tensor]] = {}
