@@ -215,15 +215,23 @@ def mode_fault(out: Path, how: str, bad_rank: int) -> None:
     def forward(mb):
         calls["n"] += 1
         if rank == bad_rank and calls["n"] == 7:
+            (out / "fault_time").write_text(repr(time.time()))
             if how == "exit":
                 os._exit(1)
+            if how == "hang":                # stuck (not dead) past every peer's timeout, then gone
+                time.sleep(ex.timeout + 8)
+                os._exit(3)
             raise ValueError("injected failure")
         return real_forward(mb)
 
     ex._forward = forward
-    for bx, by in batches_for(x, y, n=6):
-        pipe.step(bx, by)
-    pipe.state_dict()
+    try:
+        for bx, by in batches_for(x, y, n=6):
+            pipe.step(bx, by)
+        pipe.state_dict()
+    except Exception:
+        print(f"fxpipe-test: error raised at {time.time()!r}", flush=True)
+        raise
     print("finished without error", flush=True)
 
 

@@ -96,10 +96,11 @@ def test_2bw_update_with_an_all_reduce_overlaps_the_next_batch(matrix, layout):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how,bad_rank", [("raise", 1), ("exit", 1), ("exit", 0)])
+@pytest.mark.parametrize("how,bad_rank", [("raise", 1), ("exit", 1), ("exit", 0), ("hang", 1)])
 def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):
+    limit = 8 if how == "hang" else 20
     r = launch(3, ["fault", str(tmp_path), how, str(bad_rank)], timeout=90,
-               env={"FXPIPE_TIMEOUT": "20", "FXPIPE_ABORT_GRACE": "5"})
+               env={"FXPIPE_TIMEOUT": str(limit), "FXPIPE_ABORT_GRACE": "5"})
     assert not r.timed_out, f"ranks still running after 90 s: {r.returncodes}"
     assert r.seconds < 60, f"took {r.seconds:.0f}s to stop"
     assert all(c != 0 for c in r.returncodes), f"exit codes {r.returncodes}\n" + "\n".join(r.logs)
@@ -114,6 +115,15 @@ def test_failed_rank_stops_every_rank(tmp_path, how, bad_rank):
     # the direct neighbours of the failed rank name it
     neighbour = 1 if bad_rank == 0 else 0
     assert f"peer rank {bad_rank} (stage {bad_rank}" in r.logs[neighbour]
+    fault = float((tmp_path / "fault_time").read_text())
+    for rank, log in enumerate(r.logs):
+        if rank == bad_rank:
+            continue
+        if how != "hang":        # every survivor names the rank that raised or died, neighbour or not
+            assert f"rank {bad_rank} (stage {bad_rank}, replica 0)" in log, log[-2000:]
+        # ... and raises within FXPIPE_TIMEOUT of the fault (+2 s of asking the store who failed)
+        raised = float(log.split("fxpipe-test: error raised at ")[1].split()[0])
+        assert raised - fault <= limit + 3, f"rank {rank} raised {raised - fault:.1f}s after the fault"
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import faulthandler
 import os
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -28,6 +29,20 @@ from fxpipe.runtime.groups import Layout, timeout_seconds
 __all__ = ["Comm"]
 
 Posted = tuple  # (works, {stage: buffers}, peer ranks)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:                               # a zombie (exited, not yet reaped by its launcher) is gone too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 class Comm:
@@ -46,6 +61,7 @@ class Comm:
         self.wait_seconds = 0.0            # blocked on receives / collectives since the last reset
         # posted sends, oldest first: (batch of the microbatch sent, Work, the tensor(s) it reads)
         self._sends: collections.deque[tuple[int, Any, Any]] = collections.deque()
+        self._announce()
 
     # -- faults ---------------------------------------------------------------
     def fail(self, what: str, exc: BaseException, peer: int | None = None) -> DistributedError:
@@ -55,13 +71,47 @@ class Comm:
         if peer is not None:
             hint = (f"; the peer {self.layout.where(peer)} probably raised, died or is stuck — its own log names "
                     f"the cause (waits are bounded by FXPIPE_TIMEOUT={self.timeout:g}s)")
-        err = DistributedError(f"fxpipe distributed: {self.layout.where()} failed in {what}: {text}{hint}")
+        others = self._diagnose(what)
+        err = DistributedError(f"fxpipe distributed: {self.layout.where()} failed in {what}: {text}{hint}{others}")
         self.failed = err
         print(str(err), file=sys.stderr, flush=True)
         grace = float(os.environ.get("FXPIPE_ABORT_GRACE", "10"))
         if grace > 0:
             faulthandler.dump_traceback_later(grace, exit=True)  # C watchdog: ends the process even mid-shutdown
         return err
+
+    # what the other ranks are doing, for the message of a failure: through the rendezvous store
+    _STORE_SECONDS = 2.0
+
+    def _announce(self) -> None:
+        """Tell the store where this rank runs (host, pid), so a peer can tell later whether it exited."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"fxpipe/proc/{self.layout.rank}", f"{socket.gethostname()} {os.getpid()}")
+        except Exception:  # noqa: BLE001 - diagnosis only
+            pass
+
+    def _diagnose(self, what: str) -> str:
+        """A sentence naming the ranks that failed or exited, as far as the store tells (bounded, ~2 s)."""
+        where, host, said = self.layout.where, socket.gethostname(), []
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=self._STORE_SECONDS))
+            store.set(f"fxpipe/failed/{self.layout.rank}", what)
+            for r in range(self.layout.world):
+                if r == self.layout.rank:
+                    continue
+                if store.check([f"fxpipe/failed/{r}"]):
+                    said.append(f"{where(r)} failed in {store.get(f'fxpipe/failed/{r}').decode()}")
+                elif store.check([f"fxpipe/proc/{r}"]):
+                    h, pid = store.get(f"fxpipe/proc/{r}").decode().rsplit(" ", 1)
+                    if h == host and not _process_alive(int(pid)):
+                        said.append(f"{where(r)} has exited (process {pid})")
+        except Exception:  # noqa: BLE001 - the store is gone with the process hosting it
+            said.append(f"the rendezvous store ({os.environ.get('MASTER_ADDR', '?')}:"
+                        f"{os.environ.get('MASTER_PORT', '?')}) does not answer: the process hosting it, "
+                        f"{where(0)} unless torchrun's agent hosts it, has probably died")
+        return f"; meanwhile {'; '.join(said)}" if said else ""
 
     def check_alive(self) -> None:
         """Raise if this rank failed before: its peers are gone or out of step."""
@@ -70,11 +120,12 @@ class Comm:
                                    "continue — restart all ranks, e.g. from a checkpoint (pipe.load(dir))")
 
     def wait(self, works: list[Any], what: str, peers: list[int]) -> None:
-        """Wait for ``works``, at most the timeout each."""
+        """Wait for ``works``, all of them within one FXPIPE_TIMEOUT (not one each)."""
         t0 = time.perf_counter()
         try:
             for wk in works:
-                wk.wait(timeout=timedelta(seconds=self.timeout))
+                left = max(0.001, self.timeout - (time.perf_counter() - t0))
+                wk.wait(timeout=timedelta(seconds=left))
         except Exception as e:  # noqa: BLE001
             raise self.fail(what, e, peers[0] if len(peers) == 1 else None) from e
         finally:
