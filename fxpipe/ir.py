@@ -274,12 +274,12 @@ class Plan:
         if missing or unknown:
             raise PlanFormatError(f"not a Plan: missing fields {missing}, unknown fields {unknown} (a Plan has "
                                   f"{sorted(fields)}); {how}")
-        if not isinstance(d["stages"], list) or not d["stages"]:
+        if not isinstance(d["stages"], (list, tuple)) or not d["stages"]:
             raise PlanFormatError(f"Plan 'stages' must be a non-empty list of stages, got {d['stages']!r:.80}; {how}")
         stage_fields = {f.name for f in dataclasses.fields(StagePlan)}
         stages = []
         for i, st in enumerate(d["stages"]):
-            if not isinstance(st, dict) or "index" not in st or not isinstance(st.get("nodes"), list) \
+            if not isinstance(st, dict) or "index" not in st or not isinstance(st.get("nodes"), (list, tuple)) \
                     or set(st) - stage_fields:
                 bad = sorted(set(st) - stage_fields) if isinstance(st, dict) else type(st).__name__
                 raise PlanFormatError(f"Plan stage {i} must be an object with 'index' and a list of 'nodes' "
