@@ -464,7 +464,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             depth/width search prices transfers and all-reduces by where ranks sit
             (:mod:`fxpipe.cost_models.topology`) and records ``plan.extra["placement"]``.
         plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
-            baseline) instead of solving; it is re-checked against the traced graph.
+            baseline), or the path of such a JSON file, instead of solving; it is re-checked against
+            the traced graph.
         example_targets: one batch of targets as ``step`` will receive them; when given, ``loss_fn``
             (model_output, targets) is traced and priced by the cost model as part of the last stage
             (its time and the activations it saves, e.g. a large vocabulary's log-softmax), shown in
