@@ -51,10 +51,12 @@ def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -
                                      f"stage {stage_of[a.name]}; stage order must not decrease along an edge "
                                      "— re-plan this model")
 
+    ordered, stage_of = _stage_ordered(gm, stage_of)
+
     def callback(node: torch.fx.Node) -> int:
         return stage_of[node.name]
 
-    top = split_module(_stage_ordered(gm, stage_of), gm, callback, keep_original_order=True,
+    top = split_module(ordered, gm, callback, keep_original_order=True,
                        keep_original_node_name=True, tuple_return=True)
     sub_index: dict[str, int] = {}
     for n in top.graph.nodes:
@@ -112,7 +114,13 @@ def split(gm: torch.fx.GraphModule, stage_of: dict[str, int], num_stages: int) -
                            input_names=[p.name for p in placeholders], root=gm)
 
 
-def _stage_ordered(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> torch.fx.GraphModule:
+def _same(x: Any) -> Any:
+    """Identity: a getitem moved to its producer's stage leaves this in its place."""
+    return x
+
+
+def _stage_ordered(gm: torch.fx.GraphModule,
+                   stage_of: dict[str, int]) -> tuple[torch.fx.GraphModule, dict[str, int]]:
     """``gm`` with its nodes ordered by (stage, graph position), sharing gm's parameters and submodules.
 
     ``split_module(keep_original_order=True)`` emits the stages in the order their first node
@@ -124,19 +132,44 @@ def _stage_ordered(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> torch.
         graph order:   arange(s1)  a(s0)  relu(s0)  b(s1)  add(s1)
         stage order:   a(s0)  relu(s0)  arange(s1)  b(s1)  add(s1)
 
-    Placeholders and ``get_attr`` nodes (no stage) come first, the output last.
+    Only tensors may cross stages: a list sent whole (the output of ``chunk``, read by
+    ``getitem`` on a later stage) would reach that stage still attached to the first one's
+    autograd graph. Such a ``getitem`` is copied to its producer's stage and replaced, on its
+    own stage, by an identity of that copy. Placeholders and ``get_attr`` nodes (no stage)
+    come first, the output last. Returns the copy and its stage map (with the new nodes).
     """
+    import operator
+
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
+    stage_of = dict(stage_of)
+    lifted = [n for n in nodes
+              if n.op == "call_function" and n.target is operator.getitem and n.name in stage_of
+              and isinstance(n.args[0], torch.fx.Node) and n.args[0].name in stage_of
+              and stage_of[n.args[0].name] < stage_of[n.name] and not isinstance(n.args[0].meta.get("val"), torch.Tensor)
+              and all(u.op == "call_function" and u.target is operator.getitem for u in n.args[0].users)]
     head = [n for n in nodes if n.op in ("placeholder", "get_attr")]
     body = sorted((n for n in nodes if n.name in stage_of and n.op not in ("placeholder", "get_attr", "output")),
                   key=lambda n: (stage_of[n.name], pos[n]))
     order = head + body + [n for n in nodes if n.op == "output"]
-    if [n.name for n in order] == [n.name for n in nodes]:
-        return gm
+    if not lifted and [n.name for n in order] == [n.name for n in nodes]:
+        return gm, stage_of
     graph = torch.fx.Graph()
     graph._codegen = gm.graph._codegen
     env: dict[torch.fx.Node, torch.fx.Node] = {}
+    early: dict[torch.fx.Node, torch.fx.Node] = {}
+    lifted_set = set(lifted)
     for n in order:
+        if n in lifted_set:
+            env[n] = graph.create_node("call_function", _same, (early[n],), name=n.name)
+            env[n].meta = dict(n.meta)
+            continue
         env[n] = graph.node_copy(n, lambda a: env[a])
-    return torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
+        for u in n.users:
+            if u in lifted_set:       # emitted right after its producer, on the producer's stage
+                item = graph.create_node("call_function", operator.getitem, (env[n], u.args[1]),
+                                         name=f"{u.name}_lifted")
+                item.meta = dict(u.meta)
+                stage_of[item.name] = stage_of[n.name]
+                early[u] = item
+    return torch.fx.GraphModule(gm, graph, gm.__class__.__name__), stage_of

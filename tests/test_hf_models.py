@@ -175,6 +175,11 @@ def test_default_config_trains_exactly_at_2_3_4_stages(family):
     cache_warnings = [w for w in caught if "use_cache=False" in str(w.message)]
     assert len(cache_warnings) == (1 if family in CACHED else 0), [str(w.message) for w in caught]
     assert model.config.to_dict().get("use_cache", False) == (family in CACHED), "the config must be restored"
+    # forward through the stages: the model's own output object, batch concatenated
+    inputs = batches[0][0]
+    out, want_out = pipe(inputs), model(**inputs)
+    assert type(out) is type(want_out)
+    torch.testing.assert_close(out.logits, want_out.logits, atol=1e-10, rtol=0)
     seen = _check_all_depths(model, pipe, batches, loss_fn)
     # the model's own output object reaches loss_fn, without the cache
     want = type(model(**{k: v[:2] for k, v in batches[0][0].items()}))

@@ -8,6 +8,7 @@ particular a later one than nodes after them in graph order (issue 10, item 2).
 from __future__ import annotations
 
 import copy
+import operator
 import random
 
 import pytest
@@ -36,7 +37,8 @@ def _random_graph(rng: random.Random, n: int) -> torch.fx.GraphModule:
     x = g.placeholder("x")
     values: list[torch.fx.Node] = [x]
     for i in range(n):
-        kind = rng.choice(["unary", "unary", "binary", "binary", "linear", "arange", "ones", "buf", "assert"])
+        kind = rng.choice(["unary", "unary", "binary", "binary", "linear", "arange", "ones", "buf", "assert",
+                           "chunk"])
         a, b = rng.choice(values), rng.choice(values)
         if kind == "unary":
             v = g.call_function(rng.choice([torch.tanh, torch.sin, torch.neg]), (a,))
@@ -51,6 +53,10 @@ def _random_graph(rng: random.Random, n: int) -> torch.fx.GraphModule:
             v = g.call_function(torch.ones, (B, W), {"dtype": torch.float64})
         elif kind == "buf":
             v = g.call_function(torch.add, (g.get_attr("buf"), float(i)))
+        elif kind == "chunk":       # a multi-output node: its getitems may sit on later stages
+            parts = g.call_function(torch.chunk, (a, 2), {"dim": -1})
+            first = g.call_function(operator.getitem, (parts, 0))
+            v = g.call_function(torch.cat, ([g.call_function(operator.getitem, (parts, 1)), first],), {"dim": -1})
         else:                       # what torch.export leaves in a graph: a check with no users
             g.call_function(torch.ops.aten._assert_tensor_metadata.default, (a,), {"dtype": torch.float64})
             continue
@@ -85,7 +91,9 @@ def _run(prog: PipelineProgram, x: torch.Tensor) -> list[torch.Tensor]:
             return obj
         if s.kind == "const":
             return s.value
-        return outs[s.stage][s.index]
+        v = outs[s.stage][s.index]
+        assert isinstance(v, torch.Tensor), f"stage {s.stage} sends a {type(v).__name__}: only tensors cross"
+        return v
 
     for st in prog.stages:
         outs[st.index] = st.module(*[value(s) for s in st.sources])
