@@ -94,3 +94,14 @@ def test_docs_examples_run_as_written(path):
     result = doctest.testfile(str(path), module_relative=False, verbose=False,
                               optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {path.name} failed (see above)"
+
+
+def test_readme_layout_names_every_source_file():
+    """README's layout section says where each idea lives: every module is on it."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    files = sorted(str(p.relative_to(ROOT)) for folder in ("fxpipe", "passes", "cost_models")
+                   for p in (ROOT / folder).rglob("*.py")
+                   if p.name != "__init__.py" and "examples" not in p.parts)
+    missing = [f for f in files if f not in layout]
+    assert missing == [], f"add a line for each of {missing} to README.md's Layout section"
