@@ -224,7 +224,7 @@ def replan_pipeline(pipe: "Pipeline", time_limit: float = 10.0) -> "Pipeline":
     nex = new._executor
     if distributed:
         load_stage_state(nex.weights, states_for(nex.stage), "the re-plan")
-        nex.batch = batch
+        nex.reset(batch)
     else:
         for rt in nex.runtimes:
             if rt.weights is not None:
