@@ -439,7 +439,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
             leaf_modules: Iterable[type | str] = (), recompute: bool | None = None,
             time_limit: float = 10.0, plan: Plan | None = None, precision: str = "fp32",
             replan_after: int | None = None, devices_per_node: int | None = None,
-            example_targets: Any = None) -> "Pipeline":
+            example_targets: Any = None, max_grad_norm: float | None = None,
+            lr_scheduler: Callable[[Any], Any] | None = None, devices: Any = None) -> "Pipeline":
     """Compile ``model`` into pipeline stages and an executor that trains them.
 
     Args:
@@ -473,6 +474,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         replan_after: after this many steps, re-plan once from what the run measured per stage
             (``pipe.replan()``) and go on training exactly (same numbers; weights, both 2BW versions,
             optimizer state carried over); under torchrun every rank switches at the same step.
+        max_grad_norm: clip the gradients by their global L2 norm over all parameters before every
+            update, as ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)`` would
+            (``pipe.last_grad_norm`` reports the norm); None: no clipping.
+        lr_scheduler: ``lr_scheduler(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, built once per
+            optimizer and stepped once per batch after the optimizer step; saved in checkpoints.
+        devices: one device per stage (``["cuda:0", "cuda:1"]``) for a one-process pipeline: stage s
+            computes on ``devices[s]`` and activations move between them; None: where the model is.
 
     Returns:
         A :class:`fxpipe.Pipeline`.
@@ -483,6 +491,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
     from fxpipe.pipeline import Pipeline
 
     _check_common(model, num_stages, num_microbatches, schedule, num_devices, memory_limit, precision)
+    from fxpipe.runtime.options import check_training_options
+
+    devs = check_training_options(model, precision=precision, max_grad_norm=max_grad_norm,
+                                  lr_scheduler=lr_scheduler, devices=devices,
+                                  executor=("distributed" if executor == "distributed" or (
+                                      executor == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+                                      else "local"), num_stages=num_stages)
     if replan_after is not None and (not isinstance(replan_after, int) or isinstance(replan_after, bool)
                                      or replan_after < 1):
         raise ConfigError(f"replan_after must be a number of steps >= 1 or None, got {replan_after!r}; "
@@ -537,6 +552,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         check_same_plan(p)        # before the first step: a differing plan= fails here, naming both plans
     pipe = Pipeline(model, cg, p, loss_fn=loss_fn,
                     optimizer=optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)),
-                    executor=executor)
+                    executor=executor, precision=precision, max_grad_norm=max_grad_norm,
+                    lr_scheduler=lr_scheduler, devices=devs)
     pipe.replan_after = replan_after
     return pipe

@@ -213,6 +213,7 @@ def replan_pipeline(pipe: "Pipeline", time_limit: float = 10.0) -> "Pipeline":
         by_stage = {rt.program.index: stage_state(rt.weights) for rt in ex.runtimes if rt.weights is not None}
         batch = ex.batch
     new = Pipeline(pipe.model, pipe._cg, new_plan, loss_fn=pipe.loss_fn, optimizer=pipe._optimizer_factory,
+                   **getattr(pipe, "_options", {}),
                    executor=pipe.executor)
     if distributed:
         check_same_plan(new.plan)

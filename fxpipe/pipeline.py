@@ -11,8 +11,11 @@ import torch.utils._pytree as pytree
 from fxpipe.errors import ConfigError, StateDictError
 from fxpipe.ir import PipelineProgram, Plan
 from fxpipe.passes.split import split
+from fxpipe.precision import uses_loss_scaling
+from fxpipe.runtime.amp import LossScaler
 from fxpipe.runtime.executor import LocalExecutor, build_stage_runtimes
 from fxpipe.runtime.microbatch import split_inputs, split_targets
+from fxpipe.runtime.update import UpdateRule
 
 if TYPE_CHECKING:
     from fxpipe.api import CompiledGraph
@@ -39,8 +42,16 @@ class Pipeline:
 
     def __init__(self, model: torch.nn.Module, cg: "CompiledGraph", plan: Plan, *,
                  loss_fn: Callable[..., torch.Tensor] | None, optimizer: Callable,
-                 executor: str = "local") -> None:
+                 executor: str = "local", precision: str = "fp32", max_grad_norm: float | None = None,
+                 lr_scheduler: Callable | None = None, devices: list[torch.device] | None = None) -> None:
         self.model = model
+        self.precision = precision
+        self.max_grad_norm = max_grad_norm
+        # what a re-planned Pipeline of this one is built with, too
+        self._options = {"precision": precision, "max_grad_norm": max_grad_norm, "lr_scheduler": lr_scheduler,
+                         "devices": devices}
+        self.scaler: LossScaler | None = LossScaler() if uses_loss_scaling(precision) else None
+        rule = UpdateRule(max_grad_norm, self.scaler)
         self.plan = plan
         self.loss_fn = loss_fn
         # one process holds every replica's share: w data-parallel replicas = w*m microbatches
@@ -61,12 +72,14 @@ class Pipeline:
             from fxpipe.runtime.distributed import DistributedExecutor
 
             self._executor: Any = DistributedExecutor(self.program, canonical, self._params, optimizer,
-                                                      plan, loss_fn)
+                                                      plan, loss_fn, precision=precision, rule=rule,
+                                                      lr_scheduler=lr_scheduler, example=self._example)
         else:
             runtimes = build_stage_runtimes(self.program, canonical, self._params, optimizer,
                                             plan.schedule, [s.recompute for s in plan.stages], loss_fn=loss_fn,
-                                            num_microbatches=self.num_microbatches)
-            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, self.num_microbatches)
+                                            num_microbatches=self.num_microbatches, devices=devices,
+                                            lr_scheduler=lr_scheduler, precision=precision, scaler=self.scaler)
+            self._executor = LocalExecutor(self.program, runtimes, plan.schedule, self.num_microbatches, rule=rule)
         self.executor = executor
 
     # -- inputs ---------------------------------------------------------------
@@ -99,6 +112,50 @@ class Pipeline:
         first, steps, after = self.initial_plan or self.plan, self.steps_done, self.replan_after
         self.__dict__.update(new.__dict__)
         self.initial_plan, self.steps_done, self.replan_after, self.replanned = first, steps, after, True
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """Global L2 norm of the gradients of the last update (before clipping; fp16: unscaled; inf on
+        overflow), over every parameter of every stage, tied ones once, after the data-parallel
+        all-reduce.  Computed when ``max_grad_norm`` or fp16 is set, else None.  Under 2bw it is the
+        gradient of W(t-1), the one the update used.  Under torchrun with 2bw, batch t's update runs
+        during ``step(t + 1)`` (or a draining call such as ``state_dict``), so after ``step(t)`` this
+        is batch t-1's norm."""
+        return self._executor.last_grad_norm
+
+    def evaluate(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """Mean loss of one batch (over its microbatches, as ``step`` reports it) with the newest weights.
+
+        No gradient, no update and no change to any state: module buffers (BatchNorm statistics)
+        and the random-number generators are put back afterwards.  Dropout is active unless the
+        model is in eval mode (``model.eval()``), as in PyTorch.  Collective under torchrun.
+
+        Raises:
+            ConfigError: compiled without ``loss_fn``.
+            InputError: inputs or targets do not match the compiled shapes.
+        """
+        if self.loss_fn is None:
+            raise ConfigError("evaluate() needs a loss: compile(..., loss_fn=...)")
+        inputs, targets = self._executor.shard(inputs), self._executor.shard(targets)
+        mbs = self._microbatches(inputs)
+        batch = self._example[0].shape[0] * self.num_microbatches if self._example else None
+        tgt = split_targets(targets, self.num_microbatches, batch)
+        buffers: dict[int, torch.Tensor] = {}
+        for mod in [self.model] + self.stages:
+            for b in mod.buffers():
+                buffers.setdefault(id(b), b)
+        saved = [(b, b.clone()) for b in buffers.values()]
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        try:
+            return self._executor.evaluate(mbs, tgt)
+        finally:
+            with torch.no_grad():
+                for b, old in saved:
+                    b.copy_(old)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
 
     def __call__(self, inputs: Any) -> Any:
         """Forward only, through all stages, with the newest weights; outputs concatenated along dim 0."""

@@ -80,8 +80,10 @@ def buffer_owners(program: Any, model: torch.nn.Module) -> dict[str, int]:
     return {n: by_id.get(id(b), 0) for n, b in persistent.items()}
 
 
-def stage_state(weights: WeightVersions, buffers: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """A stage's weight versions, optimizer state and ``buffers``, keyed by the model's names (CPU copies)."""
+def stage_state(weights: WeightVersions, buffers: dict[str, torch.Tensor] | None = None,
+                scaler: Any = None) -> dict[str, Any]:
+    """A stage's weight versions, optimizer and LR scheduler state, ``buffers`` and the fp16 loss ``scaler``'s
+    state, keyed by the model's names (CPU copies)."""
     names = list(weights.params)
     versions = {str(v): {k: t.detach().cpu().clone() for k, t in bufs.items()}
                 for v, bufs in weights.versions().items()}
@@ -95,7 +97,9 @@ def stage_state(weights: WeightVersions, buffers: dict[str, torch.Tensor] | None
         group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
     return {"current": weights.current, "versions": versions, "optimizer": opt, "group": group, "names": names,
             "optimizer_type": type(weights.optimizer).__name__ if weights.optimizer is not None else None,
-            "buffers": {k: b.detach().cpu().clone() for k, b in (buffers or {}).items()}}
+            "buffers": {k: b.detach().cpu().clone() for k, b in (buffers or {}).items()},
+            "scheduler": weights.scheduler.state_dict() if weights.scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 @dataclass
@@ -107,6 +111,8 @@ class _Restore:
     bufs: dict[int, dict[str, torch.Tensor]]
     optimizer: dict[str, Any] | None
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
 
 
 def _bad(where: str, what: str) -> CheckpointError:
@@ -114,7 +120,7 @@ def _bad(where: str, what: str) -> CheckpointError:
                            "model — load another checkpoint of this model")
 
 
-def _prepare(weights: WeightVersions, states: list[dict[str, Any]], where: str) -> _Restore:
+def _prepare(weights: WeightVersions, states: list[dict[str, Any]], where: str, scaler: Any = None) -> _Restore:
     """Check stage states against ``weights`` and build what they will become; each parameter is looked up
     in ``states`` in order (first hit wins).
 
@@ -163,6 +169,13 @@ def _prepare(weights: WeightVersions, states: list[dict[str, Any]], where: str) 
                     raise StateDictError(f"checkpoint {where}: optimizer slot {k!r} of {n!r} has shape "
                                          f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
             opt_state[n] = slots
+    sched = states[0].get("scheduler") if weights.scheduler is not None else None
+    if weights.optimizer is not None and (weights.scheduler is None) != (not isinstance(states[0].get("scheduler"),
+                                                                                         dict)):
+        have = type(weights.scheduler).__name__ if weights.scheduler is not None else "none"
+        raise StateDictError(f"checkpoint {where} holds {'an' if have == 'none' else 'no'} LR scheduler state, this "
+                             f"pipeline's lr_scheduler is {have}; compile with the lr_scheduler the checkpoint was "
+                             "trained with, or load only the weights with pipe.load_state_dict(...)")
     opt = weights.optimizer
     restore_opt = None
     if opt is not None:
@@ -184,17 +197,27 @@ def _prepare(weights: WeightVersions, states: list[dict[str, Any]], where: str) 
         group = dict(group) or {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         restore_opt = {"state": {names.index(n): s for n, s in opt_state.items()},
                        "param_groups": [{**group, "params": list(range(len(names)))}]}
-    return _Restore(weights, int(current), bufs, restore_opt)
+    sc = None
+    if scaler is not None:
+        sc = states[0].get("scaler")
+        if not isinstance(sc, dict) or not {"scale", "growth_tracker"} <= set(sc):
+            raise StateDictError(f"checkpoint {where} holds no loss-scaler state, this pipeline trains with "
+                                 "precision='fp16'; compile with the precision the checkpoint was trained with")
+    return _Restore(weights, int(current), bufs, restore_opt, scheduler=sched, scaler=sc)
 
 
-def _apply(r: _Restore) -> None:
-    """Set a stage to a checked :class:`_Restore` (cannot fail on a checked one)."""
+def _apply(r: _Restore, scaler: Any = None) -> None:
+    """Set a stage (and the loss ``scaler``) to a checked :class:`_Restore` (cannot fail on a checked one)."""
     w = r.weights
     bufs = {v: {n: t.to(device=w.params[n].device, dtype=w.params[n].dtype).clone() for n, t in b.items()}
             for v, b in r.bufs.items()}
     w.restore(r.current, bufs)
     if w.optimizer is not None and r.optimizer is not None:
         w.optimizer.load_state_dict(r.optimizer)
+    if w.scheduler is not None and r.scheduler is not None:
+        w.scheduler.load_state_dict(r.scheduler)
+    if scaler is not None and r.scaler is not None:
+        scaler.load_state_dict(r.scaler)
 
 
 def load_stage_state(weights: WeightVersions, states: list[dict[str, Any]], where: str) -> None:
@@ -424,6 +447,10 @@ def _owned_buffers(pipe: Any, stage: int) -> dict[str, torch.Tensor]:
     return {n: sd[n] for n, s in owners.items() if s == stage}
 
 
+def _scaler(pipe: Any) -> Any:
+    return getattr(pipe, "scaler", None)
+
+
 def save_local(pipe: Any, path: Any) -> None:
     """Write a checkpoint of a Pipeline with the local executor (see the module docstring)."""
     p = check_destination(path)
@@ -432,7 +459,7 @@ def save_local(pipe: Any, path: Any) -> None:
     try:
         tmp.mkdir(parents=True)
         for s, weights in enumerate(ex.weight_versions()):
-            torch.save(stage_state(weights, _owned_buffers(pipe, s)), tmp / f"stage_{s}.pt")
+            torch.save(stage_state(weights, _owned_buffers(pipe, s), _scaler(pipe)), tmp / f"stage_{s}.pt")
         (tmp / _META).write_text(json.dumps(_meta(pipe, ex.batch, "local", 1), indent=1))   # last: complete
         check_destination(p)
         _install(tmp, p)
@@ -453,10 +480,10 @@ def load_local(pipe: Any, path: Any) -> None:
     for s, weights in enumerate(ex.weight_versions()):
         states = _stage_files(p, meta, s)
         states_all = states_all or states
-        restores.append(_prepare(weights, states, str(p)))
+        restores.append(_prepare(weights, states, str(p), _scaler(pipe)))
     buffers = _prepare_buffers(pipe.model, states_all, meta, str(p))
     for r in restores:
-        _apply(r)
+        _apply(r, _scaler(pipe))
     _apply_buffers(pipe.model, buffers)
     ex.reset(int(meta["batch"]))
 
@@ -483,7 +510,8 @@ def save_distributed(pipe: Any, path: Any) -> None:
                               "check the path, permissions and that every rank sees the same file system")
     if ex.replica == 0:
         try:
-            torch.save(stage_state(ex.weights, _owned_buffers(pipe, ex.stage)), tmp / f"stage_{ex.stage}.pt")
+            torch.save(stage_state(ex.weights, _owned_buffers(pipe, ex.stage), _scaler(pipe)),
+                       tmp / f"stage_{ex.stage}.pt")
         except OSError as e:
             ok, err = False, str(e)
     if not ex.agree(ok, "save (writing stage files)"):
@@ -517,7 +545,7 @@ def load_distributed(pipe: Any, path: Any) -> None:
         p = find_checkpoint(path, recover=False)
         meta = read_meta(p, pipe)
         states = _stage_files(p, meta, ex.stage)
-        restore = _prepare(ex.weights, states, str(p))
+        restore = _prepare(ex.weights, states, str(p), _scaler(pipe))
         buffers = _prepare_buffers(pipe.model, states, meta, str(p))
     except FxpipeError as e:
         ok, err = False, e
@@ -526,6 +554,6 @@ def load_distributed(pipe: Any, path: Any) -> None:
             raise err
         raise CheckpointError(f"loading checkpoint {str(path)!r} failed on another rank (see its log); "
                               f"{ex._where()} read it fine; nothing was loaded")
-    _apply(restore)
+    _apply(restore, _scaler(pipe))
     _apply_buffers(pipe.model, buffers)
     ex.batch = int(meta["batch"])

@@ -44,6 +44,9 @@ from fxpipe.runtime.groups import (Layout, data_parallel_width, init_distributed
 from fxpipe.runtime.p2p import Comm
 from fxpipe.runtime.schedules import Action, build_schedule, weight_version
 from fxpipe.runtime.stage import Key, StageRuntime, get_attr, stage_needs, stage_params  # noqa: F401
+from fxpipe.precision import uses_autocast
+from fxpipe.runtime.amp import autocast_output_dtypes
+from fxpipe.runtime.update import UpdateRule
 from fxpipe.runtime.weights import WeightVersions
 
 __all__ = ["DistributedExecutor", "init_distributed", "data_parallel_width", "replica_share",
@@ -92,8 +95,12 @@ class DistributedExecutor(Gathered):
 
     def __init__(self, program: PipelineProgram, canonical: dict[int, str],
                  params: dict[str, torch.nn.Parameter], optimizer: Callable | None, plan: Plan,
-                 loss_fn: Callable[..., torch.Tensor] | None) -> None:
+                 loss_fn: Callable[..., torch.Tensor] | None, *, precision: str = "fp32",
+                 rule: UpdateRule | None = None, lr_scheduler: Callable | None = None,
+                 example: list[Any] | None = None) -> None:
         init_distributed()
+        self.rule = rule or UpdateRule()
+        self.last_grad_norm: float | None = None   # global gradient norm of the last update (clipping / fp16)
         self.program = program
         self.plan = plan
         self.schedule = plan.schedule
@@ -117,15 +124,21 @@ class DistributedExecutor(Gathered):
             for c in mine:
                 params[c].data = params[c].data.to(self.device)
             program.stages[self.stage].module.to(self.device)
-        self.weights = WeightVersions({c: params[c] for c in mine}, optimizer, self.schedule)
+        self.weights = WeightVersions({c: params[c] for c in mine}, optimizer, self.schedule, lr_scheduler)
         self._needs = stage_needs(program)
         self.runtime = StageRuntime(program, self.stage, self._needs, self.param_names,
                                     {c: self.weights for c in mine},
                                     recompute=bool(plan.stages[self.stage].recompute), loss_fn=loss_fn,
                                     num_microbatches=self.m, device=None if self.device.type == "cpu" else self.device,
-                                    keep=self.m)
+                                    keep=self.m, precision=precision, scaler=self.rule.scaler)
         self.runtime.weights, self.runtime.owned = self.weights, mine
         self._meta = _edge_meta(program, self._needs)
+        if uses_autocast(precision) and example is not None:   # autocast changes what stages exchange
+            for key, dt in autocast_output_dtypes(program, example, precision, self.device).items():
+                if key in self._meta:
+                    self._meta[key] = (self._meta[key][0], dt)
+        # the tensors whose norm this rank adds to the global one: tied ones on their lowest stage, replica 0
+        self._counted = [c for c in mine if self.replica == 0 and self.tied.get(c, [self.stage])[0] == self.stage]
         self.producers, self.consumers = self.runtime.producers, self.runtime.consumers
 
         # -- state
@@ -258,10 +271,7 @@ class DistributedExecutor(Gathered):
         self._finish_update()
         used = weight_version(self.schedule, Action(self.stage, "F", batch * self.m), self.m)   # what batch used
         leaves = self.weights.leaves(used)
-        grads = {c: t.grad for c, t in leaves.items()}
-        if used == batch:          # 2bw batch 0: batch 1 accumulates into the same leaves, from zero
-            for t in leaves.values():
-                t.grad = None
+        grads = self.weights.take_grads(batch)
         posted = []
         what = f"{self.stage}U{batch} (gradient all-reduce)"
         for group, names in self.layout.grad_groups:
@@ -275,8 +285,8 @@ class DistributedExecutor(Gathered):
                 flat = torch.cat(parts + [flags])
                 posted.append((self.comm.all_reduce(flat, group, what), flat, cs))
         self._pending_update = (batch, grads, posted)
-        if self.schedule != "2bw" or not posted:
-            self._finish_update()
+        if self.schedule != "2bw" or not posted or self.rule.is_global:
+            self._finish_update()      # clipping / fp16: every rank's update waits for the global norm now
 
     def _finish_update(self) -> None:
         """Wait for the pending U's all-reduces and step the optimizer (no-op if none is pending)."""
@@ -293,7 +303,17 @@ class DistributedExecutor(Gathered):
                 present = flat[len(flat) - len(cs) + i].item() > 0
                 grads[c] = (flat[off:off + n].view(shape) / self.w) if present else None
                 off += n
-        self.weights.update(batch, grads=grads)
+        if not self.rule.is_global:
+            self.weights.update(batch, grads=grads)
+            return
+        grads = self.rule.unscale(grads)
+        sumsq, bad = self.rule.stats(grads[c] for c in self._counted)
+        buf = torch.tensor([sumsq, bad], dtype=torch.float64, device=self.device)
+        what = f"{self.stage}U{batch} (global gradient norm)"
+        self.comm.wait([self.comm.all_reduce(buf, self.layout.stats_group, what)], what, [])
+        dec = self.rule.decide(float(buf[0].item()), float(buf[1].item()))
+        self.last_grad_norm = dec.norm
+        self.weights.update(batch, grads=self.rule.apply(grads, dec), skip=dec.skip)
 
     def _start_loss_reduce(self, batch: int) -> None:
         if batch in self._loss_work:
@@ -390,6 +410,30 @@ class DistributedExecutor(Gathered):
         self.step_seconds = time.perf_counter() - start
         dtype = _LOSS_DTYPES[int(round(buf[1].item()))]
         return buf[0].to(dtype).cpu()
+
+    @torch.no_grad()
+    def evaluate(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
+        """Mean loss over every replica's microbatches with the newest weights (collective)."""
+        self.drain()
+        losses = []
+        try:
+            for j, mb_inputs in enumerate(inputs):
+                what = f"evaluate microbatch {j}"
+                outs, model_out = self.runtime.forward_only(mb_inputs, self._receive_inputs(what))
+                self._send_outputs(outs, what, self.batch)
+                if model_out is not None:
+                    losses.append(self.runtime.eval_loss(model_out, targets[j]))
+        except DistributedError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self.comm.fail("evaluate", e) from e
+        self.comm.reap_sends(wait=True)
+        total = float(torch.stack([x.double() for x in losses]).sum().item()) if losses else 0.0
+        code = float(_LOSS_DTYPES.index(losses[0].dtype) if losses and losses[0].dtype in _LOSS_DTYPES else 0)
+        buf = torch.tensor([total / (len(inputs) * self.w), code / self.w], dtype=torch.float64, device=self.device)
+        self.comm.wait([self.comm.all_reduce(buf, self.layout.loss_group, "evaluate (mean loss)")],
+                       "evaluate (mean loss)", [])
+        return buf[0].to(_LOSS_DTYPES[int(round(buf[1].item()))]).cpu()
 
     @torch.no_grad()
     def forward(self, inputs: list[list[Any]]) -> list[Any]:

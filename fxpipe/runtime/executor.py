@@ -18,6 +18,8 @@ from fxpipe.errors import PipelineStateError, ScheduleError
 from fxpipe.ir import PipelineProgram
 from fxpipe.runtime.schedules import Action, build_schedule, render, weight_version
 from fxpipe.runtime.stage import SavedBytes, StageRuntime, check_loss, stage_needs, stage_param_names
+from fxpipe.runtime.amp import LossScaler
+from fxpipe.runtime.update import Decision, UpdateRule
 from fxpipe.runtime.weights import WeightVersions
 
 __all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes", "stage_param_names", "SavedBytes",
@@ -28,7 +30,8 @@ def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
                          params: dict[str, torch.nn.Parameter], optimizer: Callable | None,
                          schedule: str, recompute: Sequence[bool], *,
                          loss_fn: Callable[..., torch.Tensor] | None = None, num_microbatches: int = 1,
-                         devices: Sequence[torch.device | None] | None = None) -> list[StageRuntime]:
+                         devices: Sequence[torch.device | None] | None = None, lr_scheduler: Callable | None = None,
+                         precision: str = "fp32", scaler: LossScaler | None = None) -> list[StageRuntime]:
     """One StageRuntime per stage; the lowest stage using a parameter owns it (versions and optimizer).
 
     Args:
@@ -40,7 +43,11 @@ def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
         recompute: per stage, whether to recompute activations in backward.
         loss_fn: the loss, run by the last stage.
         num_microbatches: microbatches per batch (the loss is their mean).
-        devices: per stage, where it computes (None: where its parameters are).
+        devices: per stage, where it computes (None: where its parameters are); a stage's
+            parameters and buffers move there (a tied parameter to its owner's device).
+        lr_scheduler: LR scheduler factory, one per optimizer.
+        precision: "fp32" | "bf16" | "fp16" (autocast of every stage's forward and the loss).
+        scaler: fp16's loss scaler (shared by all stages).
     """
     names = [stage_param_names(program, st, canonical) for st in program.stages]
     owner: dict[str, int] = {}
@@ -50,28 +57,46 @@ def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
     owned: list[list[str]] = [[] for _ in program.stages]
     for c, s in owner.items():
         owned[s].append(c)
-    weights = [WeightVersions({c: params[c] for c in own}, optimizer, schedule) for own in owned]
+    if devices is not None:
+        _place(program, params, owner, devices)
+    weights = [WeightVersions({c: params[c] for c in own}, optimizer, schedule, lr_scheduler) for own in owned]
     weights_of = {c: weights[s] for c, s in owner.items()}
     needs = stage_needs(program)
     runtimes = []
     for st in program.stages:
         rt = StageRuntime(program, st.index, needs, names[st.index], weights_of,
                           recompute=bool(recompute[st.index]), loss_fn=loss_fn, num_microbatches=num_microbatches,
-                          device=devices[st.index] if devices is not None else None)
+                          device=devices[st.index] if devices is not None else None, precision=precision,
+                          scaler=scaler)
         rt.weights, rt.owned = weights[st.index], owned[st.index]
         runtimes.append(rt)
     return runtimes
+
+
+def _place(program: PipelineProgram, params: dict[str, torch.nn.Parameter], owner: dict[str, int],
+           devices: Sequence[torch.device | None]) -> None:
+    """Stage s's module (parameters, buffers) onto ``devices[s]``; each parameter onto its owner's device."""
+    for st in reversed(program.stages):          # the lowest stage reading a tied parameter wins
+        if devices[st.index] is not None:
+            st.module.to(devices[st.index])
+    with torch.no_grad():
+        for c, s in owner.items():
+            if devices[s] is not None and params[c].device != torch.device(devices[s]):
+                params[c].data = params[c].data.to(devices[s])
 
 
 class LocalExecutor:
     """Runs a PipelineProgram's stages in one process, following the schedule's action lists."""
 
     def __init__(self, program: PipelineProgram, runtimes: list[StageRuntime], schedule: str,
-                 num_microbatches: int) -> None:
+                 num_microbatches: int, rule: UpdateRule | None = None) -> None:
         self.program = program
         self.runtimes = runtimes
         self.schedule = schedule
         self.m = num_microbatches
+        self.rule = rule or UpdateRule()
+        self.last_grad_norm: float | None = None   # global gradient norm of the last update (clipping / fp16)
+        self._decision: tuple[Decision, list[dict[str, Any]]] | None = None
         self.d = program.num_stages
         self.batch = 0                       # batches trained so far
         self.broken: str | None = None       # why step() refuses to run (a step failed mid-update)
@@ -188,7 +213,8 @@ class LocalExecutor:
             if a.kind == "B":
                 return a.microbatch in rt.saved and all((c, a.microbatch) in backward_done for c in rt.consumers)
             if a.kind == "U":
-                return all((u, i) in backward_done for u in self._users[a.stage] for i in range(m))
+                users = range(d) if self.rule.is_global else self._users[a.stage]   # global: the norm of all
+                return all((u, i) in backward_done for u in users for i in range(m))
             raise ScheduleError(f"unknown action kind {a.kind!r} in {a}")
 
         def run(a: Action) -> None:
@@ -212,10 +238,21 @@ class LocalExecutor:
                         outputs.pop((s, i), None)
             elif a.kind == "U":
                 self._updated = True
-                rt.weights.update(batch)  # type: ignore[union-attr]
+                if not self.rule.is_global:
+                    rt.weights.update(batch)  # type: ignore[union-attr]
+                    return
+                if self._decision is None:     # the first update of the batch decides for every stage
+                    grads = [self.rule.unscale(w.take_grads(batch)) for w in self.weight_versions()]
+                    stats = [self.rule.stats(g.values()) for g in grads]
+                    dec = self.rule.decide(sum(x for x, _ in stats), max(b for _, b in stats))
+                    self.last_grad_norm = dec.norm
+                    self._decision = (dec, [self.rule.apply(g, dec) for g in grads])
+                dec, grads = self._decision
+                rt.weights.update(batch, grads=grads[s], skip=dec.skip)  # type: ignore[union-attr]
 
         for rt in self.runtimes:
             rt.reset_measurements()
+        self._decision = None
         total = sum(len(x) for x in self.actions)
         executed = 0
         while executed < total:
@@ -234,7 +271,15 @@ class LocalExecutor:
                 raise ScheduleError("local executor: no rank can make progress (deadlock); "
                                     f"executed so far:\n{render(done_steps)}\nfull schedule:\n{render(self.actions)}")
         self.batch += 1
+        self._decision = None
         return torch.stack([l for l in losses if l is not None]).mean()
+
+    @torch.no_grad()
+    def evaluate(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
+        """Mean loss over the microbatches with the newest weights (no graph, no update)."""
+        last = self.runtimes[-1]
+        losses = [last.eval_loss(out, tgt) for out, tgt in zip(self.forward(inputs), targets)]
+        return torch.stack([x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in losses]).mean()
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The newest weights and buffers of ``model`` (a copy): the model's parameters are the newest version."""

@@ -137,6 +137,7 @@ class Layout:
         self.pipeline_groups = [dist.new_group([r * d + s for s in range(d)]) for r in range(w)]
         self.dp_groups = [dist.new_group([r * d + s for r in range(w)]) for s in range(d)]
         self.loss_group = dist.new_group(list(range(self.world)))
+        self.stats_group = dist.new_group(list(range(self.world)))   # the global gradient norm / found-inf
         users: dict[str, set[int]] = {}
         for s, names in enumerate(stage_names):
             for c in names.values():

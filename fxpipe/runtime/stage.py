@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - older torch keeps the output tensors
 
 from fxpipe.errors import LossError
 from fxpipe.ir import PipelineProgram, Source, StageProgram
+from fxpipe.runtime.amp import LossScaler, autocast
 from fxpipe.runtime.weights import WeightVersions
 
 __all__ = ["StageRuntime", "SavedBytes", "Key", "check_loss", "stage_needs", "stage_param_names", "stage_params",
@@ -185,6 +186,9 @@ class StageRuntime:
         device: where this stage computes (inputs, received values and targets are moved there);
             None leaves them where they are.
         keep: how many microbatches' measurements to keep (None: all, until :meth:`reset_measurements`).
+        precision: "fp32" | "bf16" | "fp16": the forward and the loss run under ``torch.autocast``
+            for the latter two (:mod:`fxpipe.runtime.amp`).
+        scaler: fp16's loss scaler; the last stage multiplies its loss by ``scaler.scale``.
 
     Attributes:
         program: this stage's StageProgram; ``weights``/``owned``: the versions and canonical
@@ -195,7 +199,8 @@ class StageRuntime:
     def __init__(self, program: PipelineProgram, index: int, needs: list[list[Key]], param_names: dict[str, str],
                  weights_of: dict[str, WeightVersions], *, recompute: bool,
                  loss_fn: Callable[..., torch.Tensor] | None, num_microbatches: int,
-                 device: torch.device | None = None, keep: int | None = None) -> None:
+                 device: torch.device | None = None, keep: int | None = None, precision: str = "fp32",
+                 scaler: LossScaler | None = None) -> None:
         d = program.num_stages
         self.routing = program
         self.program: StageProgram = program.stages[index]
@@ -213,6 +218,10 @@ class StageRuntime:
         self.m = num_microbatches
         self.device = device
         self._keep = keep
+        self.precision = precision
+        self.scaler = scaler
+        first = next((weights_of[c].params[c] for c in param_names.values()), None)
+        self.device_type = device.type if device is not None else first.device.type if first is not None else "cpu"
         self._attrs = {s.name for s in self.program.sources if s.kind == "attr"}
         # per microbatch in flight: (received leaves needing grad, output edges, loss or None)
         self.saved: dict[int, tuple[dict[Key, torch.Tensor], tuple[Any, ...], torch.Tensor | None]] = {}
@@ -230,7 +239,7 @@ class StageRuntime:
             src = by_owner.get(id(w))
             if src is None:
                 src = by_owner[id(w)] = w.newest() if version is None else w.leaves(version)
-            out[name] = src[c]
+            out[name] = self._here(src[c])      # a tied parameter of a stage on another device: a copy
         return out
 
     # -- forward / backward of one microbatch -------------------------------------
@@ -257,7 +266,8 @@ class StageRuntime:
         if self.is_last:
             assert self.loss_fn is not None
             model_out = self._model_output(outs, inputs, leaves, params)
-            loss = check_loss(self.loss_fn(model_out, pytree.tree_map(self._here, target)), mb % self.m)
+            with autocast(self.precision, self.device_type):
+                loss = check_loss(self.loss_fn(model_out, pytree.tree_map(self._here, target)), mb % self.m)
         self.saved[mb] = ({k: v for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad},
                           tuple(_edge(o) for o in outs), loss)
         self._record(self.fwd_seconds, time.perf_counter() - t0)
@@ -266,7 +276,8 @@ class StageRuntime:
     def backward(self, mb: int, grads: dict[int, torch.Tensor | None]) -> dict[Key, torch.Tensor | None]:
         """Backward of microbatch ``mb`` given the gradient of each output ``k`` (summed over consumers).
 
-        The last stage adds its loss divided by ``num_microbatches``.  Parameter gradients
+        The last stage adds its loss divided by ``num_microbatches`` (times the loss scale under
+        fp16).  Parameter gradients
         accumulate on the weight version's leaves.
 
         Returns:
@@ -277,7 +288,7 @@ class StageRuntime:
         tensors: list[Any] = []
         gvals: list[Any] = []
         if loss is not None:
-            tensors.append(loss / self.m)
+            tensors.append(loss / self.m if self.scaler is None else (loss / self.m) * self.scaler.scale)
             gvals.append(None)
         for k in sorted(grads):
             g = grads[k]
@@ -297,6 +308,16 @@ class StageRuntime:
         args = [self._resolve(s, inputs, vals, params) for s in self.program.sources]
         outs = self._call(args, params, grad=False)
         return outs, (self._model_output(outs, inputs, vals, params) if self.is_last else None)
+
+    @torch.no_grad()
+    def eval_loss(self, model_out: Any, target: Any) -> torch.Tensor:
+        """``loss_fn`` of a forward-only output (last stage), under the stage's autocast, detached."""
+        assert self.loss_fn is not None
+        with autocast(self.precision, self.device_type):
+            loss = self.loss_fn(model_out, pytree.tree_map(self._here, target))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            check_loss(loss, 0)
+        return loss.detach()
 
     def discard(self) -> None:
         """Forget every microbatch in flight (after a failed step)."""
@@ -337,7 +358,8 @@ class StageRuntime:
         mod_params = {k: v for k, v in params.items() if k not in self._attrs}
 
         def fn(*xs: Any) -> tuple[Any, ...]:
-            return functional_call(mod, mod_params, xs)
+            with autocast(self.precision, self.device_type):
+                return functional_call(mod, mod_params, xs)
 
         if not grad:
             out = fn(*args)

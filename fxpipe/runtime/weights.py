@@ -17,13 +17,30 @@ buffer whose ``.grad`` accumulates over the microbatches that use it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
+from fxpipe.errors import ConfigError
+
 from fxpipe.runtime.schedules import Action, weight_version
 
-__all__ = ["WeightVersions"]
+__all__ = ["WeightVersions", "check_scheduler"]
+
+
+def check_scheduler(sched: Any) -> Any:
+    """``sched`` if it is an LR scheduler that ``step()`` advances by one batch.
+
+    Raises:
+        ConfigError: anything else (None, an optimizer, ReduceLROnPlateau which needs a metric).
+    """
+    lr = torch.optim.lr_scheduler
+    if not isinstance(sched, lr.LRScheduler) or isinstance(sched, lr.ReduceLROnPlateau):
+        raise ConfigError(f"lr_scheduler must be a factory optimizer -> torch.optim.lr_scheduler.LRScheduler "
+                          f"(stepped once per batch), but it returned {type(sched).__name__} {sched!r:.60}; pass e.g. "
+                          "lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1, (t + 1) "
+                          "/ 100)) (ReduceLROnPlateau needs a metric: step it yourself)")
+    return sched
 
 
 def _check_optimizer(opt: object, params: dict[str, torch.nn.Parameter]) -> None:
@@ -53,16 +70,24 @@ class WeightVersions:
         params: canonical name -> the model's nn.Parameter (the newest weights live here).
         optimizer: factory called once with the list of parameters.
         schedule: "2bw" keeps two versions; "flush"/"gpipe" keep one.
+        lr_scheduler: factory called once with the optimizer; the scheduler is stepped after every
+            update (skipped ones too, as after ``GradScaler.step``).
+
+    Raises:
+        ConfigError: ``lr_scheduler`` returned something that is not an LR scheduler.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter],
                  optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None,
-                 schedule: str) -> None:
+                 schedule: str, lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
         self.params = params
         self.schedule = schedule
         self.optimizer = optimizer(list(params.values())) if (optimizer is not None and params) else None
         if self.optimizer is not None:
             _check_optimizer(self.optimizer, params)
+        self.scheduler = None
+        if lr_scheduler is not None and self.optimizer is not None:
+            self.scheduler = check_scheduler(lr_scheduler(self.optimizer))
         self.current = 0                                   # version held by self.params
         self._bufs: dict[int, dict[str, torch.Tensor]] = {0: {k: p.data for k, p in params.items()}}
         self._leaves: dict[int, dict[str, torch.Tensor]] = {}
@@ -92,12 +117,28 @@ class WeightVersions:
         """The newest weights, for forward-only use."""
         return {k: p.detach() for k, p in self.params.items()}
 
-    def update(self, batch: int, grads: dict[str, torch.Tensor | None] | None = None) -> None:
+    def take_grads(self, batch: int) -> dict[str, torch.Tensor | None]:
+        """The gradients ``batch`` collected (on the leaves of the version it used), for :meth:`update`.
+
+        Under 2bw batch 0 and batch 1 both use version 0: its leaves are cleared here so batch 1
+        accumulates from zero.
+        """
+        used = _version_used(self.schedule, batch)
+        leaves = self._leaves.get(used, {})
+        grads = {k: leaves[k].grad if k in leaves else None for k in self.params}
+        if used == batch:
+            for t in leaves.values():
+                t.grad = None
+        return grads
+
+    def update(self, batch: int, grads: dict[str, torch.Tensor | None] | None = None, skip: bool = False) -> None:
         """Step the optimizer after ``batch`` with the gradient of the version it used.
 
         ``grads`` (canonical name -> gradient) replaces the leaves' ``.grad`` when the
-        caller has taken them already (the distributed executor reduces them first);
-        the leaves' gradients are then left alone.
+        caller has taken them already (:meth:`take_grads`; the distributed executor reduces
+        them first); the leaves' gradients are then left alone.  ``skip``: make the next
+        version without stepping the optimizer (non-finite fp16 gradients), so versions stay
+        consistent: W(t+1) = W(t).  The LR scheduler steps either way.
         """
         used = _version_used(self.schedule, batch)
         given = grads is not None
@@ -117,10 +158,12 @@ class WeightVersions:
             buf = self._bufs.pop(self.current)
         for k, p in self.params.items():
             p.grad = grads.get(k)
-        if self.optimizer is not None:
+        if self.optimizer is not None and not skip:
             self.optimizer.step()
         for p in self.params.values():
             p.grad = None
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.current += 1
         self._bufs[self.current] = {k: p.data for k, p in self.params.items()}
         for v in list(self._leaves):
