@@ -118,9 +118,9 @@ class Pipeline:
         """Global L2 norm of the gradients of the last update (before clipping; fp16: unscaled; inf on
         overflow), over every parameter of every stage, tied ones once, after the data-parallel
         all-reduce.  Computed when ``max_grad_norm`` or fp16 is set, else None.  Under 2bw it is the
-        gradient of W(t-1), the one the update used.  Under torchrun with 2bw, batch t's update runs
-        during ``step(t + 1)`` (or a draining call such as ``state_dict``), so after ``step(t)`` this
-        is batch t-1's norm."""
+        gradient of W(t-1), the one the update used.  Under torchrun with 2bw, batch t's update is
+        agreed during ``step(t + 1)`` (fp16) or ``step(t + 2)`` (or a draining call such as
+        ``state_dict``), so after ``step(t)`` this is an earlier batch's norm."""
         return self._executor.last_grad_norm
 
     def evaluate(self, inputs: Any, targets: Any) -> torch.Tensor:

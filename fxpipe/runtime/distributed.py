@@ -244,6 +244,9 @@ class DistributedExecutor(Gathered):
                 self._start_loss_reduce(batch)
 
     def _backward(self, mb: int) -> None:
+        if self.rule.scaler is not None and self._pending_update is not None and \
+                mb // self.m >= self._pending_update[0] + 1:
+            self._finish_update()          # this batch's loss is scaled by the scale that update sets
         what = f"{self.stage}B{mb} (batch {mb // self.m})"
         got = self._receive("B", mb, what)
         grads: dict[int, torch.Tensor] = {}
@@ -285,8 +288,10 @@ class DistributedExecutor(Gathered):
                 flat = torch.cat(parts + [flags])
                 posted.append((self.comm.all_reduce(flat, group, what), flat, cs))
         self._pending_update = (batch, grads, posted)
-        if self.schedule != "2bw" or not posted or self.rule.is_global:
-            self._finish_update()      # clipping / fp16: every rank's update waits for the global norm now
+        if self.schedule != "2bw" or (not posted and not self.rule.is_global):
+            self._finish_update()
+        # 2bw with clipping / fp16: the global norm is agreed when it is needed, in the same step() on
+        # every rank (first backward of batch + 1 for the loss scale, else first forward of batch + 2)
 
     def _finish_update(self) -> None:
         """Wait for the pending U's all-reduces and step the optimizer (no-op if none is pending)."""
