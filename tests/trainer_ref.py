@@ -14,7 +14,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def reference(model, batches, loss_fn, m, schedule, make_opt=SGDM, *, max_norm=None, sched=None,
-              precision="fp32"):
+              precision="fp32", device_type="cpu"):
     """Returns (losses, norms, scales, trained model): what ``torch`` alone computes, batch by batch.
 
     2bw: batch t computes with W(max(t-1, 0)); the update of batch t steps the newest weights W(t).
@@ -22,8 +22,9 @@ def reference(model, batches, loss_fn, m, schedule, make_opt=SGDM, *, max_norm=N
     ref = copy.deepcopy(model)
     opt = make_opt(list(ref.parameters()))
     sch = sched(opt) if sched is not None else None
-    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
-    ctx = (lambda: torch.autocast("cpu", dtype=DTYPES[precision])) if precision != "fp32" else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+    ctx = (lambda: torch.autocast(device_type, dtype=DTYPES[precision])) if precision != "fp32" \
+        else contextlib.nullcontext
     prev = None
     losses, norms, scales = [], [], []
     for x, y in batches:
