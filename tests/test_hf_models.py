@@ -127,15 +127,12 @@ def _reference(model, batches, loss_fn, schedule):
     return losses, {n: p.detach().clone() for n, p in ref.named_parameters()}
 
 
-def _check_all_depths(model, first: fxpipe.Pipeline, batches, loss_fn, *, first_config=(2, "2bw")):
-    """Train ``first`` and pipelines re-planned from its traced graph at 2/3/4 stages x 2bw/flush."""
+def _check_all_depths(model, first: fxpipe.Pipeline, batches, loss_fn, *, first_config=(2, "2bw"),
+                      pipe_loss=None):
+    """Train ``first`` and pipelines re-planned from its traced graph at 2/3/4 stages x 2bw/flush
+    (``pipe_loss``, default ``loss_fn``, is what the pipelines get: it may record what it sees)."""
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     refs = {s: _reference(model, batches, loss_fn, s) for s in ("2bw", "flush")}
-    seen = []
-
-    def recording(out, y):
-        seen.append(out)
-        return loss_fn(out, y)
 
     cg = first._cg
     for d in (2, 3, 4):
@@ -147,8 +144,7 @@ def _check_all_depths(model, first: fxpipe.Pipeline, batches, loss_fn, *, first_
                     for n, p in model.named_parameters():
                         p.data = init[n].clone()
                 plan = partition(cg.gm, cg.cost_model, num_stages=d, num_microbatches=M, schedule=schedule)
-                pipe = Pipeline(model, cg, plan, loss_fn=loss_fn, optimizer=SGDM)
-            pipe.loss_fn = pipe._executor.loss_fn = recording
+                pipe = Pipeline(model, cg, plan, loss_fn=pipe_loss or loss_fn, optimizer=SGDM)
             assert len(pipe.stages) == d
             got = [pipe.step(x, y).item() for x, y in batches]
             ref_losses, ref_w = refs[schedule]
@@ -159,7 +155,6 @@ def _check_all_depths(model, first: fxpipe.Pipeline, batches, loss_fn, *, first_
             sd = pipe.state_dict()
             for n, w in ref_w.items():
                 torch.testing.assert_close(sd[n], w, atol=1e-10, rtol=0, msg=f"{n} at d={d} {schedule}")
-    return seen
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -168,10 +163,16 @@ def test_default_config_trains_exactly_at_2_3_4_stages(family):
     model = FAMILIES[family]().double().eval()
     assert model.config.to_dict().get("use_cache", False) == (family in CACHED), "the default config changed"
     batches, loss_fn = _batches(family)
+    seen = []
+
+    def recording(out, y):
+        seen.append(out)
+        return loss_fn(out, y)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = fxpipe.compile(model, batches[0][0], num_stages=2, num_microbatches=M, schedule="2bw",
-                              loss_fn=loss_fn, optimizer=SGDM)
+                              loss_fn=recording, optimizer=SGDM)
     cache_warnings = [w for w in caught if "use_cache=False" in str(w.message)]
     assert len(cache_warnings) == (1 if family in CACHED else 0), [str(w.message) for w in caught]
     assert model.config.to_dict().get("use_cache", False) == (family in CACHED), "the config must be restored"
@@ -180,7 +181,7 @@ def test_default_config_trains_exactly_at_2_3_4_stages(family):
     out, want_out = pipe(inputs), model(**inputs)
     assert type(out) is type(want_out)
     torch.testing.assert_close(out.logits, want_out.logits, atol=1e-10, rtol=0)
-    seen = _check_all_depths(model, pipe, batches, loss_fn)
+    _check_all_depths(model, pipe, batches, loss_fn, pipe_loss=recording)
     # the model's own output object reaches loss_fn, without the cache
     want = type(model(**{k: v[:2] for k, v in batches[0][0].items()}))
     assert {type(o) for o in seen} == {want}
