@@ -121,7 +121,8 @@ def rank_table(ranks: list[dict]) -> str:
     lines = [f"{'rank':>4}  {'stage':>5}  {'replica':>7}  {'compute':>9}  {'waiting':>9}  {'step wall':>9}  busy",
              "-" * 62]
     for r in ranks:
-        busy = f"{r['compute'] / r['wall'] * 100:.0f}%" if r["wall"] > 0 else "-"
+        # under 2bw a rank's last m microbatches can straddle two steps, so compute may exceed one step's wall
+        busy = f"{min(r['compute'] / r['wall'], 1.0) * 100:.0f}%" if r["wall"] > 0 else "-"
         lines.append(f"{r['rank']:>4}  {r['stage']:>5}  {r['replica']:>7}  {fmt_time(r['compute']):>9}  "
                      f"{fmt_time(r['wait']):>9}  {fmt_time(r['wall']):>9}  {busy}")
     lines.append("compute = forward+backward of the rank's last m microbatches; waiting = blocked on receives "
