@@ -13,7 +13,7 @@ from fxpipe.ir import PipelineProgram, Plan
 from fxpipe.passes.split import split
 from fxpipe.precision import uses_loss_scaling
 from fxpipe.runtime.amp import LossScaler
-from fxpipe.runtime.executor import LocalExecutor, build_stage_runtimes
+from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes
 from fxpipe.runtime.microbatch import split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
 
@@ -144,18 +144,11 @@ class Pipeline:
         for mod in [self.model] + self.stages:
             for b in mod.buffers():
                 buffers.setdefault(id(b), b)
-        saved = [(b, b.clone()) for b in buffers.values()]
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        snap = StateSnapshot(list(buffers.values()))
         try:
             return self._executor.evaluate(mbs, tgt)
         finally:
-            with torch.no_grad():
-                for b, old in saved:
-                    b.copy_(old)
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+            snap.restore()
 
     def __call__(self, inputs: Any) -> Any:
         """Forward only, through all stages, with the newest weights; outputs concatenated along dim 0."""

@@ -25,30 +25,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 from fxpipe import errors
-from fxpipe.errors import ConfigError, DistributedError, FxpipeError, PlanMismatchError
+from fxpipe.errors import DistributedError, FxpipeError, PlanMismatchError
 from fxpipe.ir import Plan
+from fxpipe.runtime.groups import env_seconds
 
 __all__ = ["plan_digest", "plan_outline", "plan_on_rank0", "check_same_plan", "plan_timeout_seconds"]
 
 
 def plan_timeout_seconds() -> float:
     """Seconds the other ranks wait for rank 0's plan (env ``FXPIPE_PLAN_TIMEOUT``, default 1800)."""
-    raw = os.environ.get("FXPIPE_PLAN_TIMEOUT", "1800")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"FXPIPE_PLAN_TIMEOUT={raw!r} is not a number of seconds; set e.g. "
-                          "FXPIPE_PLAN_TIMEOUT=1800") from None
-    if value <= 0:
-        raise ConfigError(f"FXPIPE_PLAN_TIMEOUT must be > 0 seconds, got {value}")
-    return value
+    return env_seconds("FXPIPE_PLAN_TIMEOUT", 1800)
 
 
 def _structure(plan: Plan) -> dict[str, Any]:

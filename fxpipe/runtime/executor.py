@@ -85,6 +85,27 @@ def _place(program: PipelineProgram, params: dict[str, torch.nn.Parameter], owne
                 params[c].data = params[c].data.to(devices[s])
 
 
+class StateSnapshot:
+    """Buffers and random-number state taken before work that must leave no trace; ``restore`` puts them back."""
+
+    def __init__(self, buffers: Sequence[torch.Tensor]) -> None:
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.buffers = [(b, b.clone()) for b in buffers]
+
+    def changed(self) -> list[torch.Tensor]:
+        """The buffers whose values differ from the snapshot (what the work wrote)."""
+        return [b for b, old in self.buffers if not torch.equal(b, old)]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, old in self.buffers:
+                b.copy_(old)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
 class LocalExecutor:
     """Runs a PipelineProgram's stages in one process, following the schedule's action lists."""
 
@@ -150,9 +171,7 @@ class LocalExecutor:
         """
         if self.broken is not None:
             raise PipelineStateError(self.broken)
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        snap = [(b, b.clone()) for b in (self._mutable if self._mutable is not None else self._buffers())]
+        snap = StateSnapshot(self._mutable if self._mutable is not None else self._buffers())
         self._updated = False
         try:
             loss = self._step(inputs, targets)
@@ -163,12 +182,12 @@ class LocalExecutor:
                                "that batch; restore them with pipe.load(checkpoint_dir) or "
                                "pipe.load_state_dict(...), or compile the model again")
             else:
-                self._undo(rng, cuda_rng, snap)
+                self._undo(snap)
             for rt in self.runtimes:
                 rt.discard()
             raise
         if self._mutable is None:        # learnt once: the buffers a step changes (BatchNorm statistics)
-            self._mutable = [b for b, old in snap if not torch.equal(b, old)]
+            self._mutable = snap.changed()
         return loss
 
     def _buffers(self) -> list[torch.Tensor]:
@@ -178,19 +197,14 @@ class LocalExecutor:
                 seen.setdefault(id(b), b)
         return list(seen.values())
 
-    def _undo(self, rng: torch.Tensor, cuda_rng: Any, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _undo(self, snap: "StateSnapshot") -> None:
         """Forget what a failed step did before any update: gradients, buffer changes, random draws."""
         version = weight_version(self.schedule, Action(0, "F", self.batch * self.m), self.m)
         for rt in self.runtimes:
             if rt.weights is not None:
                 rt.weights.forget_grads(version)
             rt.reset_measurements()
-        with torch.no_grad():
-            for b, old in snap:
-                b.copy_(old)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        snap.restore()
 
     def reset(self, batch: int) -> None:
         """After new weights were loaded: every version restarts from them at ``batch``; a failure is forgiven."""

@@ -28,16 +28,25 @@ from fxpipe.errors import ConfigError, DistributedError, InputError
 __all__ = ["timeout_seconds", "init_distributed", "data_parallel_width", "replica_share", "Layout"]
 
 
-def timeout_seconds() -> float:
-    """Seconds any distributed wait may take (env ``FXPIPE_TIMEOUT``, default 60)."""
-    raw = os.environ.get("FXPIPE_TIMEOUT", "60")
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ConfigError: the value is not a number, or not > 0.
+    """
+    raw = os.environ.get(name, str(default))
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"FXPIPE_TIMEOUT={raw!r} is not a number of seconds; set e.g. FXPIPE_TIMEOUT=120") from None
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds; set e.g. {name}={default:g}") from None
     if value <= 0:
-        raise ConfigError(f"FXPIPE_TIMEOUT must be > 0 seconds, got {value}")
+        raise ConfigError(f"{name} must be > 0 seconds, got {value}")
     return value
+
+
+def timeout_seconds() -> float:
+    """Seconds any distributed wait may take (env ``FXPIPE_TIMEOUT``, default 60)."""
+    return env_seconds("FXPIPE_TIMEOUT", 60)
 
 
 def init_distributed() -> None:
