@@ -216,8 +216,15 @@ def test_fresh_profiles_give_the_same_plan_or_one_as_good(tmp_path) -> None:
         noise = sum(max(cm.node_noise(nodes[v])) * (nodes[v].meta[META_COST].fwd_time +
                                                    nodes[v].meta[META_COST].bwd_time)
                     for v in stage.nodes) / max(weight, 1e-12)
-        print(f"issue-15: bottlenecks {[round(q.bottleneck * 1e6, 1) for q in priced]} us, noise {noise:.3f}")
-        assert (worst.bottleneck - best) / best <= 2 * noise + 1e-9, (cuts, worst.bottleneck, best, noise)
+        # the machine drifts between profiles taken seconds apart: the same plan priced by each of the three
+        # profiles differs by `drift`, which is noise of the profiles too
+        same = [plan_from_assignment(c.gm, m, worst.stage_of(), [s.recompute for s in worst.stages],
+                                     num_microbatches=4, schedule="flush").bottleneck for c, m, _ in runs]
+        drift = (max(same) - min(same)) / min(same)
+        print(f"issue-15: bottlenecks {[round(q.bottleneck * 1e6, 1) for q in priced]} us, noise {noise:.3f}, "
+              f"drift {drift:.3f}")
+        assert (worst.bottleneck - best) / best <= 2 * max(noise, drift) + 1e-9, (cuts, worst.bottleneck, best,
+                                                                                 noise, drift)
 
 
 def test_calibrate_reprofile_measures_again(tmp_path, monkeypatch, capsys) -> None:
