@@ -156,7 +156,8 @@ class GraphCostModel:
                     key, nbytes = _storage_key(v), self._nbytes(_storage_nbytes(v), v.dtype)
                 else:
                     key = (n.name, kind, i)
-                    nbytes = self._nbytes(nbytes, None)   # a temporary: assumed floating
+                    if kind == "tmp":                     # a floating temporary; a "mask" keeps its bytes
+                        nbytes = self._nbytes(nbytes, None)
                 if key not in charged:
                     charged.add(key)
                     acts[owner] = acts.get(owner, 0) + int(nbytes)
@@ -229,7 +230,8 @@ class AnalyticCostModel(GraphCostModel):
     def profile(self, op: NodeOp) -> OpProfile:
         """Count and price one operation (no caching; :meth:`node_cost` caches)."""
         try:
-            tr = trace_op(op, self._fake, torch.empty_like, lambda: self._mode)
+            tr = trace_op(op, self._fake, torch.empty_like, lambda: self._mode,
+                          fused_dropout=self.device.name != "cpu")   # a GPU saves dropout's 1-byte mask
         except Exception:  # noqa: BLE001 - data-dependent ops (an opaque leaf's `if x.sum() > 0`)
             try:  # count the same way on real random tensors of the node's shapes
                 tr = trace_op(op, make_real, torch.randn_like, contextlib.nullcontext)

@@ -8,6 +8,7 @@ The analytic and profiled cost models price what it records.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -23,7 +25,7 @@ from fxpipe.errors import CostModelError
 from fxpipe.ir import META_VAL
 
 __all__ = ["OpProfile", "NodeOp", "node_op", "OpRecord", "Recording", "Instance", "Trace", "trace_op",
-           "make_real", "classify_saved", "FLOP_FORMULAS", "NO_WORK_OPS"]
+           "make_real", "classify_saved", "FLOP_FORMULAS", "NO_WORK_OPS", "FusedDropout"]
 
 _aten = torch.ops.aten
 NO_WORK_OPS = ("placeholder", "output", "get_attr")
@@ -59,7 +61,8 @@ class OpProfile:
 
     ``saved`` lists what autograd keeps for backward, parameters and buffers excluded:
     ``("in", i, nbytes)`` the i-th tensor input, ``("out", k, nbytes)`` the k-th tensor
-    output, ``("tmp", j, nbytes)`` a tensor created inside the operation.
+    output, ``("tmp", j, nbytes)`` a floating tensor created inside the operation,
+    ``("mask", j, nbytes)`` a non-floating one (a dropout mask: its bytes do not follow precision).
     """
 
     fwd_time: float
@@ -390,7 +393,7 @@ def classify_saved(inst: Instance, saved: Sequence[torch.Tensor], outs: Sequence
         elif key in out_keys:
             result.append(("out", out_keys[key], _storage_nbytes(t)))
         else:
-            result.append(("tmp", tmp, _storage_nbytes(t)))
+            result.append(("tmp" if t.dtype.is_floating_point else "mask", tmp, _storage_nbytes(t)))
             tmp += 1
     return tuple(result)
 
@@ -406,8 +409,25 @@ class Trace:
     bytes_written: float
 
 
+class FusedDropout(TorchFunctionMode):
+    """Dropout as CUDA runs it: ``native_dropout``, which saves a 1-byte mask for backward.
+
+    On CPU (and CPU fake tensors) ``F.dropout`` multiplies by a floating noise tensor and saves
+    that, twice the mask's bytes in 16-bit; a GPU device is priced with the kernel it would run.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            bound = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
+            x, p, train = bound["input"], float(bound.get("p", 0.5)), bool(bound.get("training", True))
+            if train and 0.0 < p < 1.0 and x.is_floating_point():
+                return torch.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+
 def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Callable[[torch.Tensor], torch.Tensor],
-             context: Callable[[], Any]) -> Trace:
+             context: Callable[[], Any], fused_dropout: bool = False) -> Trace:
     """Run ``op`` forward and backward once, recording aten ops and saved tensors.
 
     Args:
@@ -415,6 +435,7 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
         make: builds an input tensor (fake or real) from its spec.
         grad_like: builds an output gradient for a tensor.
         context: returns the context manager to run in (a FakeTensorMode, or a null context).
+        fused_dropout: run dropout as a GPU does (:class:`FusedDropout`).
 
     Returns:
         The aten ops of forward and backward (backward None if it could not run),
@@ -429,7 +450,8 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
                 saved.append(t)
                 return t
 
-            with Recording() as rec, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with Recording() as rec, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    (FusedDropout() if fused_dropout else contextlib.nullcontext()):
                 out = inst()
         return inst, out, saved, rec
 

@@ -23,6 +23,7 @@ because plain fx cannot trace it).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import torch
@@ -39,9 +40,11 @@ __all__ = [
     "num_parameters",
     "gpt2",
     "bert",
+    "megatron",
     "llama",
     "resnet",
     "BertEncoder",
+    "MegatronLM",
     "Llama",
     "ResNet",
 ]
@@ -151,6 +154,97 @@ def bert(*, n_layer: int = 24, d: int = 1024, n_head: int = 16, vocab: int = 305
     with dev:
         model = BertEncoder(n_layer=n_layer, d=d, n_head=n_head, vocab=vocab, max_pos=seq,
                             d_ff=d_ff or 4 * d)
+    return model, (torch.zeros(batch, seq, dtype=torch.long, device=dev),)
+
+
+# --------------------------------------------------------------------------- Megatron-LM (the paper's models)
+
+
+class _MegatronLayer(nn.Module):
+    """Megatron-LM's transformer layer as PipeDream-2BW ran it: pre-LN, [s, b, h] layout, unfused
+    attention (bmm scores, masked softmax, dropout on the probabilities, bmm with V), dropout
+    after the attention and MLP projections.
+
+    What autograd saves per layer is then Korthikanti et al.'s count (MLSys 2023, Table 2),
+    ``s*b*h*(34 + 5*a*s/h)`` bytes in 16-bit: LN inputs 4sbh, Q K V 6sbh, softmax output 2as^2b,
+    its dropout mask as^2b and output 2as^2b, projection input 2sbh, MLP 2sbh + 8sbh + 8sbh,
+    two hidden dropout masks 2sbh (checked in tests/test_presets.py).
+    """
+
+    def __init__(self, d: int, n_head: int, p: float) -> None:
+        super().__init__()
+        self.n_head, self.hd, self.p = n_head, d // n_head, p
+        self.ln_1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.fc_out = nn.Linear(4 * d, d)
+        self.attn_drop = nn.Dropout(p)
+        self.drop_1 = nn.Dropout(p)
+        self.drop_2 = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s, b, d = x.shape
+        n, hd = self.n_head, self.hd
+        q, k, v = self.qkv(self.ln_1(x)).view(s, b * n, 3 * hd).split(hd, dim=-1)   # views, no copy
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)            # [b*n, s, hd]
+        scores = torch.bmm(q, k.transpose(1, 2)) * (1.0 / math.sqrt(hd))
+        probs = self.attn_drop(F.softmax(scores.masked_fill(mask, -10000.0), dim=-1))
+        ctx = torch.bmm(probs, v).view(b, n, s, hd).permute(2, 0, 1, 3).contiguous().view(s, b, d)
+        x = x + self.drop_1(self.proj(ctx))
+        return x + self.drop_2(self.fc_out(F.gelu(self.fc(self.ln_2(x)))))
+
+
+class MegatronLM(nn.Module):
+    """Megatron-LM's GPT (causal) or BERT (bidirectional, MLM head) with a tied output layer."""
+
+    def __init__(self, *, n_layer: int, d: int, n_head: int, vocab: int, seq: int, causal: bool,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.causal = causal
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(seq, d)
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(_MegatronLayer(d, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head_dense = None if causal else nn.Linear(d, d)
+        self.head_norm = None if causal else nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=not causal)
+        self.lm_head.weight = self.wte.weight
+        full = torch.ones(seq, seq, dtype=torch.bool)
+        self.register_buffer("mask", ~torch.tril(full) if causal else ~full, persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop((self.wte(idx) + self.wpe(pos)).transpose(0, 1).contiguous())   # [s, b, h]
+        mask = self.mask.narrow(0, 0, T).narrow(1, 0, T)
+        for layer in self.h:
+            x = layer(x, mask)
+        x = self.ln_f(x).transpose(0, 1)
+        if self.head_dense is not None and self.head_norm is not None:
+            x = self.head_norm(F.gelu(self.head_dense(x)))
+        return self.lm_head(x)
+
+
+def megatron(*, n_layer: int = 24, d: int = 1024, n_head: int = 16, vocab: int = 50257, seq: int = 512,
+             causal: bool = True, dropout: float = 0.1, batch: int | None = None, small: bool = False,
+             device: str | torch.device = "meta") -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A Megatron-LM GPT (``causal=True``) or BERT and a batch of token ids.
+
+    ``small=True``: 2 layers, d=64, 4 heads, vocab 96, seq 32, batch 8.
+
+    Returns:
+        ``(MegatronLM, (idx,))`` with ``idx`` of shape ``(batch, seq)``.
+    """
+    if small:
+        n_layer, d, n_head, vocab, seq = 2, 64, 4, 96, 32
+    batch = batch or 8
+    dev = _device(device)
+    with dev:
+        model = MegatronLM(n_layer=n_layer, d=d, n_head=n_head, vocab=vocab, seq=seq, causal=causal,
+                           dropout=dropout)
     return model, (torch.zeros(batch, seq, dtype=torch.long, device=dev),)
 
 
@@ -325,12 +419,12 @@ PRESETS: dict[str, Factory] = {
     "gpt2-xl": functools.partial(gpt2, n_layer=48, d=1600, n_head=25),
     "bert-base": functools.partial(bert, n_layer=12, d=768, n_head=12),
     "bert-large": functools.partial(bert, n_layer=24, d=1024, n_head=16),
-    # PipeDream-2BW's models (ICML 2021 §5): seq 512, fp16 on V100s
-    "gpt-1.3b": functools.partial(gpt2, n_layer=24, d=2048, n_head=16, block=512, batch=8),
-    "gpt-2.2b": functools.partial(gpt2, n_layer=32, d=2304, n_head=24, block=512, batch=8),
-    "gpt-3.8b": functools.partial(gpt2, n_layer=32, d=3072, n_head=32, block=512, batch=8),
-    "bert-2.2b": functools.partial(bert, n_layer=32, d=2304, n_head=24, seq=512, batch=8),
-    "bert-3.8b": functools.partial(bert, n_layer=32, d=3072, n_head=32, seq=512, batch=8),
+    # PipeDream-2BW's models (ICML 2021 §5): Megatron-LM's GPT and BERT, seq 512, fp16 on V100s
+    "gpt-1.3b": functools.partial(megatron, n_layer=24, d=2048, n_head=16),
+    "gpt-2.2b": functools.partial(megatron, n_layer=32, d=2304, n_head=24),
+    "gpt-3.8b": functools.partial(megatron, n_layer=32, d=3072, n_head=32),
+    "bert-2.2b": functools.partial(megatron, n_layer=32, d=2304, n_head=24, vocab=30522, causal=False),
+    "bert-3.8b": functools.partial(megatron, n_layer=32, d=3072, n_head=32, vocab=30522, causal=False),
     "llama-7b": functools.partial(llama, n_layer=32, d=4096, n_head=32, d_ff=11008),
     "llama-13b": functools.partial(llama, n_layer=40, d=5120, n_head=40, d_ff=13824),
     "resnet-50": functools.partial(resnet, layers=(3, 4, 6, 3)),
@@ -340,6 +434,7 @@ PRESETS: dict[str, Factory] = {
     "bert-tiny": functools.partial(bert, small=True),
     "llama-tiny": functools.partial(llama, small=True),
     "resnet-tiny": functools.partial(resnet, small=True),
+    "megatron-tiny": functools.partial(megatron, small=True),
 }
 
 

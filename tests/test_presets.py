@@ -81,3 +81,40 @@ def test_registry_and_errors():
         get_preset("gpt5")
     with pytest.raises(ModelSpecError, match="preset 'bert-large' does not take"):
         get_preset("bert-large", wings=2)
+
+
+def test_megatron_layer_saves_korthikanti_bytes():
+    """The paper's models keep what Megatron-LM keeps per layer: s*b*h*(34 + 5*a*s/h) bytes in fp16
+    (Korthikanti et al., MLSys 2023, Table 2: unfused attention, 1-byte dropout masks on a GPU)."""
+    from fxpipe.api import prepare
+
+    s, h, a, b, layers = 64, 128, 4, 2, 3
+    model, _ = get_preset("gpt-1.3b", n_layer=layers, d=h, n_head=a, vocab=96, seq=s)
+    cg = prepare(model, (torch.zeros(b, s, dtype=torch.long, device="meta"),), num_microbatches=1,
+                 device="v100-16gb", precision="fp16")
+    acts = {nd.name: nd.meta["fxpipe.cost"].activation_bytes for nd in cg.gm.graph.nodes if "fxpipe.cost" in nd.meta}
+    per_layer = s * b * h * (34 + 5 * a * s // h)
+    ln_stats = 2 * b * s * 2                           # one LayerNorm's mean and rstd, b*s each, in fp16
+    embedding = s * b * h + 8 * b * s + 8 * s + s * s  # dropout mask, token ids, positions, causal mask
+    head = 2 * s * b * h + ln_stats + 2 * s * b * h    # final LN's input and statistics, the head's input
+    assert sum(acts.values()) == layers * (per_layer + 2 * ln_stats) + embedding + head
+    # on this CPU dropout saves a floating noise tensor instead: 2 bytes per element in fp16, not 1
+    cpu = prepare(model, (torch.zeros(b, s, dtype=torch.long, device="meta"),), num_microbatches=1,
+                  device="cpu", precision="fp16")
+    cpu_total = sum(nd.meta["fxpipe.cost"].activation_bytes for nd in cpu.gm.graph.nodes if "fxpipe.cost" in nd.meta)
+    masks = layers * (a * s * s * b + 2 * s * b * h) + s * b * h
+    assert cpu_total - sum(acts.values()) == masks
+
+
+def test_megatron_tiny_runs_and_traces():
+    model, (x,) = get_preset("megatron-tiny", device="cpu")
+    model.eval()                                      # dropout off: traced and eager outputs agree
+    x = torch.randint(0, 96, x.shape)
+    y = model(x)
+    assert y.shape == (*x.shape, 96) and torch.isfinite(y).all()
+    gm = trace(model, (x,))
+    assert gm.meta["fxpipe.tracer"] == "fx"
+    torch.testing.assert_close(gm(x), y)
+    assert model.lm_head.weight is model.wte.weight
+    bert, _ = get_preset("bert-3.8b")
+    assert not bert.causal and abs(num_parameters(bert) / 3.8e9 - 1) < 0.02
