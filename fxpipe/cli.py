@@ -175,7 +175,8 @@ def _dump(a: argparse.Namespace) -> int:
     model, example = resolve_model(a.model, a.microbatches, a.batch)
     _check_batch(a, example)
     kwargs = dict(num_stages=a.stages, num_microbatches=a.microbatches, schedule=a.schedule,
-                  memory_limit=limit, device=a.device, cost_model=a.cost_model, time_limit=a.time_limit)
+                  memory_limit=limit, device=a.device, cost_model=a.cost_model, time_limit=a.time_limit,
+                  precision=a.precision, devices_per_node=a.devices_per_node)
     if a.format in ("table", "json"):
         plan = fxpipe.plan(model, example, **kwargs)
         text = plan.to_json() if a.format == "json" else plan.summary()
@@ -299,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--memory-limit", default=None, help="bytes per device, e.g. 16GiB; default: --device's memory; none: no limit")
     d.add_argument("--device", default=None, help="device preset, e.g. a100-80gb (default: this machine)")
     d.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
+    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="bytes of weights, masters, gradients and activations, and the FLOP rate (default fp32)")
+    d.add_argument("--devices-per-node", type=int, default=None,
+                   help="devices sharing a node's fast links (default: --device's, e.g. 8)")
     d.add_argument("--time-limit", type=float, default=10.0)
     d.add_argument("--batch", type=int, default=None, help="whole-batch size of a preset (default: the preset's)")
     d.add_argument("--format", default="table", choices=list(FORMATS))

@@ -197,6 +197,22 @@ def test_calibrate_rejects_meta_models(tmp_path, capsys):
     assert "builds its model on the meta device" in capsys.readouterr().err
 
 
+def test_dump_precision_and_devices_per_node(capsys):
+    """--precision sets activation and parameter bytes; --devices-per-node where the stages sit."""
+    plans = {}
+    for extra in ([], ["--precision", "fp16", "--devices-per-node", "1"]):
+        assert main(["dump", "gpt-small-test", "--stages", "2", "--device", "v100-16gb", "--format", "json",
+                     *extra]) == 0
+        plans[bool(extra)] = json.loads(capsys.readouterr().out)
+    fp32, fp16 = plans[False], plans[True]
+    for a, b in zip(fp32["stages"], fp16["stages"]):
+        assert abs(b["activation_bytes"] / a["activation_bytes"] - 0.5) < 0.01    # fp16 activations
+        assert b["memory"] < a["memory"]
+    assert fp32["extra"]["placement"]["inter_node_boundaries"] == []              # one 8-GPU node
+    assert fp16["extra"]["placement"]["devices_per_node"] == 1
+    assert fp16["extra"]["placement"]["inter_node_boundaries"] == [0]             # a node per GPU
+
+
 @pytest.mark.parametrize("extra, match", [
     (["-o", "{tmp}/missing/plan.txt"], r"-o '.*missing/plan.txt': the directory '.*missing' does not exist; "
                                        r"create it first"),
