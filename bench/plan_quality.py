@@ -147,15 +147,15 @@ def main() -> None:
                   + " | ".join(cells), flush=True)
 
     # the search over depth and width for 16 devices
-    from fxpipe.api import _plan
+    import fxpipe
 
     for name in ("gpt2-xl", "bert-large"):
         model, ex = get_preset(name)
         t0 = time.perf_counter()
-        p, _ = _plan(model, ex, num_stages=None, num_microbatches=1, schedule="2bw",
-                     optimizer=lambda ps: torch.optim.Adam(ps), cost_model="analytic",
-                     memory_limit=80 * GiB, device=args.device, num_devices=16, global_batch=512,
-                     leaf_modules=(), recompute=None, time_limit=30.0)
+        p = fxpipe.plan(model, ex, num_stages=None, num_microbatches=1, schedule="2bw",
+                        optimizer=lambda ps: torch.optim.Adam(ps), cost_model="analytic",
+                        memory_limit=80 * GiB, device=args.device, num_devices=16, global_batch=512,
+                        time_limit=30.0)
         s = p.extra["search"]
         solved = [r for r in s["candidates"] if r["status"] == "solved"]
         print(f"\n== search {name}: 16 x {args.device}, B=512, Adam, 80 GiB: d={p.num_stages} "

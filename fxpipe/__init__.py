@@ -3,7 +3,7 @@
 from fxpipe.errors import *  # noqa: F401,F403
 from fxpipe.errors import __all__ as _errors_all
 from fxpipe.ir import CostModel, NodeCost, Plan, StagePlan
-from fxpipe.api import compile, plan  # noqa: A004 - the public name is part of the contract
+from fxpipe.api import PlannedGraph, compile, plan, plan_with_graph  # noqa: A004 - the public names are the contract
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["compile", "plan", "Pipeline", "CostModel", "NodeCost", "Plan", "StagePlan", *_errors_all]
+__all__ = ["compile", "plan", "plan_with_graph", "PlannedGraph", "Pipeline", "CostModel", "NodeCost", "Plan", "StagePlan", *_errors_all]

@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 from fxpipe import __version__
 from fxpipe.errors import ConfigError, FxpipeError, ModelSpecError
+from fxpipe.ir import SCHEDULES
+from fxpipe.passes.annotate import COST_MODELS
+from fxpipe.precision import PRECISIONS
 
 __all__ = ["main", "load_model_spec", "resolve_model"]
 
@@ -160,10 +163,10 @@ def _check_batch(a: argparse.Namespace, example: Any) -> None:
 
 def _dump(a: argparse.Namespace) -> int:
     import fxpipe
-    from fxpipe import api
+    from fxpipe.options import DEVICE_MEMORY
     from fxpipe.report import parse_bytes
 
-    limit: Any = api.DEVICE_MEMORY        # --device's memory unless --memory-limit says otherwise
+    limit: Any = DEVICE_MEMORY        # --device's memory unless --memory-limit says otherwise
     if a.memory_limit and a.memory_limit.strip().lower() == "none":
         limit = None
     elif a.memory_limit:
@@ -210,14 +213,11 @@ def _over_device_memory(plan: Any, device: str) -> list[str]:
 
 def _plan_with_graph(model: Any, example: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any], dict[str, str]]:
     """Plan like fxpipe.plan, and also return the annotated graph's edges and node labels."""
-    from fxpipe import api
+    import fxpipe
     from fxpipe.render import graph_edges, node_labels
 
-    api._check_common(model, kwargs["num_stages"], kwargs["num_microbatches"], kwargs["schedule"], None,
-                      kwargs["memory_limit"])
-    plan, cg = api._plan(model, example, optimizer=None, num_devices=None, global_batch=None,
-                         leaf_modules=(), recompute=None, **kwargs)
-    return plan, graph_edges(cg.gm), node_labels(cg.gm)
+    r = fxpipe.plan_with_graph(model, example, **kwargs)
+    return r.plan, graph_edges(r.gm), node_labels(r.gm)
 
 
 def _render(a: argparse.Namespace, plan: Any, edges: list[Any], labels: dict[str, str]) -> str:
@@ -296,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(model, example_inputs)")
     d.add_argument("--stages", type=int, required=True)
     d.add_argument("--microbatches", type=int, default=None, help="default: max(stages, 4)")
-    d.add_argument("--schedule", default="2bw", choices=["2bw", "flush", "gpipe"])
+    d.add_argument("--schedule", default="2bw", choices=SCHEDULES)
     d.add_argument("--memory-limit", default=None, help="bytes per device, e.g. 16GiB; default: --device's memory; none: no limit")
     d.add_argument("--device", default=None, help="device preset, e.g. a100-80gb (default: this machine)")
-    d.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
-    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    d.add_argument("--cost-model", default="analytic", choices=COST_MODELS)
+    d.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bytes of weights, masters, gradients and activations, and the FLOP rate (default fp32)")
     d.add_argument("--devices-per-node", type=int, default=None,
                    help="devices sharing a node's fast links (default: --device's, e.g. 8)")
@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(built with real weights on this CPU: use a small one)")
     c.add_argument("--stages", type=int, required=True)
     c.add_argument("--microbatches", type=int, default=None, help="default: max(stages, 4)")
-    c.add_argument("--schedule", default="2bw", choices=["2bw", "flush", "gpipe"])
-    c.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
+    c.add_argument("--schedule", default="2bw", choices=SCHEDULES)
+    c.add_argument("--cost-model", default="analytic", choices=COST_MODELS)
     c.add_argument("--steps", type=int, default=3, help="training steps; the last one is measured")
     c.add_argument("--replan", action="store_true", help="also re-plan from the measurements and show the new plan")
     c.add_argument("--reprofile", action="store_true",

@@ -52,7 +52,9 @@ META_LOSS = "fxpipe.loss"
 # GraphModule.meta key: dict canonical parameter name -> bytes (tied parameters appear once).
 META_PARAM_BYTES = "fxpipe.param_bytes"
 
-SCHEDULES = ("2bw", "flush", "gpipe")
+SCHEDULES: tuple[str, ...] = ("2bw", "flush", "gpipe")
+"""The schedule names, defined here once: PipeDream-2BW, PipeDream-Flush (1F1B), GPipe. Which weight
+version each runs a batch with is :func:`fxpipe.runtime.actions.weight_version`."""
 
 
 @dataclass(frozen=True)

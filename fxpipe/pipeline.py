@@ -18,7 +18,7 @@ from fxpipe.runtime.microbatch import split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
 
 if TYPE_CHECKING:
-    from fxpipe.api import CompiledGraph
+    from fxpipe.frontend import CompiledGraph
 
 __all__ = ["Pipeline"]
 

@@ -3,10 +3,10 @@
 Everything here is pure Python and works on a :class:`~fxpipe.ir.Plan` alone;
 the DOT view also takes the graph's data-flow edges (``graph_edges(gm)``)::
 
-    plan, cg = fxpipe.api._plan(...)                    # or fxpipe.plan + prepare
-    dot = to_dot(plan, graph_edges(cg.gm), node_labels(cg.gm))
-    svg = dot_to_svg(dot) or plan_svg(plan)             # no `dot` binary: charts only
-    html = to_html(plan, graph_edges(cg.gm), title="gpt2-small")
+    r = fxpipe.plan_with_graph(model, example_inputs, num_stages=4)   # r.plan, r.gm
+    dot = to_dot(r.plan, graph_edges(r.gm), node_labels(r.gm))
+    svg = dot_to_svg(dot) or plan_svg(r.plan)           # no `dot` binary: charts only
+    html = to_html(r.plan, graph_edges(r.gm), title="gpt2-small")
 
 A DOT graph has one cluster per stage (``cluster_stage<s>``), cut edges in bold
 red labelled with the bytes they carry, and recomputing stages drawn with a

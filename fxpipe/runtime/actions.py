@@ -17,11 +17,9 @@ import re
 from dataclasses import dataclass
 
 from fxpipe.errors import ScheduleError
+from fxpipe.ir import SCHEDULES
 
 __all__ = ["SCHEDULES", "KINDS", "Action", "batch_of", "weight_version", "check_config"]
-
-SCHEDULES: tuple[str, ...] = ("2bw", "flush", "gpipe")
-"""The schedule names :func:`build_schedule` knows."""
 
 KINDS: tuple[str, ...] = ("F", "B", "U")
 """Action kinds: forward, backward (input + weight gradient), optimizer update."""

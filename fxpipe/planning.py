@@ -1,0 +1,130 @@
+"""The planner run on checked options: a given plan re-checked, a fixed depth partitioned, or the depth x width search."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxpipe.errors import ConfigError
+from fxpipe.frontend import CompiledGraph, batch_size, prepare, price_loss, resize_batch
+from fxpipe.ir import CostModel, Plan
+from fxpipe.options import PlanOptions
+
+__all__ = ["plan_graph"]
+
+_COMPUTE = ("call_function", "call_method", "call_module")
+
+
+def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
+               given_plan: Plan | None = None) -> tuple[Plan, CompiledGraph]:
+    """Trace and annotate ``model`` for ``opts`` and plan it (or re-check ``given_plan`` on its graph).
+
+    Args:
+        model: the model (meta-device parameters are fine: nothing runs for real).
+        example_inputs: one whole batch.
+        opts: from :func:`fxpipe.options.check_plan_options`.
+        given_plan: a Plan to re-check on the traced graph instead of solving.
+
+    Returns:
+        The Plan and the CompiledGraph it was cut from (for the search: the graph of the chosen
+        microbatch size).
+
+    Raises:
+        ConfigError: the graph has no operations, fewer operations than stages, or does not match
+            ``given_plan``; InfeasibleMemoryError, TraceError, CostModelError.
+    """
+    if opts.num_stages is None:
+        return _search(model, example_inputs, opts)
+    cg = prepare(model, example_inputs, num_microbatches=opts.num_microbatches, cost_model=opts.cost_model,
+                 device=opts.device, leaf_modules=opts.leaf_modules, precision=opts.precision)
+    if opts.executor == "local" and opts.device is None and isinstance(opts.cost_model, str):
+        # one process, this machine: a stage hands its outputs over by reference (issue 10 item 6)
+        from fxpipe.cost_models.evaluator import InProcessTransfers
+
+        cg.cost_model = InProcessTransfers(cg.cost_model)
+    if opts.example_targets is not None and opts.loss_fn is not None:
+        price_loss(cg, opts.loss_fn, opts.example_targets, opts.num_microbatches)
+    if given_plan is not None:
+        return _recheck(model, cg, given_plan, opts), cg
+    n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in _COMPUTE)
+    if n_compute == 0:
+        raise ConfigError(f"the traced graph of {type(model).__name__} has no operations (its forward returns "
+                          "its inputs or constants): there is nothing to cut into stages")
+    if opts.num_stages > n_compute:
+        raise ConfigError(f"num_stages={opts.num_stages} is more than the {n_compute} operations in the "
+                          f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
+    from fxpipe.passes.partition import partition
+
+    p = partition(cg.gm, cg.cost_model, num_stages=opts.num_stages, num_microbatches=opts.num_microbatches,
+                  schedule=opts.schedule, memory_limit=opts.memory_limit,
+                  optimizer_slots=opts.optimizer_slots, recompute=opts.recompute, time_limit=opts.time_limit)
+    return _with_placement(p, opts), cg
+
+
+def _search(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions) -> tuple[Plan, CompiledGraph]:
+    """num_stages=None: depth, width and microbatch size searched; one traced graph per microbatch size."""
+    from fxpipe.passes.search import search_depth_width
+
+    cached: dict[int, CompiledGraph] = {}
+
+    def graph_for(b: int) -> tuple[torch.fx.GraphModule, CostModel]:
+        if b not in cached:
+            cached[b] = prepare(model, resize_batch(example_inputs, b), num_microbatches=1,
+                                cost_model=opts.cost_model, device=opts.device, leaf_modules=opts.leaf_modules,
+                                precision=opts.precision)
+            if opts.example_targets is not None and opts.loss_fn is not None:
+                price_loss(cached[b], opts.loss_fn, resize_batch(opts.example_targets, b), 1)
+        return cached[b].gm, cached[b].cost_model
+
+    batch = opts.global_batch or batch_size(example_inputs)
+    p = search_depth_width(graph_for, num_devices=int(opts.num_devices or 1), global_batch=int(batch),
+                           schedule=opts.schedule, memory_limit=opts.memory_limit,
+                           optimizer_slots=opts.optimizer_slots, recompute=opts.recompute,
+                           time_limit=opts.time_limit, topology=_topology(opts))
+    return p, cached[int(p.microbatch_size or 1)]
+
+
+def _recheck(model: torch.nn.Module, cg: CompiledGraph, given: Plan, opts: PlanOptions) -> Plan:
+    """``plan=`` given: the same operations as the traced graph, re-checked by plan_from_assignment."""
+    from fxpipe.passes.partition import plan_from_assignment
+
+    if given.num_stages != opts.num_stages:
+        raise ConfigError(f"plan has {given.num_stages} stages but num_stages={opts.num_stages}; "
+                          f"pass num_stages={given.num_stages} with this plan")
+    names = {n.name for n in cg.gm.graph.nodes if n.op in _COMPUTE}
+    planned = set(given.stage_of())
+    if names != planned:
+        raise ConfigError(
+            f"plan does not match the traced graph of {type(model).__name__}: {len(names - planned)} "
+            f"operations have no stage (e.g. {sorted(names - planned)[:3]}) and {len(planned - names)} "
+            f"planned names are not in the graph (e.g. {sorted(planned - names)[:3]}); re-plan this "
+            "model with fxpipe.plan(...) or `fxpipe dump --format json`")
+    return plan_from_assignment(cg.gm, cg.cost_model, given.stage_of(), [s.recompute for s in given.stages],
+                                num_microbatches=opts.num_microbatches, schedule=opts.schedule,
+                                memory_limit=opts.memory_limit, optimizer_slots=opts.optimizer_slots,
+                                solver=given.solver, lower_bound=given.lower_bound, optimal=given.optimal)
+
+
+def _topology(opts: PlanOptions) -> Any:
+    """The cluster the search prices placements on: ``device``'s spec, n devices a node, precision."""
+    from fxpipe.cost_models.device import get_device
+    from fxpipe.cost_models.topology import Topology
+
+    spec = get_device(opts.device)
+    n = spec.devices_per_node if opts.devices_per_node is None else opts.devices_per_node
+    return Topology(spec, n, opts.precision)
+
+
+def _with_placement(p: Plan, opts: PlanOptions) -> Plan:
+    """A fixed-depth plan records where its stages sit (one pipeline, stages on neighbouring devices)."""
+    if opts.devices_per_node is None and opts.device is None:
+        return p
+    from fxpipe.cost_models.device import get_device
+    from fxpipe.cost_models.topology import Placement
+
+    n = get_device(opts.device).devices_per_node if opts.devices_per_node is None else opts.devices_per_node
+    where = Placement("stages-in-node", p.num_stages, p.data_parallel, n).to_dict()
+    return dataclasses.replace(p, extra={**p.extra, "placement": where})
