@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import statistics
+import time
+import types
 
 import pytest
 import torch
@@ -10,17 +12,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxpipe
+import fxpipe.runtime.stage as stage_runtime
 from fxpipe.calibrate import measurements
 from fxpipe.cost_models.profiled import ProfiledCostModel
 from fxpipe.errors import ConfigError
 
 VOCAB = 8192
+# The profiled cost model's usual error on this machine: bench/RESULTS.md ("Cost model accuracy") has
+# per-round errors of -27%..+2% in wall time at load 0.57; on the 4-helper shared VM (load 2-4) single rounds
+# of this test ranged -32%..+37% in thread CPU time, their medians over 3 rounds -18%..+26%.
+USUAL_ERROR = 0.30
+ROUNDS = 3
 
 
 class HeadLM(nn.Module):
     """A small body and a large-vocabulary head: the cross-entropy dominates the last stage."""
 
-    def __init__(self, vocab: int = VOCAB, d: int = 64) -> None:
+    def __init__(self, vocab: int = VOCAB, d: int = 16) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.fc1 = nn.Linear(d, d)
@@ -48,14 +56,11 @@ def _saved_bytes(fn, *args) -> int:
     return sum(seen.values())
 
 
-def test_loss_is_priced_on_the_last_stage_and_matches_measurement() -> None:
-    torch.manual_seed(0)
+def test_loss_is_priced_on_the_last_stage() -> None:
     model = HeadLM()
     x, y = torch.randint(0, VOCAB, (8, 16)), torch.randint(0, VOCAB, (8, 16))
-    # prices measured now (not from the cache), so they see the machine as the steps below do
-    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=2, schedule="flush",
-                          loss_fn=lm_loss, example_targets=y, cost_model=ProfiledCostModel(cache="off"),
-                          time_limit=3.0)
+    kw = dict(num_stages=2, num_microbatches=2, schedule="flush", cost_model="analytic", time_limit=3.0)
+    pipe = fxpipe.compile(model, (x,), loss_fn=lm_loss, example_targets=y, **kw)
     loss, last = pipe.plan.loss, pipe.plan.stages[-1]
     assert loss is not None and loss.nodes >= 2 and loss.fwd_time > 0 and loss.bwd_time > 0
     assert "head" in last.nodes and "loss_fn on stage 1" in pipe.plan.summary()
@@ -65,25 +70,64 @@ def test_loss_is_priced_on_the_last_stage_and_matches_measurement() -> None:
     ref = _saved_bytes(lm_loss, logits, y[:4])
     assert ref >= logits.numel() * logits.element_size()
     assert loss.activation_bytes == pytest.approx(ref, rel=0.01)
-    without = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=2, schedule="flush",
-                          cost_model="analytic", time_limit=3.0)
-    with_loss = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=2, schedule="flush",
-                            cost_model="analytic", time_limit=3.0, loss_fn=lm_loss, example_targets=y)
+    without = fxpipe.plan(model, (x,), **kw)
+    with_loss = pipe.plan
     assert with_loss.stages[-1].nodes == without.stages[-1].nodes
     assert with_loss.stages[-1].activation_bytes == without.stages[-1].activation_bytes \
         + with_loss.loss.activation_bytes
     assert with_loss.stages[-1].memory > without.stages[-1].memory
+    assert with_loss.stages[-1].fwd_time == pytest.approx(without.stages[-1].fwd_time + loss.fwd_time)
+    assert with_loss.stages[-1].bwd_time == pytest.approx(without.stages[-1].bwd_time + loss.bwd_time)
 
-    # time: the last stage measured (its forward and backward include loss_fn) against predicted
-    for _ in range(3):
-        pipe.step((x,), y)
-    meas = measurements(pipe)[-1]
-    measured = meas.fwd_time + meas.bwd_time
-    predicted = last.fwd_time + last.bwd_time
-    blind = predicted - loss.fwd_time - loss.bwd_time          # what the plan said before
-    # on this shared 2-vCPU machine the profiled prices drift with the load (bench/RESULTS.md, cost model
-    # accuracy), so the test asks only that pricing the loss moves the prediction towards the measurement
-    assert abs(math.log(predicted / measured)) < abs(math.log(blind / measured)), (predicted, blind, measured)
+
+def test_last_stage_time_with_the_loss_matches_measurement(monkeypatch) -> None:
+    """The last stage's predicted F+B, loss included, is within the profiled model's usual error of the executor's.
+
+    Both sides in CPU time of one torch thread (``time.thread_time``; the executor's stage clock
+    is switched to it here), so other processes on the shared machine do not enter directly.
+    Each round profiles afresh between two measurements of the steps (medians), so a drift of
+    the machine's speed during the round moves the measurement as it moves the prices; the
+    error is the median over the rounds (as in bench/cost_accuracy.py). The same measurement
+    against the plan without the loss must miss by more than the bound, or the bound tests nothing.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(stage_runtime, "time", types.SimpleNamespace(perf_counter=time.thread_time))
+    try:
+        model = HeadLM()
+        x, y = torch.randint(0, VOCAB, (8, 16)), torch.randint(0, VOCAB, (8, 16))
+        kw = dict(num_stages=2, num_microbatches=2, schedule="flush", loss_fn=lm_loss, example_targets=y,
+                  time_limit=3.0)
+        pipe = fxpipe.compile(model, (x,), cost_model="analytic", **kw)
+
+        def last_stage(steps: int = 5) -> float:
+            out = []
+            for _ in range(steps):
+                pipe.step((x,), y)
+                m = measurements(pipe)[-1]
+                out.append(m.fwd_time + m.bwd_time)
+            return statistics.median(out)
+
+        last_stage(2)                                                         # warm-up
+        measured, predicted, blind = [last_stage()], [], []
+        for _ in range(ROUNDS):
+            priced = fxpipe.compile(model, (x,), cost_model=ProfiledCostModel(cache="off", timer=time.thread_time),
+                                    plan=pipe.plan, **kw).plan
+            measured.append(last_stage())
+            last, loss = priced.stages[-1], priced.loss
+            assert last.nodes == pipe.plan.stages[-1].nodes
+            predicted.append(last.fwd_time + last.bwd_time)
+            blind.append(predicted[-1] - loss.fwd_time - loss.bwd_time)     # the plan without the loss
+    finally:
+        torch.set_num_threads(threads)
+    around = [(a + b) / 2 for a, b in zip(measured, measured[1:])]
+    err = statistics.median((p - m) / m for p, m in zip(predicted, around))
+    blind_err = statistics.median((p - m) / m for p, m in zip(blind, around))
+    print(f"\nissue-10: last stage predicted {[round(p * 1e3, 2) for p in predicted]} ms, measured "
+          f"{[round(m * 1e3, 2) for m in measured]} ms: error {err:+.1%}; without the loss {blind_err:+.1%}")
+    assert abs(blind_err) > USUAL_ERROR, ("the loss must matter here, or the bound below tests nothing",
+                                          predicted, blind, measured)
+    assert abs(err) < USUAL_ERROR, (predicted, blind, measured)
 
 
 def test_example_targets_need_a_loss_fn() -> None:
