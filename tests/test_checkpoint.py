@@ -183,7 +183,7 @@ def test_save_into_an_empty_directory(tmp_path):
 
 
 def test_kill_between_the_renames_is_recovered_by_load(tmp_path, monkeypatch):
-    from fxpipe.runtime import checkpoint
+    from fxpipe.runtime import checkpoint_files
 
     pipe, x, y = _small(tmp_path)                # ck holds batch 1
     pipe.step(x, y)
@@ -195,10 +195,10 @@ def test_kill_between_the_renames_is_recovered_by_load(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise SystemExit("killed")
         real(src, dst)
-    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    monkeypatch.setattr(checkpoint_files.os, "replace", killed)
     with pytest.raises(SystemExit):
         pipe.save(str(tmp_path / "ck"))
-    monkeypatch.setattr(checkpoint.os, "replace", real)
+    monkeypatch.setattr(checkpoint_files.os, "replace", real)
     left = sorted(os.listdir(tmp_path))
     assert "ck" not in left and any(".ck.old-" in e for e in left) and any(".ck.tmp-" in e for e in left)
     model, x, y, loss_fn = models.CASES["mlp"]()
