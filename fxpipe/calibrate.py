@@ -23,7 +23,7 @@ import torch.fx
 
 from fxpipe.errors import ConfigError
 from fxpipe.ir import META_COST, CostModel, NodeCost, Plan
-from fxpipe.report import fmt_bytes, fmt_time
+from fxpipe.units import fmt_bytes, fmt_time
 
 if TYPE_CHECKING:
     from fxpipe.pipeline import Pipeline
@@ -179,8 +179,7 @@ def replan_pipeline(pipe: "Pipeline", time_limit: float = 10.0) -> "Pipeline":
     """
     from fxpipe.passes.annotate import annotate
     from fxpipe.passes.partition import partition
-    from fxpipe.pipeline import Pipeline
-    from fxpipe.runtime.checkpoint import load_stage_state, stage_state
+    from fxpipe.runtime.checkpoint_state import load_stage_state, stage_state
 
     distributed = pipe.executor == "distributed"
     ex = pipe._executor
@@ -213,9 +212,10 @@ def replan_pipeline(pipe: "Pipeline", time_limit: float = 10.0) -> "Pipeline":
         new_plan = solve()
         by_stage = {rt.program.index: stage_state(rt.weights) for rt in ex.runtimes if rt.weights is not None}
         batch = ex.batch
-    new = Pipeline(pipe.model, pipe._cg, new_plan, loss_fn=pipe.loss_fn, optimizer=pipe._optimizer_factory,
-                   **getattr(pipe, "_options", {}),
-                   executor=pipe.executor)
+    # a pipeline of pipe's own class: this module is imported by pipeline.py and must not import it back
+    new = type(pipe)(pipe.model, pipe._cg, new_plan, loss_fn=pipe.loss_fn, optimizer=pipe._optimizer_factory,
+                     **getattr(pipe, "_options", {}),
+                     executor=pipe.executor)
     if distributed:
         check_same_plan(new.plan)
 

@@ -10,7 +10,8 @@ import html
 from typing import Sequence
 
 from fxpipe.ir import Plan
-from fxpipe.report import fmt_bytes, fmt_time, stage_breakdown
+from fxpipe.report import stage_breakdown
+from fxpipe.units import fmt_bytes, fmt_time
 
 __all__ = ["stage_bars_svg", "memory_bars_svg", "timeline_svg", "plan_svg", "stage_colour", "esc"]
 

@@ -164,7 +164,7 @@ def _check_batch(a: argparse.Namespace, example: Any) -> None:
 def _dump(a: argparse.Namespace) -> int:
     import fxpipe
     from fxpipe.options import DEVICE_MEMORY
-    from fxpipe.report import parse_bytes
+    from fxpipe.units import parse_bytes
 
     limit: Any = DEVICE_MEMORY        # --device's memory unless --memory-limit says otherwise
     if a.memory_limit and a.memory_limit.strip().lower() == "none":
@@ -203,7 +203,7 @@ def _dump(a: argparse.Namespace) -> int:
 def _over_device_memory(plan: Any, device: str) -> list[str]:
     """One line per stage whose predicted memory exceeds ``device``'s memory (only when the limit was lifted)."""
     from fxpipe.cost_models.device import get_device
-    from fxpipe.report import fmt_bytes
+    from fxpipe.units import fmt_bytes
 
     spec = get_device(device)
     return [f"stage {st.index} needs {fmt_bytes(st.memory)}, more than the {fmt_bytes(spec.memory_bytes)} of "

@@ -24,6 +24,8 @@ import torch.fx
 import torch.nn
 import torch.utils._pytree as pytree
 
+from fxpipe.units import fmt_bytes, fmt_time
+
 __all__ = [
     "META_COST",
     "META_PARAMS",
@@ -319,11 +321,43 @@ class Plan:
                                   "write it again with Plan.to_json() or `fxpipe dump ... --format json`") from None
         return cls.from_dict(d)
 
-    def summary(self) -> str:
-        """A plain-text table, one row per stage."""
-        from fxpipe.report import plan_table
-
-        return plan_table(self)
+    def summary(self, node_names: bool = True) -> str:
+        """A plain-text table, one row per stage (nodes, first/last node, time, memory, parameters,
+        recompute), then the schedule, the bottleneck against the lower bound and the throughput."""
+        head = ["stage", "nodes", "first", "last", "time/mb", "fwd", "bwd", "comm", "memory", "params", "recompute"]
+        rows = []
+        for s in self.stages:
+            rows.append([str(s.index), str(len(s.nodes)), s.nodes[0] if s.nodes else "-",
+                         s.nodes[-1] if s.nodes else "-", fmt_time(s.time), fmt_time(s.fwd_time),
+                         fmt_time(s.bwd_time), fmt_time(s.comm_time), fmt_bytes(s.memory),
+                         fmt_bytes(s.param_bytes), "yes" if s.recompute else "no"])
+        if not node_names:
+            head = [h for h in head if h not in ("first", "last")]
+            rows = [[c for i, c in enumerate(r) if i not in (2, 3)] for r in rows]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        gap = self.gap * 100
+        out.append("")
+        out.append(f"schedule={self.schedule} stages={self.num_stages} microbatches={self.num_microbatches} "
+                   f"solver={self.solver} ({'optimal' if self.optimal else f'gap {gap:.2f}%'}, "
+                   f"{self.solve_time:.2f} s)")
+        worst = max(self.stages, key=lambda s: s.time).index if self.stages else "-"
+        out.append(f"bottleneck {fmt_time(self.bottleneck)} per microbatch (stage {worst}), lower bound "
+                   f"{fmt_time(self.lower_bound)}, gap {gap:.2f}%"
+                   + (f", memory limit {fmt_bytes(self.memory_limit)}" if self.memory_limit else ""))
+        if self.loss is not None:
+            ls = self.loss
+            out.append(f"loss_fn on stage {self.num_stages - 1} (included above): fwd {fmt_time(ls.fwd_time)}, "
+                       f"bwd {fmt_time(ls.bwd_time)}, saves {fmt_bytes(ls.activation_bytes)} ({ls.nodes} ops)")
+        extra = [f"solver time {self.solve_time:.2f} s", f"cut edges {len(self.cut_edges)}"]
+        if self.microbatch_size and self.bottleneck > 0:
+            rate = self.microbatch_size * self.data_parallel / self.bottleneck
+            extra.append(f"throughput {rate:,.1f} samples/s (microbatch {self.microbatch_size})")
+        if self.over_memory_stages:
+            extra.append(f"OVER MEMORY on stages {list(self.over_memory_stages)}")
+        out.append(", ".join(extra))
+        return "\n".join(out)
 
 
 def _json_default(o: Any) -> Any:

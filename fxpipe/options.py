@@ -93,7 +93,7 @@ def resolve_memory_limit(memory_limit: Any, device: Any) -> int | None:
     if memory_limit is None:
         return None
     if isinstance(memory_limit, str):
-        from fxpipe.report import parse_bytes
+        from fxpipe.units import parse_bytes
 
         try:
             return parse_bytes(memory_limit)

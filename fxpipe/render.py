@@ -33,7 +33,7 @@ import torch.fx
 
 from fxpipe.charts import _esc, _stage_colour, memory_bars_svg, plan_svg, stage_bars_svg, timeline_svg
 from fxpipe.ir import META_COST, META_VAL, Plan
-from fxpipe.report import fmt_bytes, fmt_time
+from fxpipe.units import fmt_bytes, fmt_time
 
 __all__ = [
     "Edge",
