@@ -1,4 +1,4 @@
-"""Public entry points: ``fxpipe.plan``, ``fxpipe.plan_with_graph`` (plan only) and ``fxpipe.compile`` (plan, split, executor)."""
+"""The public entry points: ``plan`` and ``plan_with_graph`` (plan only), ``compile`` (plan, split, executor)."""
 
 from __future__ import annotations
 

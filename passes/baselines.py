@@ -19,9 +19,9 @@ would write it. Then the library's own algorithm cuts that sequence:
     time        torchgpipe 0.0.7 ``balance_by_time``: ``blockpartition.solve`` (Barany et al.)
                 over each layer's forward+backward time, here the cost model's F+B.
 
-The algorithms are transcriptions of deepspeed/runtime/utils.py and pipe/module.py
-(0.19.8) and torchgpipe/balance/blockpartition.py (0.0.7), tie-breaking included, so
-they cut where the libraries cut on the same weights. None of them looks at
+The algorithms (:mod:`fxpipe.passes.layer_partition`) are transcriptions of
+deepspeed/runtime/utils.py and pipe/module.py (0.19.8) and torchgpipe/balance/blockpartition.py
+(0.0.7), tie-breaking included, so they cut where the libraries cut on the same weights. None of them looks at
 communication or memory while cutting. Each then picks r_s per stage (recompute only
 where the stage would not fit otherwise, unless forced) and reports a stage over the
 limit as ``plan.extra["over_memory"] = True`` instead of raising.
@@ -41,6 +41,7 @@ from fxpipe.errors import ConfigError, PartitionError
 from fxpipe.ir import CostModel, Plan
 
 from .coarsen import COMPUTE_OPS, GraphCosts, graph_costs
+from .layer_partition import balanced_partition, block_partition, partition_balanced, partition_uniform
 from .plan_build import plan_from_assignment
 from .plan_build import validate_options as _validate
 
@@ -172,151 +173,6 @@ def _layers_for(gm: torch.fx.GraphModule, gc: GraphCosts, d: int, what: str) -> 
     return units
 
 
-# -- DeepSpeed 0.19.8, deepspeed/runtime/utils.py ------------------------------------------------
-
-def partition_uniform(num_items: int, num_parts: int) -> list[int]:
-    """DeepSpeed 0.19.8 ``partition_uniform``: part boundaries of equal counts, extras first.
-
-    ``partition_uniform(10, 4) == [0, 3, 6, 8, 10]``; with ``num_items <= num_parts`` the
-    trailing parts are empty (``partition_uniform(2, 3) == [0, 1, 2, 2]``).
-    """
-    if num_items <= num_parts:
-        return [min(p, num_items) for p in range(num_parts + 1)]
-    chunk = num_items // num_parts
-    residual = num_items - chunk * num_parts
-    parts = [i * chunk for i in range(num_parts + 1)]
-    for i in range(residual):
-        for j in range(i + 1, num_parts + 1):
-            parts[j] += 1
-    return parts
-
-
-def partition_balanced(weights: Sequence[float], num_parts: int) -> list[int]:
-    """DeepSpeed 0.19.8 ``partition_balanced``: the linear-partition DP minimising max - min part sum.
-
-    Returns part boundaries (``num_parts + 1`` indices into ``weights``). Like the original,
-    a later cut wins a tie (``>=``) and ``len(weights) <= num_parts`` falls back to
-    :func:`partition_uniform`. Worked example: ``[4, 1, 1, 1, 3]`` into 2 parts: cut
-    [4 1 | 1 1 3] has sums 5 and 5 (max - min = 0), so ``[0, 2, 5]``.
-    """
-    n, m = len(weights), num_parts
-    if n <= m:
-        return partition_uniform(n, m)
-    inf = float("inf")
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    position = [[0] * (m + 1) for _ in range(n + 1)]
-    prefix = [0.0] * (n + 1)
-    for i, w in enumerate(weights):
-        prefix[i + 1] = prefix[i] + float(w)
-    dp_max[0][0] = 0.0
-    dp_cost[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            for k in range(i):
-                seg = prefix[i] - prefix[k]
-                max_sum = max(dp_max[k][j - 1], seg)
-                min_sum = min(dp_min[k][j - 1], seg)
-                cost = max_sum - min_sum
-                if dp_cost[i][j] >= cost:
-                    dp_cost[i][j] = cost
-                    dp_max[i][j] = max_sum
-                    dp_min[i][j] = min_sum
-                    position[i][j] = k
-    parts = [n]
-    for j in reversed(range(1, m + 1)):
-        parts.append(position[parts[-1]][j])
-    parts.reverse()
-    return parts
-
-
-def balanced_partition(weights: Sequence[float], parts: int) -> list[int]:
-    """The part index of every item under :func:`partition_balanced` (DeepSpeed 0.19.8)."""
-    bounds = partition_balanced(weights, parts)
-    out = [0] * len(weights)
-    for s in range(parts):
-        for i in range(bounds[s], bounds[s + 1]):
-            out[i] = s
-    return out
-
-
-# -- torchgpipe 0.0.7, torchgpipe/balance/blockpartition.py --------------------------------------
-
-def block_partition(sequence: Sequence[float], parts: int, max_iter: int = 1_000_000) -> list[int]:
-    """torchgpipe 0.0.7 ``blockpartition.solve`` (Barany et al., "Block partitions of sequences").
-
-    Weights are normalised to [0, 1]; starting from equal counts (the last block takes the
-    remainder), the heaviest block p is fixed (ties: the highest index, as ``max`` over
-    ``(size, i)``) and the lightest block q (ties: the lowest index) takes one element from
-    its neighbour on p's side, until max block <= min block + 1 (normalised units)::
-
-        [9 9 | 0 0 | 0 0] -> [9 | 9 0 0 | 0 0]   normalised [1 1 | 0 0 | 0 0]: max 2 > min 0 + 1
-                                                 -> max 1 <= min 0 + 1: stop
-
-    Args:
-        sequence: non-negative weights (torchgpipe passes integer microseconds).
-        parts: number of blocks, 1 <= parts <= len(sequence).
-        max_iter: a cap on moves the original does not have (it could loop for ever).
-
-    Returns:
-        The block index of every item (non-decreasing).
-
-    Raises:
-        ValueError: parts < 1 or longer than the sequence (as the original).
-        PartitionError: the moves did not stop within ``max_iter``, or a block came out empty
-            (torchgpipe's GPipe then rejects the balance).
-    """
-    if parts < 1:
-        raise ValueError(f"partitions must be a positive integer ({parts} < 1)")
-    n = len(sequence)
-    if n < parts:
-        raise ValueError(f"sequence is shorter than intended partitions ({n} < {parts})")
-    minimum = min(sequence)
-    maximum = max(sequence) - minimum
-    norm = [0.0 for _ in sequence] if maximum == 0 else [(x - minimum) / maximum for x in sequence]
-    splits = [n // parts * (x + 1) for x in range(parts - 1)] + [n]
-
-    def block_size(i: int) -> float:
-        start = splits[i - 1] if i > 0 else 0
-        return sum(norm[start:splits[i]])
-
-    def leaderboard() -> list[tuple[float, int]]:
-        return [(block_size(i), i) for i in range(parts)]
-
-    it = 0
-    done = False
-    while not done:
-        max_size, p = max(leaderboard())
-        while True:
-            it += 1
-            if it > max_iter:
-                raise PartitionError(f"torchgpipe's blockpartition.solve did not stop after {max_iter} moves "
-                                     f"on {n} weights into {parts} blocks; use fxpipe's own planner")
-            min_size, q = min(leaderboard())
-            if max_size <= min_size + 1:
-                done = True
-                break
-            if p < q:
-                h = q - 1
-                splits[h] -= 1
-            else:
-                h = q + 1
-                splits[q] += 1
-            if p == h:
-                break
-    bounds = [0] + splits
-    if any(bounds[i + 1] <= bounds[i] for i in range(parts)):
-        raise PartitionError(f"torchgpipe's blockpartition.solve left a block empty (balance "
-                             f"{[bounds[i + 1] - bounds[i] for i in range(parts)]}), which torchgpipe's "
-                             "GPipe rejects; use fewer stages or fxpipe's own planner")
-    out = [0] * n
-    for i in range(parts):
-        for j in range(bounds[i], bounds[i + 1]):
-            out[j] = i
-    return out
-
-
 # -- the planners --------------------------------------------------------------------------------
 
 def _param_counts(gm: torch.fx.GraphModule, gc: GraphCosts, units: Sequence[LayerUnit]) -> list[float]:
@@ -354,19 +210,22 @@ def uniform_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages:
         ConfigError: num_stages out of range or bad schedule.
         PartitionError: fewer layers than stages.
     """
+    return _cut_layers(gm, cost_model, "uniform", "uniform (DeepSpeed partition_uniform)",
+                       lambda gc, units: partition_uniform(len(units), num_stages),
+                       num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+                       memory_limit=memory_limit, optimizer_slots=optimizer_slots, recompute=recompute)
+
+
+def _cut_layers(gm: torch.fx.GraphModule, cost_model: CostModel, solver: str, what: str,
+                cut: Callable[[GraphCosts, list[LayerUnit]], Sequence[int]], **kw: Any) -> Plan:
+    """The steps every baseline shares: check the options, read the layers, ``cut(gc, layers)`` -> part
+    boundaries (the library's algorithm), then the stages, r_s and the re-checked Plan."""
     t0 = time.perf_counter()
-    _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
+    _validate(kw["num_stages"], kw["num_microbatches"], kw["schedule"], kw["memory_limit"], kw["optimizer_slots"])
     gc = graph_costs(gm, cost_model)
-    _check(gc, num_stages)
-    units = _layers_for(gm, gc, num_stages, "uniform (DeepSpeed partition_uniform)")
-    parts = partition_uniform(len(units), num_stages)
-    return _layer_plan(gm, cost_model, gc, units, parts, "uniform", t0, num_stages=num_stages,
-                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
-                       optimizer_slots=optimizer_slots, recompute=recompute)
-
-
-def _layer_plan(gm: torch.fx.GraphModule, cost_model: CostModel, gc: GraphCosts, units: Sequence[LayerUnit],
-                parts: Sequence[int], solver: str, t0: float, **kw: Any) -> Plan:
+    _check(gc, kw["num_stages"])
+    units = _layers_for(gm, gc, kw["num_stages"], what)
+    parts = cut(gc, units)
     stage = _stages_from_parts(units, parts, gc.n, kw["num_stages"])
     extra = {"parts": [int(p) for p in parts], "layers": [u.key for u in units]}
     return _finish(gm, cost_model, gc, stage, solver=solver, t0=t0, extra=extra, **kw)
@@ -388,15 +247,10 @@ def parameters_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stag
         ConfigError: num_stages out of range or bad schedule.
         PartitionError: fewer layers than stages.
     """
-    t0 = time.perf_counter()
-    _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
-    gc = graph_costs(gm, cost_model)
-    _check(gc, num_stages)
-    units = _layers_for(gm, gc, num_stages, "parameters (DeepSpeed partition_balanced)")
-    parts = partition_balanced(_param_counts(gm, gc, units), num_stages)
-    return _layer_plan(gm, cost_model, gc, units, parts, "parameters", t0, num_stages=num_stages,
-                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
-                       optimizer_slots=optimizer_slots, recompute=recompute)
+    return _cut_layers(gm, cost_model, "parameters", "parameters (DeepSpeed partition_balanced)",
+                       lambda gc, units: partition_balanced(_param_counts(gm, gc, units), num_stages),
+                       num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+                       memory_limit=memory_limit, optimizer_slots=optimizer_slots, recompute=recompute)
 
 
 def type_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, layer_type: str, num_stages: int,
@@ -419,25 +273,23 @@ def type_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, layer_type: st
         ConfigError: bad regex, or no layer matches (DeepSpeed raises then too).
         PartitionError: fewer layers than stages.
     """
-    t0 = time.perf_counter()
-    _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
     try:
         rx = re.compile(layer_type, re.IGNORECASE)
     except re.error as e:
         raise ConfigError(f"type:{layer_type!r} is not a valid regular expression ({e}); pass e.g. "
                           "'type:Block'") from e
-    gc = graph_costs(gm, cost_model)
-    _check(gc, num_stages)
-    units = _layers_for(gm, gc, num_stages, f"type:{layer_type} (DeepSpeed partition_balanced)")
-    weights = [1.0 if rx.search(u.type_name) else 0.0 for u in units]
-    if not any(weights):
-        names = sorted({u.type_name for u in units})
-        raise ConfigError(f"partitioning 'type:{layer_type}' found no layer whose class matches; the layer "
-                          f"classes are {names[:10]}{'...' if len(names) > 10 else ''}")
-    parts = partition_balanced(weights, num_stages)
-    return _layer_plan(gm, cost_model, gc, units, parts, f"type:{layer_type}", t0, num_stages=num_stages,
-                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
-                       optimizer_slots=optimizer_slots, recompute=recompute)
+
+    def cut(gc: GraphCosts, units: list[LayerUnit]) -> list[int]:
+        weights = [1.0 if rx.search(u.type_name) else 0.0 for u in units]
+        if not any(weights):
+            names = sorted({u.type_name for u in units})
+            raise ConfigError(f"partitioning 'type:{layer_type}' found no layer whose class matches; the layer "
+                              f"classes are {names[:10]}{'...' if len(names) > 10 else ''}")
+        return partition_balanced(weights, num_stages)
+
+    return _cut_layers(gm, cost_model, f"type:{layer_type}", f"type:{layer_type} (DeepSpeed partition_balanced)",
+                       cut, num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+                       memory_limit=memory_limit, optimizer_slots=optimizer_slots, recompute=recompute)
 
 
 def time_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: int,
@@ -458,17 +310,13 @@ def time_plan(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         ConfigError: num_stages out of range or bad schedule.
         PartitionError: fewer layers than stages, or the solve leaves a block empty.
     """
-    t0 = time.perf_counter()
-    _validate(num_stages, num_microbatches, schedule, memory_limit, optimizer_slots)
-    gc = graph_costs(gm, cost_model)
-    _check(gc, num_stages)
-    units = _layers_for(gm, gc, num_stages, "time (torchgpipe balance_by_time)")
-    weights = [sum(gc.fwd[v] + gc.bwd[v] for v in u.nodes) for u in units]
-    blocks = block_partition(weights, num_stages)
-    parts = [0] + [i + 1 for i in range(len(units) - 1) if blocks[i + 1] != blocks[i]] + [len(units)]
-    return _layer_plan(gm, cost_model, gc, units, parts, "time", t0, num_stages=num_stages,
-                       num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
-                       optimizer_slots=optimizer_slots, recompute=recompute)
+    def cut(gc: GraphCosts, units: list[LayerUnit]) -> list[int]:
+        blocks = block_partition([sum(gc.fwd[v] + gc.bwd[v] for v in u.nodes) for u in units], num_stages)
+        return [0] + [i + 1 for i in range(len(units) - 1) if blocks[i + 1] != blocks[i]] + [len(units)]
+
+    return _cut_layers(gm, cost_model, "time", "time (torchgpipe balance_by_time)", cut,
+                       num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+                       memory_limit=memory_limit, optimizer_slots=optimizer_slots, recompute=recompute)
 
 
 BASELINES: dict[str, Callable[..., Plan]] = {
