@@ -42,6 +42,8 @@ class DeviceSpec:
     inter_node_bandwidth: float = 1e10    # bytes/s one device gets between nodes (one direction) while all
                                           # devices of its node use the network at once: NIC rate x NICs / devices
     devices_per_node: int = 8             # devices that share a node (intra_node_bandwidth among them)
+    gpus_per_nic: int = 1                 # devices sharing one network link: when fewer of them use it at
+                                          # once, each gets up to gpus_per_nic x inter_node_bandwidth
     link_latency: float = 1e-5            # seconds per transfer
     kernel_overhead: float = 5e-6         # seconds per launched aten kernel (dispatch + launch)
 
@@ -53,10 +55,10 @@ class DeviceSpec:
             v = getattr(self, k)
             if not v > 0:
                 raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be > 0 bytes/s, got {v!r}")
-        if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) \
-                or self.devices_per_node < 1:
-            raise ConfigError(f"DeviceSpec {self.name!r}: devices_per_node must be an int >= 1, "
-                              f"got {self.devices_per_node!r}")
+        for k in ("devices_per_node", "gpus_per_nic"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be an int >= 1, got {v!r}")
         for k in ("link_latency", "kernel_overhead"):
             v = getattr(self, k)
             if not v >= 0:
@@ -100,7 +102,8 @@ def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16:
         name=name,
         peak_flops={"float64": fp64, "float32": fp32, "tfloat32": tf32, "bfloat16": bf16, "float16": fp16},
         mem_bandwidth=hbm, memory_bytes=mem, intra_node_bandwidth=nvlink,
-        inter_node_bandwidth=ib_gbit * 1e9 / 8 / gpus_per_nic, devices_per_node=8, link_latency=1e-5,
+        inter_node_bandwidth=ib_gbit * 1e9 / 8 / gpus_per_nic, devices_per_node=8, gpus_per_nic=gpus_per_nic,
+        link_latency=1e-5,
         kernel_overhead=5e-6,
     )
 

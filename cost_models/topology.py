@@ -13,10 +13,15 @@ no boundary crosses, each stage's 4 replicas span both nodes. replicas-in-node p
 stage 0 on node 0 and stage 1 on node 1: the one boundary crosses, all-reduces stay inside.
 
 A transfer over a boundary whose two stages sit on different nodes (for some replica)
-is priced at ``inter_node_bandwidth``, else ``intra_node_bandwidth``; a ring all-reduce
-among replicas on several nodes at ``inter_node_bandwidth`` (the per-device share of the
-node's network when every device of the node communicates, as in steady state), else
-intra. :class:`Topology` prices a plan under both placements and keeps the faster.
+goes over the network, else over ``intra_node_bandwidth``; so does a ring all-reduce among
+replicas on several nodes. A node's network is shared by the devices that use it at once
+(``users``): each gets ``inter_node_bandwidth * gpus_per_nic * min(1, nics / users)``, so with
+one 25 Gbit/s NIC for 8 GPUs (v100-16gb) a lone sender gets 25 Gbit/s and eight get 3.125.
+Boundary traffic and all-reduces are counted apart (the all-reduce runs once a batch, the
+boundaries all the time). e.g. d=16, w=4 on 8-GPU nodes, stages-in-node: a pipeline spans
+two nodes and one device per node sends across (25 Gbit/s), while all 8 devices of a node
+all-reduce across nodes (3.125 each). :class:`Topology` prices a plan under both placements
+and keeps the faster.
 """
 
 from __future__ import annotations
@@ -63,6 +68,34 @@ class Placement:
         """True when ``stage``'s replicas sit on more than one node."""
         return len({self.node(stage, r) for r in range(self.width)}) > 1
 
+    def _users(self, uses: Any) -> dict[int, int]:
+        """Per node, how many of its devices ``uses(stage, replica)`` the network."""
+        count: dict[int, int] = {}
+        for s in range(self.num_stages):
+            for r in range(self.width):
+                if uses(s, r):
+                    node = self.node(s, r)
+                    count[node] = count.get(node, 0) + 1
+        return count
+
+    def boundary_users(self, k: int) -> int:
+        """Devices sharing the network with boundary k's busiest crossing (0 when it stays inside nodes)."""
+        d = self.num_stages
+
+        def crosses(s: int, r: int) -> bool:
+            return any(0 <= t < d and self.node(t, r) != self.node(s, r) for t in (s - 1, s + 1))
+
+        per_node = self._users(crosses)
+        return max((max(per_node.get(self.node(k, r), 0), per_node.get(self.node(k + 1, r), 0))
+                    for r in range(self.width) if self.node(k, r) != self.node(k + 1, r)), default=0)
+
+    def allreduce_users(self, stage: int) -> int:
+        """Devices sharing the network with ``stage``'s all-reduce (0 when its replicas share a node)."""
+        if not self.replicas_span_nodes(stage):
+            return 0
+        per_node = self._users(lambda s, r: self.width > 1 and self.replicas_span_nodes(s))
+        return max(per_node.get(self.node(stage, r), 0) for r in range(self.width))
+
     def to_dict(self) -> dict[str, Any]:
         d = self.num_stages
         return {"order": self.order, "devices_per_node": self.devices_per_node,
@@ -90,26 +123,46 @@ class Topology:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"devices_per_node must be an int >= 1, got {n!r}")
 
-    def bandwidth(self, inter: bool) -> float:
-        return self.device.inter_node_bandwidth if inter else self.device.intra_node_bandwidth
+    def bandwidth(self, inter: bool, users: int | None = None) -> float:
+        """Bytes/s one device gets: NVLink, or its share of the node's network when ``users`` devices
+        of the node use it at once (None: all of them, the device's ``inter_node_bandwidth``)."""
+        dev = self.device
+        if not inter:
+            return dev.intra_node_bandwidth
+        if users is None:
+            return dev.inter_node_bandwidth
+        nics = max(1, self.devices_per_node // dev.gpus_per_nic)
+        return dev.inter_node_bandwidth * dev.gpus_per_nic * min(1.0, nics / max(1, users))
 
-    def transfer(self, nbytes: int, inter: bool) -> float:
+    def transfer(self, nbytes: int, inter: bool, users: int | None = None) -> float:
         """Seconds to send ``nbytes`` once between two stages."""
-        return 0.0 if nbytes <= 0 else self.device.link_latency + nbytes / self.bandwidth(inter)
+        return 0.0 if nbytes <= 0 else self.device.link_latency + nbytes / self.bandwidth(inter, users)
 
-    def allreduce(self, param_bytes: int, width: int, inter: bool) -> float:
+    def allreduce(self, param_bytes: int, width: int, inter: bool, users: int | None = None) -> float:
         """Ring all-reduce seconds of the gradients of ``param_bytes`` (fp32 bytes) among ``width`` replicas."""
         if width <= 1 or param_bytes <= 0:
             return 0.0
-        return 2.0 * (width - 1) / width * gradient_bytes(param_bytes, self.precision) / self.bandwidth(inter)
+        return 2.0 * (width - 1) / width * gradient_bytes(param_bytes, self.precision) / self.bandwidth(inter, users)
+
+    def likely_placement(self, num_stages: int, width: int) -> Placement:
+        """The placement a planner assumes before pricing both: replicas inside a node when they fit
+        there (1 < w <= n, the paper's §3.3 rule as we read it), else pipelines inside a node."""
+        order = PLACEMENTS[1] if 1 < width <= self.devices_per_node and num_stages > 1 else PLACEMENTS[0]
+        return Placement(order, num_stages, width, self.devices_per_node)
 
     def planning_transfer(self, num_stages: int, width: int) -> Any:
-        """``nbytes -> seconds`` for the partitioner's C_s at (d, w): the network when the likely
-        placement puts boundaries across nodes (replicas fill a node: 1 < w <= n; or d > n), else NVLink.
-        The simulator then prices each boundary where it really sits."""
-        n = self.devices_per_node
-        inter = (1 < width <= n and num_stages > 1) or num_stages > n
-        return lambda nbytes: self.transfer(int(nbytes), inter)
+        """``nbytes -> seconds`` for the partitioner's C_s at (d, w): the likely placement's slowest
+        boundary (its network share when some boundary crosses nodes, else NVLink). The simulator
+        then prices each boundary where it really sits."""
+        pl = self.likely_placement(num_stages, width)
+        users = [pl.boundary_users(k) for k in range(num_stages - 1) if pl.boundary_crosses(k)]
+        inter, most = bool(users), max(users, default=None)
+        return lambda nbytes: self.transfer(int(nbytes), inter, most)
+
+    def planning_allreduce(self, param_bytes: int, num_stages: int, width: int, stage: int) -> float:
+        """All-reduce seconds of ``stage`` under the likely placement."""
+        pl = self.likely_placement(num_stages, width)
+        return self.allreduce(param_bytes, width, pl.replicas_span_nodes(stage), pl.allreduce_users(stage) or None)
 
     def placements(self, num_stages: int, width: int) -> list[Placement]:
         """Both placements (one when d = 1 or w = 1: they coincide)."""
@@ -120,17 +173,18 @@ class Topology:
         """(seconds per batch, exposed all-reduce, placement) of ``plan`` replicated ``width`` times.
 
         Each placement runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with its
-        boundary transfers (the received bytes X_{k+1} at the boundary's bandwidth) and
-        all-reduces; the faster wins (ties: stages-in-node).
+        boundary transfers (the received bytes X_{k+1} at the boundary's bandwidth, shared with the
+        node's other crossings) and all-reduces; the faster wins (ties: stages-in-node).
         """
         from fxpipe.runtime.simulate import steady_batch_time
 
         best: tuple[float, float, Placement] | None = None
         g = plan.extra.get("microbatches_per_flush")
         for pl in self.placements(plan.num_stages, width):
-            comm = [self.transfer(plan.stages[k + 1].received_bytes, pl.boundary_crosses(k))
+            comm = [self.transfer(plan.stages[k + 1].received_bytes, pl.boundary_crosses(k), pl.boundary_users(k))
                     for k in range(plan.num_stages - 1)]
-            ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index)) for st in plan.stages]
+            ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index),
+                                 pl.allreduce_users(st.index) or None) for st in plan.stages]
             t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,
                                            comm=comm)
             if best is None or t < best[0] * (1 - 1e-12):

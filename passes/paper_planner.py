@@ -41,9 +41,8 @@ from fxpipe.ir import SCHEDULES, CostModel, Plan
 from .baselines import LayerUnit, layer_units, partition_uniform
 from .coarsen import graph_costs
 from .partition import plan_from_assignment
-from .search import microbatch_candidates
 
-__all__ = ["equal_blocks", "paper_batch_time", "paper_plan"]
+__all__ = ["equal_blocks", "equal_block_plan", "paper_batch_time", "paper_plan"]
 
 GraphFor = Callable[[int], "tuple[torch.fx.GraphModule, CostModel]"]
 AllReduce = Callable[[Plan, int], Sequence[float]]
@@ -75,6 +74,31 @@ def equal_blocks(units: Sequence[LayerUnit], num_stages: int) -> list[int]:
     return out
 
 
+def equal_block_plan(gm: torch.fx.GraphModule, cm: CostModel, gc: Any, units: Sequence[LayerUnit], *,
+                     num_stages: int, num_microbatches: int, schedule: str, memory_limit: int | None,
+                     optimizer_slots: int, recompute: Sequence[bool] = (False, True)) -> tuple[Plan | None, int | None]:
+    """Equal blocks at depth d with the first recompute setting (all stages alike) that fits memory.
+
+    Returns ``(plan, None)`` when one fits, ``(None, smallest memory seen)`` when none does, and
+    ``(None, None)`` when the blocks cannot make d stages.
+    """
+    try:
+        unit_stage = equal_blocks(units, num_stages)
+    except PartitionError:
+        return None, None
+    assign = {gc.names[v]: unit_stage[i] for i, u in enumerate(units) for v in u.nodes}
+    seen: int | None = None
+    for r in recompute:
+        cand = plan_from_assignment(gm, cm, assign, [r] * num_stages, num_microbatches=num_microbatches,
+                                    schedule=schedule, memory_limit=memory_limit, optimizer_slots=optimizer_slots,
+                                    check_memory=False, costs=gc, solver="paper")
+        peak = max(st.memory for st in cand.stages)
+        if memory_limit is None or peak <= memory_limit:
+            return cand, None
+        seen = peak if seen is None else min(seen, peak)
+    return None, seen
+
+
 def paper_batch_time(plan: Plan, allreduce: Sequence[float] = (), *,
                      microbatches_per_flush: int | None = None) -> float:
     """Seconds per batch by the paper's formula (module docstring) for ``plan.schedule``."""
@@ -93,7 +117,7 @@ def paper_batch_time(plan: Plan, allreduce: Sequence[float] = (), *,
 def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, schedule: str = "2bw",
                memory_limit: int | None = None, optimizer_slots: int = 0,
                microbatch_sizes: Sequence[int] | None = None,
-               allreduce: AllReduce | None = None) -> Plan:
+               allreduce: AllReduce | None = None, topology: Any = None) -> Plan:
     """The paper's planner: best (d, w, b, r) with equal blocks by the paper's throughput formula.
 
     Args:
@@ -104,8 +128,11 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
         memory_limit: bytes per device, or None.
         optimizer_slots: k.
         microbatch_sizes: the b to try (default powers of two up to 64 dividing B / w).
-        allreduce: ``allreduce(plan, w) -> seconds per stage``; default none (w = 1 is free, and
-            the caller prices replicas).
+        allreduce: ``allreduce(plan, w) -> seconds per stage``; default: by ``topology`` under its likely
+            placement, or none (w = 1 is free, and the caller prices replicas).
+        topology: a :class:`~fxpipe.cost_models.topology.Topology`: C_s priced as the search prices it
+            (:meth:`~fxpipe.cost_models.topology.Topology.planning_transfer`, the likely placement's
+            slowest boundary) instead of the cost model's NVLink ``comm_time``.
 
     Returns:
         The best Plan (``solver="paper"``, ``data_parallel=w``, ``microbatch_size=b``,
@@ -114,7 +141,7 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
     Raises:
         ConfigError: bad arguments; InfeasibleMemoryError-like PartitionError when nothing fits.
     """
-    from .search import flush_sizes
+    from .search import _enumerate, _Links, flush_sizes
 
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -130,47 +157,48 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
             cache[b] = (gm, cm, gc, layer_units(gm, gc))
         return cache[b]
 
+    if allreduce is None and topology is not None:
+        def allreduce(plan: Plan, w: int) -> list[float]:
+            return [topology.planning_allreduce(st.param_bytes, plan.num_stages, w, st.index) for st in plan.stages]
+
+    try:
+        cands = _enumerate(num_devices, global_batch, schedule, num_devices, microbatch_sizes)
+    except ConfigError:
+        cands = []           # nothing to try: the error below says so, as before
     rows: list[dict[str, Any]] = []
     best: tuple[float, int, int, Plan] | None = None
-    for d in (d for d in range(1, num_devices + 1) if num_devices % d == 0):
-        w = num_devices // d
-        if global_batch % w:
-            continue
-        for b in microbatch_candidates(global_batch // w, allowed=microbatch_sizes):
-            m = global_batch // (w * b)
-            if schedule == "2bw" and m < d:
+    for d, w, b, m in cands:
+        gm, cm, gc, units = graph(b)
+        if topology is not None:   # the GraphCosts hold C_s: price them again with the topology's links
+            cm = _Links(cm, topology.planning_transfer(d, w))
+            gc = graph_costs(gm, cm)
+        for r in (False, True):
+            row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": "all" if r else "none",
+                                   "samples_per_s": None, "fits": False}
+            plan, g, seen = None, None, None
+            for g in (flush_sizes(m) if schedule == "gpipe" else [m]):
+                cand, seen = equal_block_plan(gm, cm, gc, units, num_stages=d, num_microbatches=g,
+                                              schedule=schedule, memory_limit=memory_limit,
+                                              optimizer_slots=optimizer_slots, recompute=(r,))
+                if cand is not None:
+                    plan = dataclasses.replace(cand, num_microbatches=m)
+                    break
+            if plan is None and seen is None:
+                break                             # d does not divide into equal blocks: next (d, b)
+            rows.append(row)
+            if plan is None:
+                row["memory"] = seen
                 continue
-            gm, cm, gc, units = graph(b)
-            try:
-                unit_stage = equal_blocks(units, d)
-            except PartitionError:
-                continue
-            assign = {gc.names[v]: unit_stage[i] for i, u in enumerate(units) for v in u.nodes}
-            for r in (False, True):
-                row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": "all" if r else "none",
-                                       "samples_per_s": None, "fits": False}
-                rows.append(row)
-                plan, g = None, None
-                for g in (flush_sizes(m) if schedule == "gpipe" else [m]):
-                    cand = plan_from_assignment(gm, cm, assign, [r] * d, num_microbatches=g, schedule=schedule,
-                                                memory_limit=memory_limit, optimizer_slots=optimizer_slots,
-                                                check_memory=False, costs=gc, solver="paper")
-                    if memory_limit is None or max(s.memory for s in cand.stages) <= memory_limit:
-                        plan = dataclasses.replace(cand, num_microbatches=m)
-                        break
-                if plan is None:
-                    row["memory"] = max(s.memory for s in cand.stages)
-                    continue
-                ar = list(allreduce(plan, w)) if allreduce is not None and w > 1 else []
-                t = paper_batch_time(plan, ar, microbatches_per_flush=g if schedule == "gpipe" else None)
-                thr = global_batch / t if t > 0 else math.inf
-                row.update(samples_per_s=thr, fits=True, batch_time=t, memory=max(s.memory for s in plan.stages),
-                           **({"microbatches_per_flush": g} if schedule == "gpipe" else {}))
-                extra = {**plan.extra, **({"microbatches_per_flush": g} if schedule == "gpipe" else {})}
-                plan = dataclasses.replace(plan, data_parallel=w, microbatch_size=b, extra=extra)
-                if best is None or thr > best[0] * (1 + 1e-9) or (
-                        thr >= best[0] * (1 - 1e-9) and (d, -b) < (best[1], -best[2])):
-                    best = (thr, d, b, plan)
+            ar = list(allreduce(plan, w)) if allreduce is not None and w > 1 else []
+            t = paper_batch_time(plan, ar, microbatches_per_flush=g if schedule == "gpipe" else None)
+            thr = global_batch / t if t > 0 else math.inf
+            row.update(samples_per_s=thr, fits=True, batch_time=t, memory=max(s.memory for s in plan.stages),
+                       **({"microbatches_per_flush": g} if schedule == "gpipe" else {}))
+            extra = {**plan.extra, **({"microbatches_per_flush": g} if schedule == "gpipe" else {})}
+            plan = dataclasses.replace(plan, data_parallel=w, microbatch_size=b, extra=extra)
+            if best is None or thr > best[0] * (1 + 1e-9) or (
+                    thr >= best[0] * (1 - 1e-9) and (d, -b) < (best[1], -best[2])):
+                best = (thr, d, b, plan)
     if best is None:
         raise PartitionError(f"paper planner: no equal-block (depth, width, microbatch, recompute) for "
                              f"num_devices={num_devices}, global_batch={global_batch} fits memory_limit="

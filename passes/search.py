@@ -18,7 +18,7 @@ Throughput = B / t samples per second.
 
 Every candidate ends with one outcome, recorded in ``extra["search"]["candidates"]``::
 
-    solved       partitioned and priced
+    solved       partitioned and priced (the ILP's cut, or equal blocks when those simulate faster)
     infeasible   proven not to fit memory_limit (lower bound, or the partitioner's proof)
     pruned       its optimistic throughput B / (m · max(ΣT/d, max node)) cannot beat the incumbent
     gave up      the partitioner found no plan in its share (the reason is recorded), or the
@@ -167,6 +167,14 @@ class _Links:
         return getattr(self._cm, name)
 
 
+def _priced(plan: Plan, w: int, cm: CostModel, topology: Any, price: Price) -> tuple[float, float, Any]:
+    """(seconds per batch, exposed all-reduce, placement or None) under the topology or ``price``."""
+    if topology is not None:
+        return topology.price(plan, w)
+    t, exposed = price(plan, w, cm)
+    return t, exposed, None
+
+
 def _solve(gm: torch.fx.GraphModule, cm: CostModel, gc: Any, *, d: int, m: int, schedule: str,
            memory_limit: int | None, optimizer_slots: int, recompute: bool | None, time_limit: float,
            num_workers: int, wall_limit: float | None = None) -> tuple[Plan, int | None]:
@@ -266,6 +274,15 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             timing["longest_trace"] = max(timing["longest_trace"], took)
         return cache[b]
 
+    units: dict[int, Any] = {}
+
+    def units_of(b: int) -> Any:
+        if b not in units:
+            from .baselines import layer_units
+
+            units[b] = layer_units(cache[b][0], cache[b][2])
+        return units[b]
+
     # Enumerate (d, w, b, m); the graph size caps d.
     n_nodes = graph(1 if microbatch_sizes is None else min(microbatch_sizes))[2].n
     cands = _enumerate(num_devices, global_batch, schedule, n_nodes, microbatch_sizes, all_depths)
@@ -334,12 +351,28 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
         finally:
             timing["solve"] += time.perf_counter() - t0
             timing["longest_solve"] = max(timing["longest_solve"], time.perf_counter() - t0)
-        if topology is not None:
-            t_batch, exposed, where = topology.price(plan, w)
+        t_batch, exposed, where = _priced(plan, w, cm, topology, price)
+        row["cut"] = "ilp"
+        if schedule != "gpipe":
+            # The ILP minimises max_s T_s with C_s added to each stage's time; the simulator overlaps
+            # transfers with compute, so a stage without inputs (C_0 = 0) is handed more compute than the
+            # simulator can hide. Equal blocks (the paper's cut) at the same (d, w, b) are priced too and
+            # win when faster under the simulator: the search never loses to the paper's planner there.
+            from .paper_planner import equal_block_plan
+
+            gc_links = graph_costs(gm, cm) if topology is not None else gc    # C_s as the ILP priced them
+            eq, _ = equal_block_plan(gm, cm, gc_links, units_of(b), num_stages=d, num_microbatches=m, schedule=schedule,
+                                     memory_limit=memory_limit, optimizer_slots=optimizer_slots,
+                                     recompute=(False, True) if recompute is None else (bool(recompute),))
+            if eq is not None:
+                t_eq, exposed_eq, where_eq = _priced(eq, w, cm, topology, price)
+                row["ilp_samples_per_s"] = global_batch / t_batch if t_batch > 0 else math.inf
+                if t_eq < t_batch * (1 - 1e-9):
+                    plan, t_batch, exposed, where = eq, t_eq, exposed_eq, where_eq
+                    row["cut"] = "equal blocks"
+        if where is not None:
             row["placement"] = where["order"]
             plan = dataclasses.replace(plan, extra={**plan.extra, "placement": where})
-        else:
-            t_batch, exposed = price(plan, w, cm)
         thr = global_batch / t_batch if t_batch > 0 else math.inf
         row.update(samples_per_s=thr, fits=True, status=SOLVED, batch_time=t_batch,
                    allreduce_exposed=exposed, bottleneck=plan.bottleneck, gap=plan.gap)

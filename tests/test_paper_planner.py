@@ -83,3 +83,57 @@ def test_paper_plan_respects_memory_with_the_evaluator() -> None:
     assert any(not r["fits"] and r["d"] == 1 for r in p.extra["paper"]["candidates"])
     with pytest.raises(PartitionError, match="fits memory_limit=10 bytes"):
         paper_plan(_graph_for, num_devices=4, global_batch=8, memory_limit=10)
+
+
+def _chain_for(out_bytes: int):
+    """embedding (F=.5, B=1, 100 B of weights), 4 blocks (F=1, B=2), head (F=.5, B=1), every output
+    ``out_bytes``; b=1."""
+    def graph_for(b: int):
+        stack = lambda path, typ: {path: (path, typ)}   # noqa: E731
+        costs = [NodeCost(fwd_time=0.5, bwd_time=1.0, output_bytes=out_bytes)]
+        mods = {0: stack("emb", "Embedding")}
+        for i in range(4):
+            costs.append(NodeCost(fwd_time=1.0, bwd_time=2.0, output_bytes=out_bytes))
+            mods[1 + i] = stack(f"blocks.{i}", "Block")
+        costs.append(NodeCost(fwd_time=0.5, bwd_time=1.0, output_bytes=out_bytes))
+        mods[5] = stack("head", "Linear")
+        gm = make_graph([[i - 1] if i else [] for i in range(6)], costs, input_bytes=0, modules=mods,
+                        params={0: ("emb",)}, param_bytes={"emb": 100})
+        return gm, FakeCostModel(bandwidth=1e18)
+    return graph_for
+
+
+def test_paper_plan_prices_transfers_by_topology() -> None:
+    from fxpipe.cost_models.device import DeviceSpec
+    from fxpipe.cost_models.topology import Topology
+
+    # a node per device, 4 B/s between them: d=2's one boundary crosses, C_1 = 2 x 8 B / 4 B/s = 4 s
+    dev = DeviceSpec(name="toy", peak_flops={"float32": 1e12}, intra_node_bandwidth=1e18,
+                     inter_node_bandwidth=4.0, link_latency=0.0, devices_per_node=1)
+    topo = Topology(dev, devices_per_node=1)
+    p = paper_plan(_chain_for(8), num_devices=2, global_batch=8, microbatch_sizes=[1], topology=topo)
+    rows = {(r["d"], r["recompute"]): r for r in p.extra["paper"]["candidates"]}
+    # d=2 (w=1, m=8): stages emb+2 blocks (T=7.5) and 2 blocks+head (T=7.5 + C=4): t = 8 x 11.5;
+    # d=1 (w=2, m=4): t = 4 x 15, which wins
+    assert rows[(2, "none")]["batch_time"] == pytest.approx(8 * 11.5)
+    assert rows[(1, "none")]["batch_time"] == pytest.approx(4 * 15.0) and p.num_stages == 1
+    nvlink = paper_plan(_chain_for(8), num_devices=2, global_batch=8, microbatch_sizes=[1])
+    rows = {(r["d"], r["recompute"]): r for r in nvlink.extra["paper"]["candidates"]}
+    assert rows[(2, "none")]["batch_time"] == pytest.approx(8 * 7.5)    # the cost model's own (free) link
+
+
+def test_search_keeps_equal_blocks_when_they_simulate_faster() -> None:
+    """The ILP adds C_s to T_s, so the inputless stage 0 takes 3 blocks (T: 10.5 vs 1.5 + 3 + C=4);
+    the simulator overlaps the transfers: equal blocks' 7.5 + 7.5 run faster, and the search keeps them."""
+    from fxpipe.passes.search import search_depth_width
+
+    def graph_for(b: int):
+        gm, _ = _chain_for(2)(b)
+        return gm, FakeCostModel(bandwidth=1.0)                   # 2 B one way: 2 s, C_s = 4 s
+    # replicas are priced out (100 B of gradients at 1e-3 B/s): d=2, w=1, m=16 is the candidate that counts
+    p = search_depth_width(graph_for, num_devices=2, global_batch=16, microbatch_sizes=[1], time_limit=20.0,
+                           allreduce_bandwidth=1e-3)
+    row = next(r for r in p.extra["search"]["candidates"] if r["d"] == 2)
+    assert row["cut"] == "equal blocks" and row["samples_per_s"] > row["ilp_samples_per_s"]
+    assert p.num_stages == 2 and [len(s.nodes) for s in p.stages] == [3, 3]
+    assert p.solver == "paper"

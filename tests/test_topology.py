@@ -80,3 +80,26 @@ def test_plan_shows_the_placement() -> None:
     assert fixed.extra["placement"]["devices"] == [[0], [1]]
     with pytest.raises(ConfigError, match="devices_per_node must be an int >= 1 or None"):
         fxpipe.plan(MLP(), (x,), num_stages=2, num_microbatches=2, devices_per_node=0)
+
+
+def test_network_share_follows_the_devices_using_it() -> None:
+    """One 4 B/s NIC per node of 4 devices (gpus_per_nic=4): a lone sender gets 4 B/s, four get 1 each."""
+    nic = DEV.replace(gpus_per_nic=4)
+    topo = Topology(nic, devices_per_node=4)
+    assert topo.bandwidth(True) == 1.0 and topo.bandwidth(True, users=1) == 4.0
+    assert topo.bandwidth(True, users=2) == 2.0 and topo.bandwidth(False, users=1) == 100.0
+    # stages-in-node d=8 w=2: each pipeline spans two nodes; boundary 3 crosses, one device per node sends
+    a = Placement("stages-in-node", 8, 2, 4)
+    assert [k for k in range(7) if a.boundary_crosses(k)] == [3] and a.boundary_users(3) == 1
+    assert a.boundary_users(0) == 0 and a.allreduce_users(0) == 4          # every device all-reduces across
+    # replicas-in-node d=2 w=4: stage 0 on node 0, stage 1 on node 1: all four devices cross boundary 0
+    b = Placement("replicas-in-node", 2, 4, 4)
+    assert b.boundary_users(0) == 4 and b.allreduce_users(0) == 0
+    assert topo.transfer(8, True, a.boundary_users(3)) == pytest.approx(2.0)    # 8 B at 4 B/s
+    assert topo.transfer(8, True, b.boundary_users(0)) == pytest.approx(8.0)    # 8 B at 1 B/s
+    # the planner's C_s: replicas fill a node at d=2 w=4 (likely replicas-in-node), shared by 4
+    assert topo.planning_transfer(2, 4)(8) == pytest.approx(8.0)
+    assert topo.planning_transfer(8, 1)(8) == pytest.approx(2.0)           # one pipeline over 2 nodes
+    assert Topology(DEV, devices_per_node=4).bandwidth(True, users=1) == 1.0   # a NIC per device: no gain
+    with pytest.raises(ConfigError, match="gpus_per_nic must be an int >= 1, got 0"):
+        DEV.replace(gpus_per_nic=0)
