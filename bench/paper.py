@@ -48,12 +48,14 @@ SETUPS = [
     ("gpt-1.3b", 8, 64, None), ("gpt-1.3b", 8, 256, None),
     ("gpt-2.2b", 64, 512, 8), ("gpt-2.2b", 64, 2048, None),
     ("gpt-3.8b", 64, 512, 16), ("gpt-3.8b", 64, 2048, None), ("gpt-3.8b@15GiB", 64, 512, 16),
+    ("gpt-3.8b@14GiB", 64, 512, 16), ("gpt-2.2b@14GiB", 64, 512, 8),
     ("bert-2.2b", 64, 512, None), ("bert-3.8b", 64, 512, None),
 ]
 SEARCHED = {("gpt-2.2b", 64, 512), ("gpt-3.8b", 64, 512), ("gpt-3.8b", 64, 2048), ("gpt-1.3b", 8, 64),
-            ("gpt-3.8b@15GiB", 64, 512)}
+            ("gpt-3.8b@15GiB", 64, 512), ("gpt-3.8b@14GiB", 64, 512), ("gpt-2.2b@14GiB", 64, 512)}
 # "model@15GiB": the same model with 15 GiB usable per V100 (CUDA context, cuBLAS workspace and the
-# allocator's reserve take about 1 GiB of the 16 the planner would otherwise fill to the brim)
+# allocator's reserve take about 1 GiB of the 16 the planner would otherwise fill to the brim);
+# "@14GiB" also leaves ~1 GiB to the caching allocator's fragmentation and NCCL's buffers
 
 
 def sustained_v100(tflops: float) -> Any:
@@ -102,21 +104,13 @@ class Graphs:
         return self.cache[b]
 
 
-def paper_allreduce(topo: Topology):
-    """The paper's placement rule as we read §3.3: replicas inside a server when they fit there."""
-    def ar(plan: Any, w: int) -> list[float]:
-        inter = w > topo.devices_per_node
-        return [topo.allreduce(st.param_bytes, w, inter) for st in plan.stages]
-    return ar
-
-
 def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, search_time: float,
               limit: int = 16 * GiB) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for schedule in ("2bw", "flush", "gpipe"):
         t0 = time.perf_counter()
         p = paper_plan(graphs, num_devices=n, global_batch=batch, schedule=schedule, memory_limit=limit,
-                       optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, allreduce=paper_allreduce(topo))
+                       optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, topology=topo)
         t, _, where = topo.price(p, p.data_parallel)
         out[schedule] = {"d": p.num_stages, "w": p.data_parallel, "b": p.microbatch_size,
                          "g": p.extra.get("microbatches_per_flush"), "r": p.stages[0].recompute,
@@ -137,11 +131,13 @@ def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, 
     return out
 
 
-def _best_by_depth(rows: list[dict[str, Any]]) -> dict[int, tuple[float, int]]:
-    best: dict[int, tuple[float, int]] = {}
+def _best_by_depth(rows: list[dict[str, Any]]) -> dict[int, tuple[float, int, str, float]]:
+    """Per depth: the best (samples/s, b, cut kept, the ILP's own cut's samples/s at that b)."""
+    best: dict[int, tuple[float, int, str, float]] = {}
     for r in rows:
         if r["status"] == "solved" and (r["d"] not in best or r["samples_per_s"] > best[r["d"]][0]):
-            best[r["d"]] = (r["samples_per_s"], r["b"])
+            best[r["d"]] = (r["samples_per_s"], r["b"], r.get("cut", "ilp"),
+                            r.get("ilp_samples_per_s", r["samples_per_s"]))
     return best
 
 
@@ -191,7 +187,8 @@ def main() -> int:
                    f"gpipe d,w,b={gp['d']},{gp['w']},{gp['b']} g={gp['g']} r={'all' if gp['r'] else 'no'}; "
                    f"placements 2bw/flush/gpipe: {bw['placement']}/{fl['placement']}/{gp['placement']}"]
         if fx:
-            depths = ", ".join(f"d={d}: {thr:.0f} (b={b})" for d, (thr, b) in sorted(fx["by_depth"].items()))
+            depths = ", ".join(f"d={d}: {thr:.0f} (b={b}{', equal blocks; ILP cut ' + format(ilp, '.0f') if cut != 'ilp' else ''})"
+                               for d, (thr, b, cut, ilp) in sorted(fx["by_depth"].items()))
             details.append(f"    fxpipe: {fx['placement']}, max stage {fx['max_mem'] / GiB:.1f} GiB, outcomes "
                            f"{fx['counts']}, within time_limit: {fx['within']}; best per depth: {depths}")
         print("\n".join(details))
