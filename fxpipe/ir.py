@@ -40,6 +40,7 @@ __all__ = [
     "PlanNotes",
     "Plan",
     "SCHEDULES",
+    "min_microbatches",
     "Source",
     "StageProgram",
     "PipelineProgram",
@@ -57,6 +58,15 @@ META_PARAM_BYTES = "fxpipe.param_bytes"
 SCHEDULES: tuple[str, ...] = ("2bw", "flush", "gpipe")
 """The schedule names, defined here once: PipeDream-2BW, PipeDream-Flush (1F1B), GPipe. Which weight
 version each runs a batch with is :func:`fxpipe.runtime.actions.weight_version`."""
+
+
+def min_microbatches(schedule: str, num_stages: int) -> int:
+    """The fewest microbatches per batch ``schedule`` runs with on ``num_stages`` stages.
+
+    2bw needs m >= d (with fewer, more than two weight versions would be live at once); flush and
+    gpipe run any m >= 1. ``min_microbatches("2bw", 4) == 4``, ``min_microbatches("flush", 4) == 1``.
+    """
+    return num_stages if schedule == "2bw" else 1
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, InputError, ScheduleError
-from fxpipe.ir import SCHEDULES, CostModel, Plan
+from fxpipe.ir import SCHEDULES, CostModel, Plan, min_microbatches
 from fxpipe.precision import check_precision
 
 __all__ = ["PlanOptions", "check_plan_options", "DEVICE_MEMORY", "EXECUTORS", "resolve_memory_limit",
@@ -150,7 +150,7 @@ def check_plan_options(model: Any, *, num_stages: int | None, num_microbatches: 
                               "pass num_stages=d or num_devices=N")
     elif not _is_count(num_stages):
         raise ConfigError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    if num_stages is not None and schedule == "2bw" and num_microbatches < num_stages:
+    if num_stages is not None and num_microbatches < min_microbatches(schedule, num_stages):
         raise ScheduleError(
             f"schedule '2bw' needs num_microbatches >= num_stages, got num_microbatches="
             f"{num_microbatches} < num_stages={num_stages}; raise num_microbatches to at least "

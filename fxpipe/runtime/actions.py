@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from fxpipe.errors import ScheduleError
-from fxpipe.ir import SCHEDULES
+from fxpipe.ir import SCHEDULES, min_microbatches
 
 __all__ = ["SCHEDULES", "KINDS", "Action", "batch_of", "weight_version", "check_config"]
 
@@ -101,7 +101,7 @@ def check_config(schedule: str, num_stages: int, num_microbatches: int, num_batc
                         ("num_batches", num_batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ScheduleError(f"{name} must be an int >= 1, got {value!r}")
-    if schedule == "2bw" and num_microbatches < num_stages:
+    if num_microbatches < min_microbatches(schedule, num_stages):
         raise ScheduleError(
             f"schedule '2bw' needs num_microbatches >= num_stages (m >= d), got "
             f"m={num_microbatches}, d={num_stages}: raise num_microbatches to >= {num_stages} "
