@@ -20,6 +20,9 @@ KNOWN = {
     # steady_batch_time imports build_schedule, and schedules (and validate) import simulate; the fix:
     # callers import render/simulate/validate from their own modules, schedules stops re-exporting them
     ("fxpipe.runtime.simulate", "fxpipe.runtime.schedules"),
+    # search prices the paper's equal-block cut too (paper_planner.equal_block_plan), and paper_planner imports
+    # search's _enumerate, _Links and flush_sizes; the fix: those three in a module of their own
+    ("fxpipe.passes.search", "fxpipe.passes.paper_planner"),
 }
 
 
