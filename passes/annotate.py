@@ -11,6 +11,7 @@ import torch.fx
 
 from fxpipe.errors import ConfigError, CostModelError, FxpipeError
 from fxpipe.ir import META_COST, META_PARAM_BYTES, META_PARAMS, META_VAL, CostModel, NodeCost
+from fxpipe.trace_fixes import META_NO_GRAD
 
 __all__ = ["annotate", "resolve_cost_model", "canonical_parameters", "COST_MODELS"]
 
@@ -199,6 +200,8 @@ def annotate(gm: torch.fx.GraphModule, cost_model: str | CostModel = "analytic")
             raise CostModelError(f"annotate: {cm!r} failed on node {node.format_node()}: "
                                  f"{type(e).__name__}: {e}; fix the cost model or the graph") from e
         cost = _check(cost, node, cm)
+        if node.meta.get(META_NO_GRAD):    # torch.no_grad region: backward never reaches it, it saves nothing
+            cost = dataclasses.replace(cost, bwd_time=0.0, activation_bytes=0)
         mine = [p for p in params if p not in first_user]
         first_user.update(mine)
         if cost.param_bytes > 0 and mine:

@@ -1,0 +1,223 @@
+"""Graph fix-ups after tracing: in-place updates made explicit edges, torch.no_grad regions kept, guards dropped.
+
+A plan may cut the graph between any two nodes, so everything a node's result
+depends on must be an edge of the graph:
+
+    in place     ``s[:, 1:] = x`` / ``x.add_(y)`` / ``x += y`` / ``nn.ReLU(inplace=True)``: plain fx
+                 records no edge from the update to the tensor's later readers (and ``x += y``
+                 not even the update), so :func:`fx_mutations` sends such models to torch.export,
+                 whose aten graph :func:`functional_inplace` rewrites into out-of-place edges
+    no_grad      plain fx runs ``with torch.no_grad():`` at trace time and records nothing:
+                 the tracer marks the nodes made under it (``META_NO_GRAD``) and
+                 :func:`detach_no_grad_values` detaches each value where it leaves the region,
+                 which gives the gradients of the eager model on every stage of every plan;
+                 ``torch._C._set_grad_enabled`` nodes (make_fx graphs) become the same marks
+                 (:func:`grad_toggles_to_meta`); export's ``wrap_with_set_grad_enabled`` is one
+                 node already, which no plan can cut
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+__all__ = ["META_NO_GRAD", "fx_mutations", "mutated_copy", "functional_inplace", "stop_grad",
+           "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
+           "INPLACE_OPERATORS"]
+
+META_NO_GRAD = "fxpipe.no_grad"      # node.meta: the node was made with grad mode off (torch.no_grad)
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+# ``x += y`` and friends, as FxpipeTracer records them (plain fx records ``operator.add``)
+INPLACE_OPERATORS = tuple(getattr(operator, f"__i{m}__") for m in
+                          ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+                           "xor", "lshift", "rshift"))
+
+
+def fx_mutations(gm: torch.fx.GraphModule) -> list[str]:
+    """Nodes of an fx graph that update a tensor in place.
+
+    ``x[i] = v`` (setitem), ``x += y`` (``operator.iadd``, see ``INPLACE_OPERATORS``),
+    ``x.add_(y)``-style methods, ``torch.relu_(x)``-style functions, ``inplace=True``
+    keyword arguments, and modules with ``inplace=True`` (``nn.ReLU(inplace=True)``).
+    """
+    def mutates(n: torch.fx.Node) -> bool:
+        if n.op == "call_function":
+            name = getattr(n.target, "__name__", "")
+            return (n.target is operator.setitem or n.target in INPLACE_OPERATORS
+                    or (name.endswith("_") and not name.startswith("_")) or n.kwargs.get("inplace") is True)
+        if n.op == "call_method":
+            t = str(n.target)
+            return t.endswith("_") and not t.startswith("_") and t != "requires_grad_"
+        if n.op == "call_module":
+            return getattr(gm.get_submodule(str(n.target)), "inplace", False) is True
+        return False
+
+    return [n.name for n in gm.graph.nodes if mutates(n)]
+
+
+def stop_grad(value: Any) -> Any:
+    """``value`` with every tensor in it detached: a torch.no_grad region's value where it leaves the region."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, value)
+
+
+def grad_toggles_to_meta(gm: torch.fx.GraphModule) -> None:
+    """Turn ``torch._C._set_grad_enabled(False)`` ... ``(True)`` nodes into ``META_NO_GRAD`` marks.
+
+    The toggles read nothing, so a planner may put them on any stage; afterwards the
+    region is a property of its nodes, which :func:`detach_no_grad_values` makes exact.
+    """
+    toggles = (torch._C._set_grad_enabled,)
+    if not any(n.op == "call_function" and n.target in toggles for n in gm.graph.nodes):
+        return
+    enabled = True
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in toggles and not n.users:
+            enabled = bool(n.args[0])
+            gm.graph.erase_node(n)
+        elif n.op in COMPUTE_OPS and not enabled:
+            n.meta[META_NO_GRAD] = True
+    gm.graph.lint()
+    gm.recompile()
+
+
+def detach_no_grad_values(gm: torch.fx.GraphModule) -> None:
+    """Detach every value of a no-grad region where a node outside it (or the output) reads it.
+
+    Numerically the same as the region run under ``torch.no_grad()``: no gradient flows
+    through it into earlier nodes or its parameters, on whichever stages its nodes and
+    readers land; each stage runs with grad mode on, as the executor sets it::
+
+        h = a(x)   [y = b(h)]no_grad   c(h + y)
+        h = a(x)    y = b(h)   y' = stop_grad(y)   c(h + y')
+    """
+    changed = False
+    for n in list(gm.graph.nodes):
+        if not n.meta.get(META_NO_GRAD):
+            continue
+        outside = [u for u in n.users if not u.meta.get(META_NO_GRAD)]
+        if not outside:
+            continue
+        with gm.graph.inserting_after(n):
+            d = gm.graph.call_function(stop_grad, (n,))
+        d.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        for u in outside:
+            u.replace_input_with(n, d)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def mutated_copy(base: torch.Tensor, views: tuple, op: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``base`` copied, then ``op`` applied in place to the view ``views`` of the copy; returns the copy."""
+    out = base.clone()
+    v = out
+    for view, a, k in views:
+        v = view(v, *a, **k)
+    op(v, *args, **kwargs)
+    return out
+
+
+def functional_inplace(gm: torch.fx.GraphModule) -> None:
+    """Make in-place updates of the graph's own tensors explicit edges (a local functionalization).
+
+    torch.export keeps in-place aten ops. An fx edge does not say that a later reader of ``s``
+    must run after ``s[..., 1:].copy_(x)`` (T5's ``_shift_right``): a mutation with no users may
+    land on any later stage, where it updates that stage's copy only. Each such op becomes
+    ``s2 = mutated_copy(s, views, op, ...)`` and every later read of ``s`` (or of a view of it)
+    reads ``s2`` instead::
+
+        s = new_zeros(..)   v = slice(s)   copy_(v, x)   use(s)
+        s = new_zeros(..)   s2 = mutated_copy(s, (slice,), copy_, x)   use(s2)
+
+    Mutations of inputs, parameters and buffers, or of values that alias another tensor
+    (``getitem`` of a ``split``), are left as they are.
+    """
+    def mutates_self(t: Any) -> bool:
+        if not isinstance(t, torch._ops.OpOverload):
+            return False
+        a = t._schema.arguments
+        return bool(a and a[0].alias_info is not None and a[0].alias_info.is_write
+                    and all(x.alias_info is None or not x.alias_info.is_write for x in a[1:]))
+
+    def is_view(t: Any) -> bool:
+        return isinstance(t, torch._ops.OpOverload) and bool(getattr(t, "is_view", False)) \
+            and len(t._schema.returns) == 1 and t._schema.returns[0].type.kind() == "TensorType"
+
+    def owns_storage(n: torch.fx.Node) -> bool:
+        t = n.target
+        return n.op == "call_function" and (t is mutated_copy or (
+            isinstance(t, torch._ops.OpOverload) and all(r.alias_info is None for r in t._schema.returns)))
+
+    if not any(n.op == "call_function" and mutates_self(n.target) for n in gm.graph.nodes):
+        return
+    info: dict[torch.fx.Node, tuple[torch.fx.Node, tuple, int]] = {}   # node -> (base, views from base, version)
+    latest: dict[torch.fx.Node, torch.fx.Node] = {}                     # base -> node holding its value now
+    version: dict[torch.fx.Node, int] = {}
+    graph = gm.graph
+
+    def of(a: torch.fx.Node) -> tuple[torch.fx.Node, tuple, int]:
+        return info.get(a, (a, (), 0))
+
+    def chain(start: torch.fx.Node, base: torch.fx.Node, views: tuple) -> torch.fx.Node:
+        cur = start
+        for i, (view, va, vk) in enumerate(views):
+            cur = graph.call_function(view, (cur, *va), dict(vk))
+            info[cur] = (base, views[: i + 1], version.get(base, 0))
+        return cur
+
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+
+        def fresh(a: torch.fx.Node, _n: torch.fx.Node = n) -> torch.fx.Node:
+            base, views, made = of(a)
+            if version.get(base, 0) <= made:
+                return a
+            with graph.inserting_before(_n):
+                return chain(latest[base], base, views)
+
+        n.args = torch.fx.node.map_arg(n.args, fresh)
+        n.kwargs = torch.fx.node.map_arg(n.kwargs, fresh)
+        src = n.args[0] if n.args else None
+        if not isinstance(src, torch.fx.Node):
+            continue
+        base, views, made = of(src)
+        if is_view(n.target):
+            info[n] = (base, views + ((n.target, tuple(n.args[1:]), dict(n.kwargs)),), made)
+        elif mutates_self(n.target) and owns_storage(base):
+            with graph.inserting_before(n):
+                new = graph.call_function(mutated_copy, (latest.get(base, base), views, n.target,
+                                                          tuple(n.args[1:]), dict(n.kwargs)))
+                new.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+                version[base] = version.get(base, 0) + 1
+                latest[base] = new
+                info[new] = (base, (), version[base])
+                result = chain(new, base, views)
+            n.replace_all_uses_with(result)
+            graph.erase_node(n)
+    for n in reversed(list(graph.nodes)):      # views left without readers
+        if n.op == "call_function" and not n.users and (is_view(n.target) or n.target is operator.getitem):
+            graph.erase_node(n)
+    graph.lint()
+    gm.recompile()
+
+
+def drop_guards(gm: torch.fx.GraphModule) -> None:
+    """torch.export's module checks input shapes in a ``_guards_fn`` node: fxpipe checks them itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def drop_unused_placeholders(gm: torch.fx.GraphModule) -> None:
+    """fx keeps a placeholder per concrete arg; remove those with no users."""
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
