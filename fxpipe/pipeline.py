@@ -13,7 +13,7 @@ from fxpipe.ir import PipelineProgram, Plan
 from fxpipe.passes.split import split
 from fxpipe.precision import uses_loss_scaling
 from fxpipe.runtime.amp import LossScaler
-from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes
+from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes, module_buffers
 from fxpipe.runtime.microbatch import split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
 
@@ -115,13 +115,28 @@ class Pipeline:
 
     @property
     def last_grad_norm(self) -> float | None:
-        """Global L2 norm of the gradients of the last update (before clipping; fp16: unscaled; inf on
-        overflow), over every parameter of every stage, tied ones once, after the data-parallel
-        all-reduce.  Computed when ``max_grad_norm`` or fp16 is set, else None.  Under 2bw it is the
-        gradient of W(t-1), the one the update used.  Under torchrun with 2bw, batch t's update is
-        agreed during ``step(t + 1)`` (fp16) or ``step(t + 2)`` (or a draining call such as
-        ``state_dict``), so after ``step(t)`` this is an earlier batch's norm."""
+        """Global L2 norm of the gradients of the last finished update (before clipping; fp16: unscaled;
+        inf on overflow), over every parameter of every stage, tied ones once, after the data-parallel
+        all-reduce; :attr:`last_grad_norm_batch` says which batch's gradient it is.  Computed when
+        ``max_grad_norm`` or fp16 is set, else None.  Under 2bw it is the gradient of W(t-1), the one
+        the update used.
+
+        After ``step(t)`` (batches counted from 0) it is batch t's norm locally and under flush/gpipe.
+        Under torchrun with 2bw the earlier stages' last backwards and updates of batch t run during
+        ``step(t + 1)``, overlapped with batch t + 1's forwards (no flush), and the norm (one
+        all-reduce) is agreed where a rank needs it: after ``step(t)`` it is batch t - 1's with fp16
+        (the next loss scale depends on it); with clipping alone batch t - 1's on the last stage's
+        ranks and batch t - 2's on the others (None before).  A draining call (``state_dict``,
+        ``save``, ``evaluate``, ``pipe(x)``) finishes batch t's update; after it, the norm is batch
+        t's on every rank.  Batch t's norm at the end of every ``step(t)`` would need that flush.
+        """
         return self._executor.last_grad_norm
+
+    @property
+    def last_grad_norm_batch(self) -> int | None:
+        """The batch whose gradient :attr:`last_grad_norm` is (0-based: the ``step`` calls before it;
+        ``load`` restores the count, ``load_state_dict`` restarts it at 0); None before the first."""
+        return self._executor.last_grad_norm_batch
 
     def evaluate(self, inputs: Any, targets: Any) -> torch.Tensor:
         """Mean loss of one batch (over its microbatches, as ``step`` reports it) with the newest weights.
@@ -140,11 +155,7 @@ class Pipeline:
         mbs = self._microbatches(inputs)
         batch = self._example[0].shape[0] * self.num_microbatches if self._example else None
         tgt = split_targets(targets, self.num_microbatches, batch)
-        buffers: dict[int, torch.Tensor] = {}
-        for mod in [self.model] + self.stages:
-            for b in mod.buffers():
-                buffers.setdefault(id(b), b)
-        snap = StateSnapshot(list(buffers.values()))
+        snap = StateSnapshot(module_buffers([self.model] + self.stages))
         try:
             return self._executor.evaluate(mbs, tgt)
         finally:

@@ -38,6 +38,7 @@ def test_clipping_matches_clip_grad_norm_with_tied_weights(schedule):
     assert _run(pipe, batches) == pytest.approx(ref_losses, abs=1e-10, rel=0)
     assert max_err(pipe.state_dict(), ref.state_dict()) <= 1e-10
     assert pipe.last_grad_norm == pytest.approx(ref_norms[-1], abs=1e-10, rel=0)
+    assert pipe.last_grad_norm_batch == len(batches) - 1      # the local executor: the step just taken
     unclipped, _, _, _ = reference(model, batches, loss_fn, 4, schedule)
     assert abs(unclipped[-1] - ref_losses[-1]) > 1e-6, "clipping changed nothing: the test would not discriminate"
 

@@ -56,6 +56,13 @@ def test_fp64_trainer_matches_the_loop(results, layout, name):
         assert got["loss_err"] <= 1e-10 and got["weight_err"] <= 1e-10, (rank, got)
         if name.startswith("clip"):
             assert got["clipped"] and got["norm_err"] <= 1e-10, (rank, got)
+            # Pipeline.last_grad_norm's contract: batch t's norm after step(t), except 2bw under torchrun
+            # with clipping alone: t - 1 on the last stage, t - 2 on the others (None before); after the
+            # draining state_dict, the last batch's everywhere
+            lag = [0, 0, 0, 0] if not name.endswith("2bw") else [None, 1, 1, 1] if got["last_stage"] \
+                else [None, None, 2, 2]
+            assert got["norm_lag"] == lag and got["drained_norm_batch"] == 3, (rank, got)
+            assert got["lagged_norm_err"] <= 1e-10, (rank, got)
 
 
 @pytest.mark.timeout(1500)
@@ -66,6 +73,8 @@ def test_mixed_precision_matches_the_autocast_loop(results, layout, name):
         assert got["weight_err"] <= got["weight_tol"], (rank, got)
         if name.startswith("fp16"):
             assert got["scales"] == got["ref_scales"] == [65536.0, 65536.0, 32768.0, 32768.0], (rank, got)
+            # after step(t): batch t - 1's norm under 2bw (the next loss scale needed it), else batch t's
+            assert got["norm_lag"] == ([None, 1, 1, 1] if name.endswith("2bw") else [0, 0, 0, 0]), (rank, got)
             assert got["skipped_together"], (rank, got)
 
 

@@ -88,16 +88,22 @@ def run(name: str, stages: int, out: Path) -> dict:
         b = fresh.state_dict()
         return {"first": first, "second": second, "identical": all(torch.equal(a[k], b[k]) for k in a),
                 "loaded_scale": scale, "scalers_equal": pipe.scaler.state_dict() == fresh.scaler.state_dict()}
-    got, scales, states = [], [], []
+    got, scales, states, norms = [], [], [], []
     for bx, by in batches:
         scales.append(pipe.scaler.scale if pipe.scaler is not None else None)
         got.append(pipe.step(bx, by).item())
+        norms.append((pipe.last_grad_norm_batch, pipe.last_grad_norm))     # before any draining call
         if prec == "fp16":
             states.append(pipe.state_dict())       # collective; drains the 2bw stream
     sd = pipe.state_dict()
     res = {"loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)), "weight_err": max_err(sd, ref.state_dict())}
     if opts.get("max_grad_norm") is not None:
         res["norm_err"] = abs(pipe.last_grad_norm - ref_norms[-1])
+        res["drained_norm_batch"] = pipe.last_grad_norm_batch
+        res["last_stage"] = pipe._executor.stage == stages - 1
+        # after step(t): which batch's norm, and its error against that batch's reference norm
+        res["norm_lag"] = [None if b is None else t - b for t, (b, _) in enumerate(norms)]
+        res["lagged_norm_err"] = max([abs(n - ref_norms[b]) for b, n in norms if b is not None], default=None)
         res["clipped"] = min(ref_norms) > opts["max_grad_norm"]
     if prec != "fp32":
         fp32_losses, _, _, ref32 = reference(model, batches, loss_fn, m * w, schedule,

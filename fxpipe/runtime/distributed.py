@@ -101,6 +101,7 @@ class DistributedExecutor(Gathered):
         init_distributed()
         self.rule = rule or UpdateRule()
         self.last_grad_norm: float | None = None   # global gradient norm of the last update (clipping / fp16)
+        self.last_grad_norm_batch: int | None = None   # the batch whose gradient that norm is
         self.program = program
         self.plan = plan
         self.schedule = plan.schedule
@@ -317,7 +318,7 @@ class DistributedExecutor(Gathered):
         what = f"{self.stage}U{batch} (global gradient norm)"
         self.comm.wait([self.comm.all_reduce(buf, self.layout.stats_group, what)], what, [])
         dec = self.rule.decide(float(buf[0].item()), float(buf[1].item()))
-        self.last_grad_norm = dec.norm
+        self.last_grad_norm, self.last_grad_norm_batch = dec.norm, batch
         self.weights.update(batch, grads=self.rule.apply(grads, dec), skip=dec.skip)
 
     def _start_loss_reduce(self, batch: int) -> None:

@@ -23,7 +23,7 @@ from fxpipe.runtime.update import Decision, UpdateRule
 from fxpipe.runtime.weights import WeightVersions
 
 __all__ = ["StageRuntime", "LocalExecutor", "build_stage_runtimes", "stage_param_names", "SavedBytes",
-           "check_loss"]
+           "check_loss", "StateSnapshot", "module_buffers"]
 
 
 def build_stage_runtimes(program: PipelineProgram, canonical: dict[int, str],
@@ -85,6 +85,15 @@ def _place(program: PipelineProgram, params: dict[str, torch.nn.Parameter], owne
                 params[c].data = params[c].data.to(devices[s])
 
 
+def module_buffers(modules: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """Every distinct buffer of ``modules`` (a stage shares its buffers with the model), in order."""
+    seen: dict[int, torch.Tensor] = {}
+    for mod in modules:
+        for b in mod.buffers():
+            seen.setdefault(id(b), b)
+    return list(seen.values())
+
+
 class StateSnapshot:
     """Buffers and random-number state taken before work that must leave no trace; ``restore`` puts them back."""
 
@@ -117,6 +126,7 @@ class LocalExecutor:
         self.m = num_microbatches
         self.rule = rule or UpdateRule()
         self.last_grad_norm: float | None = None   # global gradient norm of the last update (clipping / fp16)
+        self.last_grad_norm_batch: int | None = None   # the batch whose gradient that norm is
         self._decision: tuple[Decision, list[dict[str, Any]]] | None = None
         self.d = program.num_stages
         self.batch = 0                       # batches trained so far
@@ -171,7 +181,8 @@ class LocalExecutor:
         """
         if self.broken is not None:
             raise PipelineStateError(self.broken)
-        snap = StateSnapshot(self._mutable if self._mutable is not None else self._buffers())
+        snap = StateSnapshot(self._mutable if self._mutable is not None else
+                             module_buffers([self.program.root] + [rt.program.module for rt in self.runtimes]))
         self._updated = False
         try:
             loss = self._step(inputs, targets)
@@ -189,13 +200,6 @@ class LocalExecutor:
         if self._mutable is None:        # learnt once: the buffers a step changes (BatchNorm statistics)
             self._mutable = snap.changed()
         return loss
-
-    def _buffers(self) -> list[torch.Tensor]:
-        seen: dict[int, torch.Tensor] = {}
-        for mod in [self.program.root] + [rt.program.module for rt in self.runtimes]:
-            for b in mod.buffers():
-                seen.setdefault(id(b), b)
-        return list(seen.values())
 
     def _undo(self, snap: "StateSnapshot") -> None:
         """Forget what a failed step did before any update: gradients, buffer changes, random draws."""
@@ -259,7 +263,7 @@ class LocalExecutor:
                     grads = [self.rule.unscale(w.take_grads(batch)) for w in self.weight_versions()]
                     stats = [self.rule.stats(g.values()) for g in grads]
                     dec = self.rule.decide(sum(x for x, _ in stats), max(b for _, b in stats))
-                    self.last_grad_norm = dec.norm
+                    self.last_grad_norm, self.last_grad_norm_batch = dec.norm, batch
                     self._decision = (dec, [self.rule.apply(g, dec) for g in grads])
                 dec, grads = self._decision
                 rt.weights.update(batch, grads=grads[s], skip=dec.skip)  # type: ignore[union-attr]
