@@ -1,5 +1,8 @@
-"""The trainer's options, checked once before anything is built: precision on its device, clipping,
-the LR scheduler factory, and the devices of a one-process pipeline."""
+"""The trainer's options of ``fxpipe.compile``, checked once before anything is built.
+
+Precision on its device, clipping, the LR scheduler factory, and the devices of a one-process
+pipeline. What the planner reads is checked by :func:`fxpipe.options.check_plan_options`.
+"""
 
 from __future__ import annotations
 
