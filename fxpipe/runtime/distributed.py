@@ -29,6 +29,7 @@ changes no number).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -54,6 +55,12 @@ __all__ = ["DistributedExecutor", "init_distributed", "data_parallel_width", "re
 
 _LOSS_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _get_attr = get_attr          # the name fxpipe.runtime.interop imported before the stage runtime existed
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_rows(schedule: str, d: int, m: int, batches: int, stage: int) -> tuple[Action, ...]:
+    """``build_schedule(...)[stage]``, built once: every step of a run asks for the same few lists."""
+    return tuple(build_schedule(schedule, d, m, batches)[stage])
 
 
 def _shift(a: Action, batches: int, m: int) -> Action:
@@ -357,7 +364,7 @@ class DistributedExecutor(Gathered):
     def _template(self, k: int, extra: int) -> tuple[list[Action], int, int]:
         """Stream-local batch k: this rank's list (shifted), start of batch k's segment, its stop."""
         base = max(k - 1, 0)
-        rows = build_schedule(self.schedule, self.d, self.m, k - base + extra)[self.stage]
+        rows = _stage_rows(self.schedule, self.d, self.m, k - base + extra, self.stage)
         acts = [_shift(a, base, self.m) for a in rows]
 
         def first_f(batch: int) -> int:
