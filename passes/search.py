@@ -262,7 +262,8 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             return batch_time(plan, width=w, cost_model=cm, allreduce_bandwidth=allreduce_bandwidth)
 
     cache: dict[int, tuple[torch.fx.GraphModule, CostModel, Any]] = {}
-    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0, "longest_solve": 0.0}
+    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0, "longest_solve": 0.0, "longest_eq": 0.0,
+              "longest_price": 0.0}
 
     def graph(b: int) -> tuple[torch.fx.GraphModule, CostModel, Any]:
         if b not in cache:
@@ -323,8 +324,9 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                 row.update(fits=False, status=INFEASIBLE, reason=f"needs >= {need} B per device")
                 min_memory = need if min_memory is None else min(min_memory, need)
                 continue
-        if best is not None and time.perf_counter() + max(per, timing["longest_solve"]) > deadline:
-            # (the first one always runs; a candidate takes about as long as the slowest so far)
+        if best is not None and time.perf_counter() + max(per, timing["longest_solve"]) + timing["longest_price"] \
+                > deadline:
+            # (the first one always runs; a candidate takes about as long as the slowest so far, pricing included)
             row.update(status=GAVE_UP, reason=f"time_limit={time_limit} s ran out before its turn")
             continue
         t0 = time.perf_counter()
@@ -351,9 +353,10 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
         finally:
             timing["solve"] += time.perf_counter() - t0
             timing["longest_solve"] = max(timing["longest_solve"], time.perf_counter() - t0)
+        t_price = time.perf_counter()
         t_batch, exposed, where = _priced(plan, w, cm, topology, price)
         row["cut"] = "ilp"
-        if schedule != "gpipe":
+        if schedule != "gpipe" and time.perf_counter() + timing["longest_eq"] < deadline:
             # The ILP minimises max_s T_s with C_s added to each stage's time; the simulator overlaps
             # transfers with compute, so a stage without inputs (C_0 = 0) is handed more compute than the
             # simulator can hide. Equal blocks (the paper's cut) at the same (d, w, b) are priced too and
@@ -361,15 +364,19 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             from .paper_planner import equal_block_plan
 
             gc_links = graph_costs(gm, cm) if topology is not None else gc    # C_s as the ILP priced them
+            t_eq0 = time.perf_counter()
             eq, _ = equal_block_plan(gm, cm, gc_links, units_of(b), num_stages=d, num_microbatches=m, schedule=schedule,
                                      memory_limit=memory_limit, optimizer_slots=optimizer_slots,
                                      recompute=(False, True) if recompute is None else (bool(recompute),))
             if eq is not None:
                 t_eq, exposed_eq, where_eq = _priced(eq, w, cm, topology, price)
+            timing["longest_eq"] = max(timing["longest_eq"], time.perf_counter() - t_eq0)
+            if eq is not None:
                 row["ilp_samples_per_s"] = global_batch / t_batch if t_batch > 0 else math.inf
                 if t_eq < t_batch * (1 - 1e-9):
                     plan, t_batch, exposed, where = eq, t_eq, exposed_eq, where_eq
                     row["cut"] = "equal blocks"
+        timing["longest_price"] = max(timing["longest_price"], time.perf_counter() - t_price)
         if where is not None:
             row["placement"] = where["order"]
             plan = dataclasses.replace(plan, extra={**plan.extra, "placement": where})
