@@ -45,6 +45,7 @@ from fxpipe.errors import ConfigError, FxpipeError, InfeasibleMemoryError, Parti
 from fxpipe.ir import SCHEDULES, CostModel, Plan
 
 from .coarsen import graph_costs
+from .equal_blocks import equal_block_plan
 from .partition import memory_lower_bound, partition, trivial_lower_bound
 
 __all__ = ["search_depth_width", "batch_time", "allreduce_time", "microbatch_candidates", "flush_sizes", "SOLVED",
@@ -361,8 +362,6 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             # transfers with compute, so a stage without inputs (C_0 = 0) is handed more compute than the
             # simulator can hide. Equal blocks (the paper's cut) at the same (d, w, b) are priced too and
             # win when faster under the simulator: the search never loses to the paper's planner there.
-            from .paper_planner import equal_block_plan
-
             gc_links = graph_costs(gm, cm) if topology is not None else gc    # C_s as the ILP priced them
             t_eq0 = time.perf_counter()
             eq, _ = equal_block_plan(gm, cm, gc_links, units_of(b), num_stages=d, num_microbatches=m, schedule=schedule,
