@@ -90,13 +90,18 @@ def _concrete_defaults(model: torch.nn.Module, num_args: int, kwarg_names: Seque
 
 def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
           leaf_modules: Iterable[type | str] = ()) -> torch.fx.GraphModule:
-    """Trace ``model`` for the example inputs, trying three frontends in turn.
+    """Trace ``model`` for the example inputs, trying four frontends in turn.
 
-    1. ``torch.fx`` symbolic tracing (module-level graph, fastest);
+    1. ``torch.fx`` symbolic tracing (module-level graph, fastest); a graph that updates
+       a tensor in place (:func:`~fxpipe.trace_fixes.fx_mutations`) goes to 2 instead, and
+       ``torch.no_grad()`` regions are kept (:func:`~fxpipe.trace_fixes.detach_no_grad_values`);
     2. ``torch.export`` (aten-level graph, specialised to the example shapes: handles
        shape-dependent code such as ``torch.ones(T, T)`` and HF transformers models);
+       in-place updates become edges (:func:`~fxpipe.trace_fixes.functional_inplace`);
     3. ``torch.fx`` again, keeping every submodule that fails to trace as an opaque
-       leaf (costed as a whole), with a warning naming it.
+       leaf (costed as a whole), with a warning naming it;
+    4. ``torch.export`` again, with the submodule that stopped it as an opaque leaf
+       (:mod:`fxpipe.trace_leaves`), innermost first.
 
     Args:
         model: the module to trace (real, meta or fake parameters).
@@ -106,7 +111,7 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
 
     Returns:
         A GraphModule; ``gm.meta["fxpipe.tracer"]`` says which frontend worked
-        ("fx", "export" or "fx+leaves") and ``gm.meta["fxpipe.leaves"]`` lists modules made opaque.
+        ("fx", "export", "fx+leaves" or "export+leaves") and ``gm.meta["fxpipe.leaves"]`` lists modules made opaque.
 
     Raises:
         TraceError: no frontend could trace the model; the message names the source line
