@@ -137,7 +137,8 @@ def memory_bars_svg(plan: Plan, width: int = 900, heading: bool = True) -> str:
 
 
 def _simulate(plan: Plan, num_batches: int):
-    from fxpipe.runtime.schedules import build_schedule, simulate
+    from fxpipe.runtime.schedules import build_schedule
+    from fxpipe.runtime.simulate import simulate
 
     d, m = plan.num_stages, plan.num_microbatches
     actions = build_schedule(plan.schedule, d, m, num_batches)

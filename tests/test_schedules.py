@@ -12,11 +12,10 @@ from fxpipe.runtime.schedules import (
     Action,
     batch_of,
     build_schedule,
-    render,
-    simulate,
-    validate,
     weight_version,
 )
+from fxpipe.runtime.simulate import render, simulate
+from fxpipe.runtime.validate import validate
 
 
 def _texts(actions: list[list[Action]]) -> list[list[str]]:

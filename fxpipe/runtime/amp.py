@@ -15,6 +15,7 @@ after ``growth_interval`` finite steps in a row it is multiplied by ``growth_fac
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any
 
 import torch
@@ -110,8 +111,6 @@ def autocast_output_dtypes(program: Any, example: list[Any], precision: str,
     from torch._subclasses import FakeTensorMode
     from torch.func import functional_call
 
-    from fxpipe.runtime.stage import get_attr
-
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(t: Any) -> Any:
@@ -126,7 +125,7 @@ def autocast_output_dtypes(program: Any, example: list[Any], precision: str,
                 if src.kind == "input":
                     args.append(fake(example[src.index]))
                 elif src.kind == "attr":
-                    args.append(fake(get_attr(program.root, src.name)))
+                    args.append(fake(operator.attrgetter(src.name)(program.root)))
                 elif src.kind == "stage":
                     args.append(out[(src.stage, src.index)])
                 else:

@@ -16,7 +16,8 @@ import torch
 
 from fxpipe.errors import PipelineStateError, ScheduleError
 from fxpipe.ir import PipelineProgram
-from fxpipe.runtime.schedules import Action, build_schedule, render, weight_version
+from fxpipe.runtime.schedules import Action, build_schedule, weight_version
+from fxpipe.runtime.simulate import render
 from fxpipe.runtime.stage import SavedBytes, StageRuntime, check_loss, stage_needs, stage_param_names
 from fxpipe.runtime.amp import LossScaler
 from fxpipe.runtime.update import Decision, UpdateRule

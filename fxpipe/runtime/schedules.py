@@ -1,4 +1,4 @@
-"""Pipeline schedules as data: per-rank action lists, a validator, a renderer and a simulator.
+"""Pipeline schedules as data: the per-rank action lists of 2bw, flush and gpipe.
 
 A schedule is one list of :class:`Action` per rank (one stage per rank, rank ==
 stage).  Executors only interpret these lists; everything here is pure Python
@@ -18,7 +18,7 @@ Conventions
   schedule, like torch.distributed.pipelining's ``ScheduleGPipe`` / ``Schedule1F1B``.
 * ``U`` of a batch runs right after the stage's last backward of that batch.
 
-Pictures below are :func:`render` output (unit time for F, B and U; ``.`` =
+Pictures below are :func:`fxpipe.runtime.simulate.render` output (unit time for F, B and U; ``.`` =
 idle); ``d`` = stages, ``m`` = microbatches per batch.
 
 ``gpipe`` (d=4, m=4, one batch): all forwards, then all backwards in the
@@ -55,20 +55,14 @@ from __future__ import annotations
 
 from fxpipe.errors import ScheduleError
 from fxpipe.runtime.actions import KINDS, SCHEDULES, Action, batch_of, check_config, weight_version
-from fxpipe.runtime.simulate import SimResult, render, simulate
-from fxpipe.runtime.validate import validate
 
 __all__ = [
     "SCHEDULES",
     "KINDS",
     "Action",
-    "SimResult",
     "batch_of",
     "build_schedule",
     "weight_version",
-    "validate",
-    "render",
-    "simulate",
 ]
 
 # --------------------------------------------------------------------------- building
