@@ -27,6 +27,12 @@ n=3, M = 100*3 + 3*(10+2) = 336 without recompute, 100*3 + 3*2 + 10 = 316 with i
 A :class:`CostContext` holds everything these formulas depend on besides the
 stage's own figures (schedule, d, m, k, the recompute policy, the precision and
 the transfer pricing); a change to the model is made here once.
+
+Transfers are priced by the link they cross when the cost model is a
+:class:`LinkTransfers` (a fixed-depth plan on a cluster, :mod:`fxpipe.cost_models.topology`):
+a value entering stage s pays ``2 * into[s](bytes)`` in C_s, the link from stage s-1 to s
+(NVLink inside a node, the node's network across nodes). The DP, CP-SAT, the plan builder
+and the bounds all read these prices from :func:`stage_links` (through ``GraphCosts``).
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from fxpipe.ir import CostModel, StagePlan
 
-__all__ = ["CostContext", "StageFigures", "InProcessTransfers", "IN_PROCESS_TRANSFER_SECONDS", "in_flight",
-           "weight_copies", "stage_time", "stage_memory", "weight_bytes", "stash_bytes", "param_state_bytes",
+__all__ = ["CostContext", "StageFigures", "InProcessTransfers", "LinkTransfers", "stage_links",
+           "IN_PROCESS_TRANSFER_SECONDS", "in_flight", "weight_copies", "stage_time", "stage_memory", "weight_bytes", "stash_bytes", "param_state_bytes",
            "gradient_bytes"]
 
 
@@ -87,10 +93,14 @@ class CostContext:
         """The values r_s may take: (False, True) when chosen, else the forced one."""
         return (False, True) if self.recompute is None else (bool(self.recompute),)
 
-    def comm(self, nbytes: int, cost_model: "CostModel | None") -> float:
-        """2 * transfer time of a value of ``nbytes`` (sent forward, gradient sent back); 0 for no bytes."""
+    def comm(self, nbytes: int, cost_model: "CostModel | None", stage: int | None = None) -> float:
+        """2 * transfer time of a value of ``nbytes`` (sent forward, gradient sent back) into ``stage``
+        (priced by its incoming link when ``cost_model`` has :func:`stage_links`); 0 for no bytes."""
         if nbytes <= 0:
             return 0.0
+        links = stage_links(cost_model)
+        if links and stage is not None:
+            return 2.0 * float(links[stage](int(nbytes)))
         if self.transfer is not None:
             return 2.0 * float(self.transfer(int(nbytes)))
         if cost_model is None:
@@ -218,3 +228,41 @@ class InProcessTransfers:
 
     def __repr__(self) -> str:
         return f"InProcessTransfers({self.base!r})"
+
+
+def stage_links(cost_model: Any) -> tuple[Callable[[int], float], ...]:
+    """Per receiving stage s, ``nbytes -> seconds`` over the link from stage s-1 to s; () when the
+    cost model prices every transfer alike (its ``comm_time``)."""
+    return tuple(getattr(cost_model, "stage_links", None) or ())
+
+
+class LinkTransfers:
+    """A cost model whose stage-to-stage transfers are priced by the link each boundary crosses.
+
+    ``into[s]`` prices a value sent into stage s (entry 0 is never used: stage 0 receives
+    nothing); None keeps the wrapped model's ``comm_time`` (a link inside a node). Node costs
+    and every other attribute are the wrapped model's; ``comm_time`` is the wrapped one's.
+
+    Example (4 stages, 2 devices a node: only boundary 1 -> 2 crosses nodes)::
+
+        >>> lt = LinkTransfers(cm, [None, None, lambda b: 1e-5 + b / 3.125e9, None])
+        >>> lt.stage_links[2](10**6)     # over the network, the others over cm.comm_time
+    """
+
+    def __init__(self, base: "CostModel", into: Any) -> None:
+        self.base = base
+        self.stage_links = tuple(base.comm_time if f is None else f for f in into)
+
+    def node_cost(self, node: Any) -> Any:
+        return self.base.node_cost(node)
+
+    def comm_time(self, nbytes: int) -> float:
+        return self.base.comm_time(nbytes)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("base", "stage_links"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __repr__(self) -> str:
+        return f"LinkTransfers({self.base!r}, {len(self.stage_links)} stages)"

@@ -159,6 +159,20 @@ class Topology:
         inter, most = bool(users), max(users, default=None)
         return lambda nbytes: self.transfer(int(nbytes), inter, most)
 
+    def stage_links(self, placement: Placement) -> list[Any]:
+        """Per receiving stage s, ``nbytes -> seconds`` over boundary s-1 -> s where ``placement`` puts
+        it (:meth:`transfer` at the node's network share), or None for a boundary inside nodes
+        (the cost model's own NVLink price); entry 0 is None. For
+        :class:`~fxpipe.cost_models.evaluator.LinkTransfers`: the C_s of a fixed-depth plan."""
+        out: list[Any] = [None]
+        for k in range(placement.num_stages - 1):
+            if placement.boundary_crosses(k):
+                users = placement.boundary_users(k)
+                out.append(lambda nbytes, u=users: self.transfer(int(nbytes), True, u))
+            else:
+                out.append(None)
+        return out
+
     def planning_allreduce(self, param_bytes: int, num_stages: int, width: int, stage: int) -> float:
         """All-reduce seconds of ``stage`` under the likely placement."""
         pl = self.likely_placement(num_stages, width)

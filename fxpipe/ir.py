@@ -360,6 +360,11 @@ class Plan:
             ls = self.loss
             out.append(f"loss_fn on stage {self.num_stages - 1} (included above): fwd {fmt_time(ls.fwd_time)}, "
                        f"bwd {fmt_time(ls.bwd_time)}, saves {fmt_bytes(ls.activation_bytes)} ({ls.nodes} ops)")
+        where = self.extra.get("placement")
+        if isinstance(where, dict):
+            out.append(f"placement {where.get('order')}, {where.get('devices_per_node')} devices a node; "
+                       f"boundaries across nodes (network-priced) {where.get('inter_node_boundaries')}, "
+                       f"all-reduces across nodes {where.get('inter_node_allreduce')}")
         extra = [f"solver time {self.solve_time:.2f} s", f"cut edges {len(self.cut_edges)}"]
         if self.microbatch_size and self.bottleneck > 0:
             rate = self.microbatch_size * self.data_parallel / self.bottleneck

@@ -45,10 +45,11 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
         from fxpipe.cost_models.evaluator import InProcessTransfers
 
         cg.cost_model = InProcessTransfers(cg.cost_model)
+    cg.cost_model = _linked(cg.cost_model, opts)
     if opts.example_targets is not None and opts.loss_fn is not None:
         price_loss(cg, opts.loss_fn, opts.example_targets, opts.num_microbatches)
     if given_plan is not None:
-        return _recheck(model, cg, given_plan, opts), cg
+        return _with_placement(_recheck(model, cg, given_plan, opts), opts), cg
     n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in _COMPUTE)
     if n_compute == 0:
         raise ConfigError(f"the traced graph of {type(model).__name__} has no operations (its forward returns "
@@ -118,13 +119,32 @@ def _topology(opts: PlanOptions) -> Any:
     return Topology(spec, n, opts.precision)
 
 
-def _with_placement(p: Plan, opts: PlanOptions) -> Plan:
-    """A fixed-depth plan records where its stages sit (one pipeline, stages on neighbouring devices)."""
+def _placement(opts: PlanOptions, num_stages: int, width: int = 1) -> Any:
+    """Where a fixed-depth plan's stages sit (one pipeline, stages on neighbouring devices), or None
+    when neither ``device`` nor ``devices_per_node`` describes a cluster."""
     if opts.devices_per_node is None and opts.device is None:
-        return p
+        return None
     from fxpipe.cost_models.device import get_device
     from fxpipe.cost_models.topology import Placement
 
     n = get_device(opts.device).devices_per_node if opts.devices_per_node is None else opts.devices_per_node
-    where = Placement("stages-in-node", p.num_stages, p.data_parallel, n).to_dict()
-    return dataclasses.replace(p, extra={**p.extra, "placement": where})
+    return Placement("stages-in-node", num_stages, width, n)
+
+
+def _linked(cm: CostModel, opts: PlanOptions) -> CostModel:
+    """The cost model with each boundary priced by the link it crosses under the fixed-depth placement
+    (unchanged when every boundary stays inside a node): partition, re-check and summary share it."""
+    where = _placement(opts, int(opts.num_stages or 1))
+    if where is None or not any(where.boundary_crosses(k) for k in range(where.num_stages - 1)):
+        return cm
+    from fxpipe.cost_models.evaluator import LinkTransfers
+
+    return LinkTransfers(cm, _topology(opts).stage_links(where))  # type: ignore[return-value]
+
+
+def _with_placement(p: Plan, opts: PlanOptions) -> Plan:
+    """A fixed-depth plan records where its stages sit."""
+    where = _placement(opts, p.num_stages, p.data_parallel)
+    if where is None:
+        return p
+    return dataclasses.replace(p, extra={**p.extra, "placement": where.to_dict()})

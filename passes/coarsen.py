@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch.fx
 
+from fxpipe.cost_models.evaluator import stage_links
 from fxpipe.errors import ConfigError, PartitionError
 from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_PARAMS, CostModel, LossCost, NodeCost
 
@@ -67,10 +68,17 @@ class GraphCosts:
     module: tuple[str, ...] = ()      # innermost-but-leaf module path of each node ("" if unknown)
     index: dict[str, int] = field(default_factory=dict, compare=False)
     loss: LossCost | None = None      # loss_fn's share of the last stage (gm.meta["fxpipe.loss"])
+    # per node, 2 * the transfer time into each stage s (the link from stage s-1 to s, see
+    # evaluator.LinkTransfers); () when every link costs ``comm``. ``comm`` is then the cheapest link.
+    comm_into: tuple[tuple[float, ...], ...] = ()
 
     @property
     def n(self) -> int:
         return len(self.names)
+
+    def comm_peak(self, v: int) -> float:
+        """2 * the dearest transfer of node ``v``'s value over any link."""
+        return max(self.comm_into[v]) if self.comm_into else self.comm[v]
 
 
 def _node_cost(node: torch.fx.Node, cost_model: CostModel | None) -> NodeCost:
@@ -121,6 +129,8 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
     declared: dict[str, int] = dict(getattr(gm, "meta", {}).get(META_PARAM_BYTES, {}) or {})
     param_bytes = dict(declared)
 
+    links = stage_links(cost_model)
+
     def comm_of(nbytes: int) -> float:
         if nbytes <= 0 or cost_model is None:
             return 0.0
@@ -134,6 +144,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
 
     fwd, bwd, act, out, comm, cons, prods, params, module = [], [], [], [], [], [], [], [], []
     returned = [False] * len(compute)
+    comm_into: list[tuple[float, ...]] = []
     for n in compute:
         c = _node_cost(n, cost_model)
         fwd.append(float(c.fwd_time))
@@ -141,6 +152,10 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         act.append(int(c.activation_bytes))
         out.append(int(c.output_bytes))
         comm.append(comm_of(int(c.output_bytes)))
+        if links:
+            comm_into.append(tuple(2.0 * float(f(int(c.output_bytes))) if c.output_bytes > 0 else 0.0
+                                   for f in links))
+            comm[-1] = min(comm_into[-1])      # bounds stay bounds
         cons.append(tuple(sorted({index[u.name] for u in n.users if u.name in index})))
         prods.append(tuple(sorted({index[a.name] for a in n.all_input_nodes if a.name in index})))
         ps: list[str] = []
@@ -175,7 +190,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         names=tuple(index), fwd=tuple(fwd), bwd=tuple(bwd), act=tuple(act), out_bytes=tuple(out),
         comm=tuple(comm), consumers=tuple(cons), producers=tuple(prods), returned=tuple(returned),
         params=tuple(params), param_bytes=param_bytes, inputs=tuple(inputs),
-        module=tuple(module), index=index, loss=_loss(gm),
+        module=tuple(module), index=index, loss=_loss(gm), comm_into=tuple(comm_into),
     )
 
 

@@ -99,7 +99,7 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
     hint_stage = list(hint[0]) if hint is not None else None
     hints: list[tuple[Any, int]] = []
     for k, val in enumerate(prob.values):
-        w_comm = int(val.comm)
+        w_comm = int(max(val.comm_into, default=val.comm))     # any link's price is nonzero then
         w_bytes = val.nbytes if need_ibytes else 0
         w_x = val.nbytes if (need_xbytes and val.producer >= 0) else 0
         if w_comm == 0 and w_bytes == 0 and w_x == 0:
@@ -126,8 +126,8 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
             e = m.new_bool_var(f"e[{k},{s}]")
             for lits in clauses:
                 m.add_bool_or(lits + [e])
-            if w_comm:
-                comm_terms[s].append((e, w_comm))
+            if w_comm and int(val.comm_at(s)):
+                comm_terms[s].append((e, int(val.comm_at(s))))
             if w_bytes:
                 ibytes_terms[s].append((e, w_bytes))
             if w_x:
@@ -144,8 +144,8 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
     # T_s is linear in its blocks: each block's term is the evaluator's time of the block alone
     work = {r_: [int(stage_time(int(f), int(b), 0, r_)) for f, b in zip(prob.fwd, prob.bwd)]
             for r_ in (False, True)}
-    ub_time = sum(fb) + sum(prob.fwd) + sum(int(v.comm) * d for v in prob.values) + 2 * int(
-        prob.loss[0]) + int(prob.loss[1])
+    ub_time = sum(fb) + sum(prob.fwd) + sum(int(max(v.comm_into, default=v.comm)) * d for v in prob.values) \
+        + 2 * int(prob.loss[0]) + int(prob.loss[1])
     if objective == "time":
         obj = m.new_int_var(int(lb), int(ub if ub is not None else ub_time), "T")
     else:

@@ -113,6 +113,11 @@ class _Sums:
     P: np.ndarray
     ret_c: np.ndarray   # [i]: comm of model outputs produced before block i
     ret_i: np.ndarray   # [i]: their bytes
+    C_at: tuple[np.ndarray, ...] = ()   # C per stage when links differ (Value.comm_into)
+
+    def comm(self, s: int) -> np.ndarray:
+        """C[i, j] of stage s."""
+        return self.C_at[s] if self.C_at else self.C
 
 
 def _sums(prob: BlockProblem) -> _Sums:
@@ -129,15 +134,20 @@ def _sums(prob: BlockProblem) -> _Sums:
     I = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values])
     X = _rectangles(n, [(v.producer, v.consumers, float(v.nbytes)) for v in prob.values if v.producer >= 0])
     P = _rectangles(n, [(-1, r, float(b)) for b, r in prob.params])
+    d = prob.num_stages
+    C_at: tuple[np.ndarray, ...] = ()
+    if any(v.comm_into for v in prob.values):
+        C_at = tuple(_rectangles(n, [(v.producer, v.consumers, v.comm_at(s)) for v in prob.values
+                                     if v.producer >= 0]) for s in range(d))
     ret_c = np.zeros(n + 1)
     ret_i = np.zeros(n + 1)
     for v in prob.values:
         if v.returned and v.producer >= 0:
             # enters the last stage [i, n) as an output only where no consumer there reads it
             first = max(v.producer, max(v.consumers, default=-1)) + 1
-            ret_c[first:] += v.comm
+            ret_c[first:] += v.comm_at(d - 1)
             ret_i[first:] += v.nbytes
-    return _Sums(pref(fwd), pref(bwd), pref(act), C, I, X, P, ret_c, ret_i)
+    return _Sums(pref(fwd), pref(bwd), pref(act), C, I, X, P, ret_c, ret_i, C_at)
 
 
 def stage_table(prob: BlockProblem, s: int,
@@ -151,9 +161,9 @@ def stage_table(prob: BlockProblem, s: int,
     S = _sums(prob) if sums is None else sums
     n, d = prob.n, prob.num_stages
     if s < d - 1:
-        Cs, Is, Xs, Fs, Bs, As, Ps = S.C, S.I, S.X, S.F, S.B, S.A, S.P
+        Cs, Is, Xs, Fs, Bs, As, Ps = S.comm(s), S.I, S.X, S.F, S.B, S.A, S.P
     else:
-        Cs, Is, Xs = S.C[:, n] + S.ret_c, S.I[:, n] + S.ret_i, S.X[:, n] + S.ret_i
+        Cs, Is, Xs = S.comm(s)[:, n] + S.ret_c, S.I[:, n] + S.ret_i, S.X[:, n] + S.ret_i
         Fs, Bs, As, Ps = S.F[:, n], S.B[:, n], S.A[:, n], S.P[:, n]
         lf, lb, la = prob.loss          # loss_fn runs after the last stage's forward
         Fs, Bs, As = Fs + lf, Bs + lb, As + la

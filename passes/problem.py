@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from fxpipe.cost_models.evaluator import CostContext, StageFigures
+from fxpipe.errors import ConfigError
 
 from .coarsen import GraphCosts
 
@@ -29,6 +30,11 @@ class Value:
     comm: float                    # 2 * comm_time(bytes): paid once per stage it enters
     nbytes: int                    # counted in I_s of a stage it enters
     returned: bool = False         # a model output: enters the last stage
+    comm_into: tuple[float, ...] = ()   # comm into each stage by its incoming link; () = ``comm`` everywhere
+
+    def comm_at(self, stage: int) -> float:
+        """What the value costs in C_s of ``stage`` when it enters there."""
+        return self.comm_into[stage] if self.comm_into else self.comm
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,9 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
         fwd = tuple(t(sum(gc.fwd[v] for v in nodes)) for nodes in blocks)
         bwd = tuple(t(sum(gc.bwd[v] for v in nodes)) for nodes in blocks)
         act = tuple(sum(gc.act[v] for v in nodes) for nodes in blocks)
+    if gc.comm_into and len(gc.comm_into[0]) != ctx.num_stages:
+        raise ConfigError(f"the cost model prices links into {len(gc.comm_into[0])} stages, but the problem "
+                          f"has num_stages={ctx.num_stages}; build its LinkTransfers for {ctx.num_stages} stages")
     values: list[Value] = []
     edges: set[tuple[int, int]] = set()
     for v in range(gc.n):
@@ -117,7 +126,8 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
             edges.add((blk[v], c))
         ret = gc.returned[v]
         if cons or ret:
-            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret))
+            into = tuple(t(c) for c in gc.comm_into[v]) if gc.comm_into else ()
+            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret, into))
     for inp in gc.inputs:
         values.append(Value(-1, tuple(sorted({blk[c] for c in inp.consumers})), 0.0, inp.nbytes))
     readers: dict[str, set[int]] = {}
@@ -167,7 +177,7 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
             if s > ps:
                 ib[s] += v.nbytes
                 if v.producer >= 0:
-                    c[s] += v.comm
+                    c[s] += v.comm_at(s)
                     xb[s] += v.nbytes
     pb = [0] * d
     for nbytes, readers in prob.params:

@@ -80,7 +80,7 @@ class Search:
         self.det_used = 0.0
         d = num_stages
         ub_time = sum(2 * f + b for f, b in zip(gc.fwd, gc.bwd)) + sum(
-            c * min(d, len(cs) + 1) for c, cs in zip(gc.comm, gc.consumers))
+            gc.comm_peak(v) * min(d, len(cs) + 1) for v, cs in enumerate(gc.consumers))
         if gc.loss is not None:
             ub_time += 2 * gc.loss.fwd_time + gc.loss.bwd_time
         self.scale = _TIME_UNITS / ub_time if ub_time > 0 else 1.0
