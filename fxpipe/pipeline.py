@@ -16,6 +16,7 @@ from fxpipe.runtime.amp import LossScaler
 from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes, module_buffers
 from fxpipe.runtime.microbatch import split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
+from fxpipe.trace_fixes import check_mutations_kept
 
 if TYPE_CHECKING:
     from fxpipe.frontend import CompiledGraph
@@ -59,6 +60,7 @@ class Pipeline:
         self.schedule = plan.schedule
         self._optimizer_factory = optimizer
         self._cg = cg
+        check_mutations_kept(cg.gm, plan.stage_of())
         self.program: PipelineProgram = split(cg.gm, plan.stage_of(), plan.num_stages)
         self.stages: list[torch.fx.GraphModule] = [st.module for st in self.program.stages]
         # canonical names: the model's own (first) name of every distinct parameter

@@ -12,8 +12,8 @@ import torch
 import torch.fx
 
 from fxpipe.errors import TraceError
-from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_NO_GRAD, detach_no_grad_values, drop_guards,
-                                drop_unused_placeholders, functional_inplace, fx_mutations, grad_toggles_to_meta)
+from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FX_MUTATIONS, META_NO_GRAD, detach_no_grad_values,
+                                drop_guards, drop_unused_placeholders, functional_inplace, fx_mutations, grad_toggles_to_meta)
 from fxpipe.trace_leaves import failing_submodule, leaf_paths, opaque_calls_to_modules, opaque_during_export
 
 __all__ = ["trace", "FxpipeTracer"]
@@ -142,6 +142,7 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                           f"({', '.join(mutations[:3])}) and torch.export could not trace it; the "
                           "plan must keep each update on the stage of the tensor's readers. Write it "
                           "out of place (torch.cat, torch.where) to be safe", stacklevel=3)
+            gm.meta[META_FX_MUTATIONS] = mutations     # compile refuses a plan that splits them
             return gm
     try:
         return _export(model, args, kwargs, leaf_paths(model, leaf_modules), "export")

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-__all__ = ["META_NO_GRAD", "fx_mutations", "mutated_copy", "functional_inplace", "stop_grad",
+__all__ = ["META_NO_GRAD", "META_FX_MUTATIONS", "fx_mutations", "check_mutations_kept", "mutated_copy", "functional_inplace", "stop_grad",
            "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
            "INPLACE_OPERATORS"]
 
@@ -57,6 +57,48 @@ def fx_mutations(gm: torch.fx.GraphModule) -> list[str]:
         return False
 
     return [n.name for n in gm.graph.nodes if mutates(n)]
+
+
+META_FX_MUTATIONS = "fxpipe.fx_mutations"   # gm.meta: in-place nodes left in an fx graph (export failed)
+
+
+def check_mutations_kept(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> None:
+    """Refuse a plan under which an in-place update of an fx graph is not seen as the model sees it.
+
+    Only for graphs whose in-place updates stayed fx nodes (``gm.meta[META_FX_MUTATIONS]``,
+    set when torch.export could not trace the model): there the update is no edge. A stage
+    sends a tensor once its forward is done, so a plan is exact when (1) the update runs on
+    the stage that made the tensor (a received copy is a leaf autograd refuses to update;
+    a model input reaches each stage on its own, so then every reader shares that stage) and
+    (2) every reader on a later stage comes after the update in the model's order (it sees the
+    update, as in the model). Views of the tensor are not followed.
+
+    Raises:
+        PartitionError: naming the update, the stages involved and the ways out.
+    """
+    from fxpipe.errors import PartitionError
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for name in gm.meta.get(META_FX_MUTATIONS, ()):
+        m = nodes.get(name)
+        if m is None or m.name not in stage_of or not m.args or not isinstance(m.args[0], torch.fx.Node):
+            continue
+        target, sm = m.args[0], stage_of[m.name]
+        readers = [r for r in target.users if r is not m and r.name in stage_of]
+        if target.name in stage_of:
+            bad = [] if stage_of[target.name] == sm else [target]
+            bad += [r for r in readers if stage_of[r.name] > sm and order[r] < order[m]]
+        else:
+            bad = [r for r in readers if stage_of[r.name] != sm]
+        if bad:
+            where = ", ".join(f"{n.name} on stage {stage_of[n.name]}" for n in sorted({*bad, m}, key=order.get))
+            raise PartitionError(
+                f"the plan splits the in-place update {name!r} of {target.name!r} from the nodes that make or "
+                f"read it as the model does ({where}); torch.export could not trace this model, so the update is "
+                "no graph edge and another stage would read a copy. Write the update out of place (y = x + v, "
+                "torch.cat, torch.where), or make the module doing it opaque (leaf_modules=[...]) so it runs "
+                "whole on one stage, or give a plan= that keeps the update on the stage making the tensor")
 
 
 def stop_grad(value: Any) -> Any:

@@ -230,3 +230,60 @@ def test_fx_sees_every_kind_of_in_place_update():
         assert want <= got, (make.__name__, got)
     clean = torch.fx.symbolic_trace(NoGradMiddle())
     assert fx_mutations(clean) == []
+
+
+class _UpdatedInPlace(nn.Module):
+    """``h`` is read before (``h * 2``) and after (``self.c(h)``) an in-place update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        g = h * 2.0
+        h.add_(1.0)
+        return self.c(h) + g
+
+
+def test_plans_that_split_an_fx_in_place_update_are_refused_when_export_fails(monkeypatch):
+    """Export failing leaves the update a plain fx node: every 3-stage plan trains exactly or is refused."""
+    import fxpipe.trace as trace_mod
+
+    def no_export(*a, **k):
+        raise RuntimeError("export refused (test)")
+
+    monkeypatch.setattr(trace_mod, "_export", no_export)
+    torch.manual_seed(0)
+    model = _UpdatedInPlace().double()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    batches = batches_for(x, y, n=2)
+    want, ref = reference_losses(model, batches, F.mse_loss, M, "flush")
+    with pytest.warns(UserWarning, match="updates tensors in place"):
+        cg = prepare(model, (x,), num_microbatches=M)
+    compute = [n.name for n in cg.gm.graph.nodes if n.op in COMPUTE]
+    assert compute == ["a", "mul", "add_", "c", "add"], compute
+    refused, trained = [], []
+    for i in range(1, len(compute)):
+        for j in range(i + 1, len(compute)):
+            stage_of = {n: (k >= i) + (k >= j) for k, n in enumerate(compute)}
+            plan = plan_from_assignment(cg.gm, cg.cost_model, stage_of, [False] * 3, num_microbatches=M,
+                                        schedule="flush", solver="hand")
+            # exact iff add_ is on a's stage and c (after it) is not before it: i.e. a, mul, add_ together
+            exact = stage_of["add_"] == stage_of["a"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if not exact:
+                    with pytest.raises(fxpipe.PartitionError, match=r"in-place update 'add_' of 'a'.*out of place"):
+                        fxpipe.compile(copy.deepcopy(model), (x,), num_stages=3, num_microbatches=M,
+                                       schedule="flush", loss_fn=F.mse_loss, optimizer=SGDM, plan=plan)
+                    refused.append((i, j))
+                    continue
+                pipe = fxpipe.compile(copy.deepcopy(model), (x,), num_stages=3, num_microbatches=M,
+                                      schedule="flush", loss_fn=F.mse_loss, optimizer=SGDM, plan=plan)
+            got = [pipe.step(bx, by).item() for bx, by in batches]
+            assert got == pytest.approx(want, abs=1e-12, rel=0), (i, j)
+            for name, v in ref.state_dict().items():
+                torch.testing.assert_close(pipe.state_dict()[name], v, atol=1e-12, rtol=0, msg=name)
+            trained.append((i, j))
+    assert trained == [(3, 4)] and len(refused) == 5, (trained, refused)
