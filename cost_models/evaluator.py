@@ -26,7 +26,7 @@ n=3, M = 100*3 + 3*(10+2) = 336 without recompute, 100*3 + 3*2 + 10 = 316 with i
 
 A :class:`CostContext` holds everything these formulas depend on besides the
 stage's own figures (schedule, d, m, k, the recompute policy, the precision and
-the transfer pricing); a change to the model is made here once.
+the precision); a transfer's price is :func:`transfer_cost`; a change to the model is made here once.
 
 Transfers are priced by the link they cross when the cost model is a
 :class:`LinkTransfers` (a fixed-depth plan on a cluster, :mod:`fxpipe.cost_models.topology`):
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from fxpipe.ir import CostModel, StagePlan
 
-__all__ = ["CostContext", "StageFigures", "InProcessTransfers", "LinkTransfers", "stage_links",
+__all__ = ["CostContext", "StageFigures", "InProcessTransfers", "LinkTransfers", "stage_links", "transfer_cost",
            "IN_PROCESS_TRANSFER_SECONDS", "in_flight", "weight_copies", "stage_time", "stage_memory", "weight_bytes", "stash_bytes", "param_state_bytes",
            "gradient_bytes"]
 
@@ -66,9 +66,8 @@ class CostContext:
 
     ``precision`` names the training precision (:mod:`fxpipe.precision`): bytes per
     parameter by :func:`param_state_bytes`; activation bytes come from the cost model,
-    which counts them in the compute dtype. ``transfer`` prices sending
-    ``nbytes`` once between two stages (seconds); None uses the cost model's
-    ``comm_time``.
+    which counts them in the compute dtype. Transfers are priced per value by
+    :func:`transfer_cost` (C_s sums them).
     """
 
     schedule: str
@@ -77,7 +76,6 @@ class CostContext:
     optimizer_slots: int = 0
     recompute: bool | None = None            # None: chosen per stage; True/False: forced
     precision: str = "fp32"
-    transfer: Callable[[int], float] | None = None
 
     def in_flight(self, stage: int) -> int:
         """n_s of ``stage``."""
@@ -93,19 +91,12 @@ class CostContext:
         """The values r_s may take: (False, True) when chosen, else the forced one."""
         return (False, True) if self.recompute is None else (bool(self.recompute),)
 
-    def comm(self, nbytes: int, cost_model: "CostModel | None", stage: int | None = None) -> float:
-        """2 * transfer time of a value of ``nbytes`` (sent forward, gradient sent back) into ``stage``
-        (priced by its incoming link when ``cost_model`` has :func:`stage_links`); 0 for no bytes."""
-        if nbytes <= 0:
-            return 0.0
-        links = stage_links(cost_model)
-        if links and stage is not None:
-            return 2.0 * float(links[stage](int(nbytes)))
-        if self.transfer is not None:
-            return 2.0 * float(self.transfer(int(nbytes)))
-        if cost_model is None:
-            return 0.0
-        return 2.0 * float(cost_model.comm_time(int(nbytes)))
+
+def transfer_cost(nbytes: int, price: Callable[[int], float] | None) -> float:
+    """One value's share of C_s: 2 * its transfer time (sent forward, gradient sent back); 0 for no bytes."""
+    if nbytes <= 0 or price is None:
+        return 0.0
+    return 2.0 * float(price(int(nbytes)))
 
 
 def stage_time(fwd: Any, bwd: Any, comm: Any, recompute: bool) -> Any:

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch.fx
 
-from fxpipe.cost_models.evaluator import stage_links
+from fxpipe.cost_models.evaluator import stage_links, transfer_cost
 from fxpipe.errors import ConfigError, PartitionError
 from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_PARAMS, CostModel, LossCost, NodeCost
 
@@ -131,10 +131,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
 
     links = stage_links(cost_model)
 
-    def comm_of(nbytes: int) -> float:
-        if nbytes <= 0 or cost_model is None:
-            return 0.0
-        return 2.0 * float(cost_model.comm_time(int(nbytes)))
+    price = None if cost_model is None else cost_model.comm_time
 
     # Parameters read through get_attr nodes go to every compute consumer.
     attr_params: dict[str, tuple[str, ...]] = {}
@@ -151,10 +148,9 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         bwd.append(float(c.bwd_time))
         act.append(int(c.activation_bytes))
         out.append(int(c.output_bytes))
-        comm.append(comm_of(int(c.output_bytes)))
+        comm.append(transfer_cost(int(c.output_bytes), price))
         if links:
-            comm_into.append(tuple(2.0 * float(f(int(c.output_bytes))) if c.output_bytes > 0 else 0.0
-                                   for f in links))
+            comm_into.append(tuple(transfer_cost(int(c.output_bytes), f) for f in links))
             comm[-1] = min(comm_into[-1])      # bounds stay bounds
         cons.append(tuple(sorted({index[u.name] for u in n.users if u.name in index})))
         prods.append(tuple(sorted({index[a.name] for a in n.all_input_nodes if a.name in index})))
