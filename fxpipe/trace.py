@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import io
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -149,41 +149,19 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     except Exception as e:  # noqa: BLE001
         ex_err = e
     # 3. fx, making failing submodules opaque, innermost first
-    leaves = list(leaf_modules)
-    made_opaque: list[str] = []
-    err: BaseException = fx_err
-    for _ in range(_MAX_AUTO_LEAVES):
-        path = getattr(err, "_fxpipe_module", "")
-        if not path or path in leaves:
-            break
-        leaves.append(path)
-        made_opaque.append(path)
-        try:
-            gm = _fx(model, args, kwargs, leaves, "fx+leaves")
-        except Exception as e:  # noqa: BLE001
-            err = e
-            continue
-        _warn_opaque(model, made_opaque, fx_err)
-        gm.meta["fxpipe.leaves"] = made_opaque
+    gm, made, err = _with_auto_leaves(
+        lambda leaves: _fx(model, args, kwargs, leaves, "fx+leaves"), list(leaf_modules), fx_err,
+        lambda e, leaves: (p if (p := getattr(e, "_fxpipe_module", "")) and p not in leaves else None))
+    if gm is not None:
+        _warn_opaque(model, made, fx_err)
         return gm
     # 4. export, making the submodule that stopped it opaque, innermost first (plain fx fails at the
     # root of most HF models, so step 3 never starts there)
-    ex_leaves = leaf_paths(model, leaf_modules)
-    ex_made: list[str] = []
-    last: BaseException = ex_err
-    for _ in range(_MAX_AUTO_LEAVES):
-        path = failing_submodule(model, last, ex_leaves)
-        if path is None:
-            break
-        ex_leaves.append(path)
-        ex_made.append(path)
-        try:
-            gm = _export(model, args, kwargs, ex_leaves, "export+leaves")
-        except Exception as e:  # noqa: BLE001
-            last = e
-            continue
-        _warn_opaque(model, ex_made, ex_err)
-        gm.meta["fxpipe.leaves"] = ex_made
+    gm, made, last = _with_auto_leaves(
+        lambda leaves: _export(model, args, kwargs, leaves, "export+leaves"), leaf_paths(model, leaf_modules),
+        ex_err, lambda e, leaves: failing_submodule(model, e, leaves))
+    if gm is not None:
+        _warn_opaque(model, made, ex_err)
         return gm
     where = next((w for w in map(_user_frame, (last, ex_err, err, fx_err)) if w), "")
     msgs = " ".join(str(e) for e in (ex_err, last))
@@ -202,6 +180,31 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 _MAX_AUTO_LEAVES = 64
+
+
+def _with_auto_leaves(retrace: Callable[[list[Any]], torch.fx.GraphModule], leaves: list[Any],
+                      err: BaseException, failing: Callable[[BaseException, list[Any]], str | None],
+                      ) -> tuple[torch.fx.GraphModule | None, list[str], BaseException]:
+    """Retrace with the submodule that stopped the last try (``failing(err, leaves)``) made opaque, until
+    one works or none is left: (graph or None, the paths made opaque, the last error).
+
+    A graph that works records the paths in ``gm.meta["fxpipe.leaves"]``.
+    """
+    made: list[str] = []
+    for _ in range(_MAX_AUTO_LEAVES):
+        path = failing(err, leaves)
+        if not path:
+            break
+        leaves.append(path)
+        made.append(path)
+        try:
+            gm = retrace(leaves)
+        except Exception as e:  # noqa: BLE001 - the next failing submodule, or give up
+            err = e
+            continue
+        gm.meta["fxpipe.leaves"] = made
+        return gm, made, err
+    return None, made, err
 
 
 def _warn_opaque(model: torch.nn.Module, paths: list[str], cause: BaseException) -> None:

@@ -424,23 +424,30 @@ class DistributedExecutor(Gathered):
         dtype = _LOSS_DTYPES[int(round(buf[1].item()))]
         return buf[0].to(dtype).cpu()
 
-    @torch.no_grad()
-    def evaluate(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
-        """Mean loss over every replica's microbatches with the newest weights (collective)."""
+    def _forward_only(self, inputs: list[list[Any]], what: str, keep: Callable[[int, Any], Any]) -> list[Any]:
+        """Run every microbatch forward through this rank's stage with the newest weights, after a drain;
+        ``keep(microbatch, model output)`` of each where this rank's stage has the model's output (the last
+        stage). A failure in either is reported to the peers like one in a step."""
         self.drain()
-        losses = []
+        out = []
         try:
             for j, mb_inputs in enumerate(inputs):
-                what = f"evaluate microbatch {j}"
-                outs, model_out = self.runtime.forward_only(mb_inputs, self._receive_inputs(what))
-                self._send_outputs(outs, what, self.batch)
+                name = f"{what} microbatch {j}"
+                outs, model_out = self.runtime.forward_only(mb_inputs, self._receive_inputs(name))
+                self._send_outputs(outs, name, self.batch)
                 if model_out is not None:
-                    losses.append(self.runtime.eval_loss(model_out, targets[j]))
+                    out.append(keep(j, model_out))
         except DistributedError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise self.comm.fail("evaluate", e) from e
+            raise self.comm.fail(what, e) from e
         self.comm.reap_sends(wait=True)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, inputs: list[list[Any]], targets: list[Any]) -> torch.Tensor:
+        """Mean loss over every replica's microbatches with the newest weights (collective)."""
+        losses = self._forward_only(inputs, "evaluate", lambda j, out: self.runtime.eval_loss(out, targets[j]))
         total = float(torch.stack([x.double() for x in losses]).sum().item()) if losses else 0.0
         code = float(_LOSS_DTYPES.index(losses[0].dtype) if losses and losses[0].dtype in _LOSS_DTYPES else 0)
         buf = torch.tensor([total / (len(inputs) * self.w), code / self.w], dtype=torch.float64, device=self.device)
@@ -451,21 +458,8 @@ class DistributedExecutor(Gathered):
     @torch.no_grad()
     def forward(self, inputs: list[list[Any]]) -> list[Any]:
         """Outputs of every microbatch of every replica (on every rank), with the newest weights."""
-        self.drain()
-        results = []
-        try:
-            for j, mb_inputs in enumerate(inputs):
-                what = f"forward-only microbatch {j}"
-                outs, model_out = self.runtime.forward_only(mb_inputs, self._receive_inputs(what))
-                self._send_outputs(outs, what, self.batch)
-                if model_out is not None:
-                    results.append(pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x,
-                                                   model_out))
-        except DistributedError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise self.comm.fail("forward", e) from e
-        self.comm.reap_sends(wait=True)
+        results = self._forward_only(inputs, "forward", lambda _, out: pytree.tree_map(
+            lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, out))
         gathered: list[Any] = []
         for r in range(self.w):
             src = self.rank_of(self.d - 1, r)
