@@ -260,7 +260,28 @@ def mode_safety(out: Path) -> None:
         pipe.step(bx, by)
         sends.append(len(pipe._executor._sends))
     res["pending_sends"] = sends
-    pipe._executor.drain()      # two pipelines share the process group: finish one's 2bw tail before the next
+
+    # two 2bw pipelines stepped alternately, each leaving its tail in flight, with a user's own send on
+    # the default group in between: each pipeline's messages stay its own (its own process group)
+    import torch.distributed as dist
+    from test_pipeline import reference_losses
+
+    model, x, y, loss_fn = models.CASES["mlp"]()
+    batches = batches_for(x, y, n=4)
+    ref_losses, _ = reference_losses(model, batches, loss_fn, 4, "2bw")
+    twins = [build(copy.deepcopy(model), x, stages=2, m=4, schedule="2bw", loss_fn=loss_fn, executor="distributed")
+             for _ in range(2)]
+    got: list[list[float]] = [[], []]
+    for bx, by in batches:
+        for i, tw in enumerate(twins):
+            got[i].append(tw.step(bx, by).item())
+            token = torch.tensor([float(rank)])
+            if rank == 0:
+                dist.send(token, dst=1)
+            else:
+                dist.recv(token, src=0)
+    res["twins_loss_err"] = max(abs(a - b) for g in got for a, b in zip(g, ref_losses))
+    res["twins_unfinished"] = [tw._executor._stream_base is not None for tw in twins]
 
     # BatchNorm: resume is bit-identical including buffers; every rank's state_dict has the owners' buffers
     bmodel, bx0, by0, bloss = models.bn_case()

@@ -148,6 +148,14 @@ def test_2bw_pending_sends_stay_bounded(safety):
 
 
 @pytest.mark.timeout(120)
+def test_two_unfinished_2bw_pipelines_keep_their_messages_apart(safety):
+    """Both on the default group, the second pipeline's receives matched the first's in-flight sends."""
+    for rank, res in enumerate(safety[0]):
+        assert res["twins_unfinished"] == [True, True], res["twins_unfinished"]
+        assert res["twins_loss_err"] < 1e-9, f"rank {rank}: {res['twins_loss_err']}"
+
+
+@pytest.mark.timeout(120)
 def test_batchnorm_resume_and_all_or_nothing_load_on_2_ranks(safety):
     results, _ = safety
     for rank, res in enumerate(results):

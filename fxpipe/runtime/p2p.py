@@ -58,6 +58,9 @@ class Comm:
         self.device = device
         self.timeout = timeout_seconds()
         self.failed: DistributedError | None = None
+        # this pipeline's own group: its sends and receives never match another pipeline's (or a
+        # torch.distributed.pipelining schedule's) on the default group, even with 2bw work unfinished
+        self._p2p_group = layout.pipeline_groups[layout.replica]
         self.wait_seconds = 0.0            # blocked on receives / collectives since the last reset
         # posted sends, oldest first: (batch of the microbatch sent, Work, the tensor(s) it reads)
         self._sends: collections.deque[tuple[int, Any, Any]] = collections.deque()
@@ -138,7 +141,7 @@ class Comm:
         for s, metas in pairs:
             bufs = [torch.empty(shape, dtype=dt, device=self.device) for shape, dt in metas]
             out[s] = bufs
-            ops += [dist.P2POp(dist.irecv, b, self.layout.rank_of(s)) for b in bufs]
+            ops += [dist.P2POp(dist.irecv, b, self.layout.rank_of(s), group=self._p2p_group) for b in bufs]
         works = []
         if ops:
             try:
@@ -161,7 +164,7 @@ class Comm:
             for t in tensors:
                 t = t.detach().contiguous()
                 keep.append(t)
-                ops.append(dist.P2POp(dist.isend, t, self.layout.rank_of(s)))
+                ops.append(dist.P2POp(dist.isend, t, self.layout.rank_of(s), group=self._p2p_group))
         if ops:
             try:
                 works = dist.batch_isend_irecv(ops)
