@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from fxpipe.errors import ConfigError
 
 from .device import DeviceSpec
-from .evaluator import gradient_bytes
+from .evaluator import LinkTransfers, gradient_bytes
 
 if TYPE_CHECKING:
     from fxpipe.ir import Plan
@@ -150,15 +150,6 @@ class Topology:
         order = PLACEMENTS[1] if 1 < width <= self.devices_per_node and num_stages > 1 else PLACEMENTS[0]
         return Placement(order, num_stages, width, self.devices_per_node)
 
-    def planning_transfer(self, num_stages: int, width: int) -> Any:
-        """``nbytes -> seconds`` for the partitioner's C_s at (d, w): the likely placement's slowest
-        boundary (its network share when some boundary crosses nodes, else NVLink). The simulator
-        then prices each boundary where it really sits."""
-        pl = self.likely_placement(num_stages, width)
-        users = [pl.boundary_users(k) for k in range(num_stages - 1) if pl.boundary_crosses(k)]
-        inter, most = bool(users), max(users, default=None)
-        return lambda nbytes: self.transfer(int(nbytes), inter, most)
-
     def stage_links(self, placement: Placement) -> list[Any]:
         """Per receiving stage s, ``nbytes -> seconds`` over boundary s-1 -> s where ``placement`` puts
         it (:meth:`transfer` at the node's network share), or None for a boundary inside nodes
@@ -172,6 +163,15 @@ class Topology:
             else:
                 out.append(None)
         return out
+
+    def linked(self, cost_model: Any, placement: Placement) -> Any:
+        """``cost_model`` with each boundary priced by the link it crosses under ``placement``
+        (:class:`~fxpipe.cost_models.evaluator.LinkTransfers` over :meth:`stage_links`); unchanged
+        when every boundary stays inside a node. Fixed-depth plans, the depth x width search (at the
+        :meth:`likely_placement` of each candidate) and the paper's planner all price C_s this way."""
+        if not any(placement.boundary_crosses(k) for k in range(placement.num_stages - 1)):
+            return cost_model
+        return LinkTransfers(cost_model, self.stage_links(placement))
 
     def planning_allreduce(self, param_bytes: int, num_stages: int, width: int, stage: int) -> float:
         """All-reduce seconds of ``stage`` under the likely placement."""

@@ -135,11 +135,7 @@ def _linked(cm: CostModel, opts: PlanOptions) -> CostModel:
     """The cost model with each boundary priced by the link it crosses under the fixed-depth placement
     (unchanged when every boundary stays inside a node): partition, re-check and summary share it."""
     where = _placement(opts, int(opts.num_stages or 1))
-    if where is None or not any(where.boundary_crosses(k) for k in range(where.num_stages - 1)):
-        return cm
-    from fxpipe.cost_models.evaluator import LinkTransfers
-
-    return LinkTransfers(cm, _topology(opts).stage_links(where))  # type: ignore[return-value]
+    return cm if where is None else _topology(opts).linked(cm, where)
 
 
 def _with_placement(p: Plan, opts: PlanOptions) -> Plan:

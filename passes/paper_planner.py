@@ -40,7 +40,7 @@ from fxpipe.ir import SCHEDULES, CostModel, Plan
 from .baselines import LayerUnit, layer_units
 from .coarsen import graph_costs
 from .equal_blocks import equal_block_plan, equal_blocks
-from .search import _enumerate, _Links, flush_sizes
+from .search import _enumerate, flush_sizes
 
 __all__ = ["equal_blocks", "equal_block_plan", "paper_batch_time", "paper_plan"]
 
@@ -80,8 +80,8 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
         allreduce: ``allreduce(plan, w) -> seconds per stage``; default: by ``topology`` under its likely
             placement, or none (w = 1 is free, and the caller prices replicas).
         topology: a :class:`~fxpipe.cost_models.topology.Topology`: C_s priced as the search prices it
-            (:meth:`~fxpipe.cost_models.topology.Topology.planning_transfer`, the likely placement's
-            slowest boundary) instead of the cost model's NVLink ``comm_time``.
+            (:meth:`~fxpipe.cost_models.topology.Topology.linked` at the likely placement: each boundary
+            by the link it crosses) instead of the cost model's NVLink ``comm_time`` everywhere.
 
     Returns:
         The best Plan (``solver="paper"``, ``data_parallel=w``, ``microbatch_size=b``,
@@ -116,9 +116,9 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
     best: tuple[float, int, int, Plan] | None = None
     for d, w, b, m in cands:
         gm, cm, gc, units = graph(b)
-        if topology is not None:   # the GraphCosts hold C_s: price them again with the topology's links
-            cm = _Links(cm, topology.planning_transfer(d, w))
-            gc = graph_costs(gm, cm)
+        if topology is not None:   # the GraphCosts hold C_s: price them again with each boundary's own link
+            linked = topology.linked(cm, topology.likely_placement(d, w))
+            cm, gc = (linked, graph_costs(gm, linked)) if linked is not cm else (cm, gc)
         for r in (False, True):
             row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": "all" if r else "none",
                                    "samples_per_s": None, "fits": False}

@@ -152,22 +152,6 @@ def _enumerate(num_devices: int, global_batch: int, schedule: str, max_depth: in
     return cands
 
 
-class _Links:
-    """A cost model whose transfers are priced by the topology (node costs unchanged)."""
-
-    def __init__(self, cost_model: CostModel, seconds: Callable[[int], float]) -> None:
-        self._cm, self._seconds = cost_model, seconds
-
-    def node_cost(self, node: torch.fx.Node) -> Any:
-        return self._cm.node_cost(node)
-
-    def comm_time(self, nbytes: int) -> float:
-        return float(self._seconds(nbytes))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cm, name)
-
-
 def _priced(plan: Plan, w: int, cm: CostModel, topology: Any, price: Price) -> tuple[float, float, Any]:
     """(seconds per batch, exposed all-reduce, placement or None) under the topology or ``price``."""
     if topology is not None:
@@ -331,8 +315,9 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             row.update(status=GAVE_UP, reason=f"time_limit={time_limit} s ran out before its turn")
             continue
         t0 = time.perf_counter()
-        if topology is not None:   # C_s priced where the boundaries will likely sit
-            cm = _Links(cm, topology.planning_transfer(d, w))  # type: ignore[assignment]
+        base = cm
+        if topology is not None:   # C_s: each boundary by its own link where the stages will likely sit
+            cm = topology.linked(cm, topology.likely_placement(d, w))
         try:
             plan, g = _solve(gm, cm, gc, d=d, m=m, schedule=schedule, memory_limit=memory_limit,
                              optimizer_slots=optimizer_slots, recompute=recompute, time_limit=per,
@@ -362,7 +347,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             # transfers with compute, so a stage without inputs (C_0 = 0) is handed more compute than the
             # simulator can hide. Equal blocks (the paper's cut) at the same (d, w, b) are priced too and
             # win when faster under the simulator: the search never loses to the paper's planner there.
-            gc_links = graph_costs(gm, cm) if topology is not None else gc    # C_s as the ILP priced them
+            gc_links = graph_costs(gm, cm) if cm is not base else gc    # C_s as the ILP priced them
             t_eq0 = time.perf_counter()
             eq, _ = equal_block_plan(gm, cm, gc_links, units_of(b), num_stages=d, num_microbatches=m, schedule=schedule,
                                      memory_limit=memory_limit, optimizer_slots=optimizer_slots,

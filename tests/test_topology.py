@@ -99,9 +99,10 @@ def test_network_share_follows_the_devices_using_it() -> None:
     assert b.boundary_users(0) == 4 and b.allreduce_users(0) == 0
     assert topo.transfer(8, True, a.boundary_users(3)) == pytest.approx(2.0)    # 8 B at 4 B/s
     assert topo.transfer(8, True, b.boundary_users(0)) == pytest.approx(8.0)    # 8 B at 1 B/s
-    # the planner's C_s: replicas fill a node at d=2 w=4 (likely replicas-in-node), shared by 4
-    assert topo.planning_transfer(2, 4)(8) == pytest.approx(8.0)
-    assert topo.planning_transfer(8, 1)(8) == pytest.approx(2.0)           # one pipeline over 2 nodes
+    # the search's C_s: replicas fill a node at d=2 w=4 (likely replicas-in-node), boundary 0 shared by 4
+    assert topo.stage_links(topo.likely_placement(2, 4))[1](8) == pytest.approx(8.0)
+    one = topo.stage_links(topo.likely_placement(8, 1))                    # one pipeline over 2 nodes
+    assert one[4](8) == pytest.approx(2.0) and [k for k, f in enumerate(one) if f is not None] == [4]
     assert Topology(DEV, devices_per_node=4).bandwidth(True, users=1) == 1.0   # a NIC per device: no gain
     with pytest.raises(ConfigError, match="gpus_per_nic must be an int >= 1, got 0"):
         DEV.replace(gpus_per_nic=0)
@@ -188,3 +189,30 @@ def test_dp_cp_sat_and_recheck_price_alike() -> None:
         k = len({u for u, c in p.cut_edges if stage[c] == s and stage[u] < s})
         st = p.stages[s]
         assert k >= 1 and abs(st.comm_time - k * _sent(st.received_bytes / k, bandwidth)) <= 1e-12
+
+
+# -- the depth x width search: each boundary priced by its own link under the placement it assumes --
+
+def test_search_prices_each_boundary_by_its_own_link() -> None:
+    """6 nodes F=1 B=2 (T=3), d=3 w=1 on 2-device nodes: stages 0, 1 share node 0, so only boundary 1 -> 2
+    crosses (1 B/s; NVLink 100 B/s). n1 sends 3 B, every other node 1 B. By its own link the 3 B cut costs
+    C = 2 x 3 / 100 inside node 0: [n0 n1 | n2 n3 | n4 n5] has T = 6, 6.06, 6 + 2 x 1 / 1 = 8. Priced at the
+    slowest link everywhere, that cut's C_1 = 6 (T_1 = 12) and the best cut avoided n1 (bottleneck 9)."""
+    from fxpipe.passes.search import search_depth_width
+    from test_partition import FakeCostModel, make_graph
+
+    from fxpipe.ir import NodeCost
+
+    costs = [NodeCost(fwd_time=1.0, bwd_time=2.0, output_bytes=3 if i == 1 else 1) for i in range(6)]
+
+    def graph_for(b: int):
+        gm = make_graph([[i - 1] if i else [] for i in range(6)], costs, input_bytes=0,
+                        params={i: (f"w{i}",) for i in range(6)}, param_bytes={f"w{i}": 100 for i in range(6)})
+        return gm, FakeCostModel(bandwidth=100.0)            # the cost model's own link: NVLink
+    # d=1 (w=3) holds all 600 B of parameters x 2 copies (flush, SGD): 1200 > 1000, only d=3 fits
+    p = search_depth_width(graph_for, num_devices=3, global_batch=3, schedule="flush", microbatch_sizes=[1],
+                           memory_limit=1000, time_limit=20.0, topology=Topology(DEV, devices_per_node=2))
+    assert p.num_stages == 3 and p.extra["placement"]["inter_node_boundaries"] == [1]
+    assert [st.nodes for st in p.stages] == [("n0", "n1"), ("n2", "n3"), ("n4", "n5")]
+    assert [st.comm_time for st in p.stages] == [0.0, pytest.approx(2 * 3 / 100.0), pytest.approx(2 * 1 / 1.0)]
+    assert p.bottleneck == pytest.approx(8.0)
