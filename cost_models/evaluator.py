@@ -25,14 +25,15 @@ Worked example: P=100, A=10, I=X=2, d=4, s=1, m=8, SGD (k=0), 2bw:
 n=3, M = 100*3 + 3*(10+2) = 336 without recompute, 100*3 + 3*2 + 10 = 316 with it.
 
 A :class:`CostContext` holds everything these formulas depend on besides the
-stage's own figures (schedule, d, m, k, the recompute policy, the precision and
-the precision); a transfer's price is :func:`transfer_cost`; a change to the model is made here once.
+stage's own figures (schedule, d, m, k, the recompute policy and the
+precision); a transfer's price is :func:`transfer_cost`; a change to the model is made here once.
 
 Transfers are priced by the link they cross when the cost model is a
-:class:`LinkTransfers` (a fixed-depth plan on a cluster, :mod:`fxpipe.cost_models.topology`):
-a value entering stage s pays ``2 * into[s](bytes)`` in C_s, the link from stage s-1 to s
-(NVLink inside a node, the node's network across nodes). The DP, CP-SAT, the plan builder
-and the bounds all read these prices from :func:`stage_links` (through ``GraphCosts``).
+:class:`LinkTransfers` (a plan on a cluster, :mod:`fxpipe.cost_models.topology`):
+a value made on stage p and entering stage s pays ``2 * links[p][s](bytes)`` in C_s, the
+link from p's devices to s's (NVLink inside a node, the node's network across nodes), since
+the runtime sends it straight there. The DP, CP-SAT, the plan builder and the bounds all
+read these prices from :func:`pair_links` (through ``GraphCosts``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from fxpipe.ir import CostModel, StagePlan
 
-__all__ = ["CostContext", "StageFigures", "InProcessTransfers", "LinkTransfers", "stage_links", "transfer_cost",
+__all__ = ["CostContext", "StageFigures", "InProcessTransfers", "LinkTransfers", "pair_links", "transfer_cost",
            "IN_PROCESS_TRANSFER_SECONDS", "in_flight", "weight_copies", "stage_time", "stage_memory", "weight_bytes", "stash_bytes", "param_state_bytes",
            "gradient_bytes"]
 
@@ -221,28 +222,47 @@ class InProcessTransfers:
         return f"InProcessTransfers({self.base!r})"
 
 
-def stage_links(cost_model: Any) -> tuple[Callable[[int], float], ...]:
-    """Per receiving stage s, ``nbytes -> seconds`` over the link from stage s-1 to s; () when the
-    cost model prices every transfer alike (its ``comm_time``)."""
-    return tuple(getattr(cost_model, "stage_links", None) or ())
+def pair_links(cost_model: Any) -> tuple[tuple[Callable[[int], float], ...], tuple[tuple[int, ...], ...]]:
+    """(prices, link_of) of a :class:`LinkTransfers`: the distinct ``nbytes -> seconds`` links, and per
+    producer stage p and consumer stage c > p the index into prices of the link p -> c (-1 for c <= p);
+    ((), ()) when the cost model prices every transfer alike (its ``comm_time``)."""
+    return tuple(getattr(cost_model, "pair_links", None) or ()), tuple(getattr(cost_model, "pair_link_of", None) or ())
 
 
 class LinkTransfers:
-    """A cost model whose stage-to-stage transfers are priced by the link each boundary crosses.
+    """A cost model whose stage-to-stage transfers are priced by the link each one crosses.
 
-    ``into[s]`` prices a value sent into stage s (entry 0 is never used: stage 0 receives
-    nothing); None keeps the wrapped model's ``comm_time`` (a link inside a node). Node costs
-    and every other attribute are the wrapped model's; ``comm_time`` is the wrapped one's.
+    ``links[p][c]`` (d x d, read for p < c) prices a value sent from stage p straight to stage c:
+    the runtime sends a value from its producer's stage to every stage that reads it, so a
+    skip connection p -> c > p + 1 crosses the link between p's and c's devices, not c-1 -> c.
+    None keeps the wrapped model's ``comm_time`` (a link inside a node). Node costs and every
+    other attribute are the wrapped model's; ``comm_time`` is the wrapped one's.
 
-    Example (4 stages, 2 devices a node: only boundary 1 -> 2 crosses nodes)::
+    Example (3 stages, 2 devices a node: stages 0, 1 on node 0, stage 2 on node 1)::
 
-        >>> lt = LinkTransfers(cm, [None, None, lambda b: 1e-5 + b / 3.125e9, None])
-        >>> lt.stage_links[2](10**6)     # over the network, the others over cm.comm_time
+        >>> net = lambda b: 1e-5 + b / 3.125e9
+        >>> lt = LinkTransfers(cm, [[None, None, net], [None, None, net], [None] * 3])
+        >>> lt.pair_links[lt.pair_link_of[0][2]](10**6)    # 0 -> 2 and 1 -> 2 over the network
     """
 
-    def __init__(self, base: "CostModel", into: Any) -> None:
+    def __init__(self, base: "CostModel", links: Any) -> None:
         self.base = base
-        self.stage_links = tuple(base.comm_time if f is None else f for f in into)
+        prices: list[Callable[[int], float]] = []
+        index: dict[Any, int] = {}
+        of: list[tuple[int, ...]] = []
+        for p, row in enumerate(links):
+            out = []
+            for c, f in enumerate(row):
+                if c <= p:
+                    out.append(-1)
+                    continue
+                key = None if f is None else id(f)     # one entry per distinct link
+                if key not in index:
+                    index[key] = len(prices)
+                    prices.append(base.comm_time if f is None else f)
+                out.append(index[key])
+            of.append(tuple(out))
+        self.pair_links, self.pair_link_of = tuple(prices), tuple(of)
 
     def node_cost(self, node: Any) -> Any:
         return self.base.node_cost(node)
@@ -251,9 +271,9 @@ class LinkTransfers:
         return self.base.comm_time(nbytes)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("base", "stage_links"):
+        if name in ("base", "pair_links", "pair_link_of"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
     def __repr__(self) -> str:
-        return f"LinkTransfers({self.base!r}, {len(self.stage_links)} stages)"
+        return f"LinkTransfers({self.base!r}, {len(self.pair_link_of)} stages)"

@@ -62,7 +62,7 @@ class Placement:
 
     def boundary_crosses(self, k: int) -> bool:
         """True when stages k and k+1 sit on different nodes for some replica."""
-        return any(self.node(k, r) != self.node(k + 1, r) for r in range(self.width))
+        return self.crosses(k, k + 1)
 
     def replicas_span_nodes(self, stage: int) -> bool:
         """True when ``stage``'s replicas sit on more than one node."""
@@ -78,16 +78,29 @@ class Placement:
                     count[node] = count.get(node, 0) + 1
         return count
 
-    def boundary_users(self, k: int) -> int:
-        """Devices sharing the network with boundary k's busiest crossing (0 when it stays inside nodes)."""
+    def crosses(self, src: int, dst: int) -> bool:
+        """True when stages ``src`` and ``dst`` sit on different nodes for some replica."""
+        return any(self.node(src, r) != self.node(dst, r) for r in range(self.width))
+
+    def crossing_users(self) -> dict[int, int]:
+        """Per node, how many of its devices send boundary traffic across nodes (to a neighbour stage)."""
         d = self.num_stages
 
         def crosses(s: int, r: int) -> bool:
             return any(0 <= t < d and self.node(t, r) != self.node(s, r) for t in (s - 1, s + 1))
 
-        per_node = self._users(crosses)
-        return max((max(per_node.get(self.node(k, r), 0), per_node.get(self.node(k + 1, r), 0))
-                    for r in range(self.width) if self.node(k, r) != self.node(k + 1, r)), default=0)
+        return self._users(crosses)
+
+    def link_users(self, src: int, dst: int, per_node: dict[int, int] | None = None) -> int:
+        """Devices sharing the network with the busiest crossing of a transfer ``src`` -> ``dst`` (0 when it
+        stays inside nodes): the crossing devices of either end's node, at least the sender itself."""
+        per_node = self.crossing_users() if per_node is None else per_node
+        return max((max(per_node.get(self.node(src, r), 0), per_node.get(self.node(dst, r), 0), 1)
+                    for r in range(self.width) if self.node(src, r) != self.node(dst, r)), default=0)
+
+    def boundary_users(self, k: int) -> int:
+        """Devices sharing the network with boundary k's busiest crossing (0 when it stays inside nodes)."""
+        return self.link_users(k, k + 1)
 
     def allreduce_users(self, stage: int) -> int:
         """Devices sharing the network with ``stage``'s all-reduce (0 when its replicas share a node)."""
@@ -150,28 +163,32 @@ class Topology:
         order = PLACEMENTS[1] if 1 < width <= self.devices_per_node and num_stages > 1 else PLACEMENTS[0]
         return Placement(order, num_stages, width, self.devices_per_node)
 
-    def stage_links(self, placement: Placement) -> list[Any]:
-        """Per receiving stage s, ``nbytes -> seconds`` over boundary s-1 -> s where ``placement`` puts
-        it (:meth:`transfer` at the node's network share), or None for a boundary inside nodes
-        (the cost model's own NVLink price); entry 0 is None. For
-        :class:`~fxpipe.cost_models.evaluator.LinkTransfers`: the C_s of a fixed-depth plan."""
-        out: list[Any] = [None]
-        for k in range(placement.num_stages - 1):
-            if placement.boundary_crosses(k):
-                users = placement.boundary_users(k)
-                out.append(lambda nbytes, u=users: self.transfer(int(nbytes), True, u))
-            else:
-                out.append(None)
+    def links(self, placement: Placement) -> list[list[Any]]:
+        """``links[p][c]`` (p < c): ``nbytes -> seconds`` of a value sent from stage p straight to stage c
+        where ``placement`` puts them (:meth:`transfer` at the node's network share,
+        :meth:`Placement.link_users`), or None when p and c share a node (the cost model's own NVLink
+        price). For :class:`~fxpipe.cost_models.evaluator.LinkTransfers`: the C_s of a plan."""
+        d = placement.num_stages
+        per_node = placement.crossing_users()
+        net: dict[int, Any] = {}          # one price per network share, so equal links are one link
+        out: list[list[Any]] = [[None] * d for _ in range(d)]
+        for p in range(d):
+            for c in range(p + 1, d):
+                if placement.crosses(p, c):
+                    u = placement.link_users(p, c, per_node)
+                    if u not in net:
+                        net[u] = lambda nbytes, u=u: self.transfer(int(nbytes), True, u)
+                    out[p][c] = net[u]
         return out
 
     def linked(self, cost_model: Any, placement: Placement) -> Any:
-        """``cost_model`` with each boundary priced by the link it crosses under ``placement``
-        (:class:`~fxpipe.cost_models.evaluator.LinkTransfers` over :meth:`stage_links`); unchanged
+        """``cost_model`` with each transfer priced by the link it crosses under ``placement``
+        (:class:`~fxpipe.cost_models.evaluator.LinkTransfers` over :meth:`links`); unchanged
         when every boundary stays inside a node. Fixed-depth plans, the depth x width search (at the
         :meth:`likely_placement` of each candidate) and the paper's planner all price C_s this way."""
         if not any(placement.boundary_crosses(k) for k in range(placement.num_stages - 1)):
             return cost_model
-        return LinkTransfers(cost_model, self.stage_links(placement))
+        return LinkTransfers(cost_model, self.links(placement))
 
     def planning_allreduce(self, param_bytes: int, num_stages: int, width: int, stage: int) -> float:
         """All-reduce seconds of ``stage`` under the likely placement."""

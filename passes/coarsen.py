@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch.fx
 
-from fxpipe.cost_models.evaluator import stage_links, transfer_cost
+from fxpipe.cost_models.evaluator import pair_links, transfer_cost
 from fxpipe.errors import ConfigError, PartitionError
 from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_PARAMS, CostModel, LossCost, NodeCost
 
@@ -68,9 +68,11 @@ class GraphCosts:
     module: tuple[str, ...] = ()      # innermost-but-leaf module path of each node ("" if unknown)
     index: dict[str, int] = field(default_factory=dict, compare=False)
     loss: LossCost | None = None      # loss_fn's share of the last stage (gm.meta["fxpipe.loss"])
-    # per node, 2 * the transfer time into each stage s (the link from stage s-1 to s, see
-    # evaluator.LinkTransfers); () when every link costs ``comm``. ``comm`` is then the cheapest link.
-    comm_into: tuple[tuple[float, ...], ...] = ()
+    # per node, 2 * the transfer time over each distinct link (evaluator.LinkTransfers), and per
+    # (producer stage p, consumer stage c > p) the index of the link p -> c a value sent there pays;
+    # both () when every link costs ``comm``. ``comm`` is then the cheapest link.
+    comm_links: tuple[tuple[float, ...], ...] = ()
+    link_of: tuple[tuple[int, ...], ...] = ()
 
     @property
     def n(self) -> int:
@@ -78,7 +80,7 @@ class GraphCosts:
 
     def comm_peak(self, v: int) -> float:
         """2 * the dearest transfer of node ``v``'s value over any link."""
-        return max(self.comm_into[v]) if self.comm_into else self.comm[v]
+        return max(self.comm_links[v]) if self.comm_links else self.comm[v]
 
 
 def _node_cost(node: torch.fx.Node, cost_model: CostModel | None) -> NodeCost:
@@ -129,7 +131,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
     declared: dict[str, int] = dict(getattr(gm, "meta", {}).get(META_PARAM_BYTES, {}) or {})
     param_bytes = dict(declared)
 
-    links = stage_links(cost_model)
+    links, link_of = pair_links(cost_model)
 
     price = None if cost_model is None else cost_model.comm_time
 
@@ -141,7 +143,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
 
     fwd, bwd, act, out, comm, cons, prods, params, module = [], [], [], [], [], [], [], [], []
     returned = [False] * len(compute)
-    comm_into: list[tuple[float, ...]] = []
+    comm_links: list[tuple[float, ...]] = []
     for n in compute:
         c = _node_cost(n, cost_model)
         fwd.append(float(c.fwd_time))
@@ -150,8 +152,8 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         out.append(int(c.output_bytes))
         comm.append(transfer_cost(int(c.output_bytes), price))
         if links:
-            comm_into.append(tuple(transfer_cost(int(c.output_bytes), f) for f in links))
-            comm[-1] = min(comm_into[-1])      # bounds stay bounds
+            comm_links.append(tuple(transfer_cost(int(c.output_bytes), f) for f in links))
+            comm[-1] = min(comm_links[-1])      # bounds stay bounds
         cons.append(tuple(sorted({index[u.name] for u in n.users if u.name in index})))
         prods.append(tuple(sorted({index[a.name] for a in n.all_input_nodes if a.name in index})))
         ps: list[str] = []
@@ -186,7 +188,8 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         names=tuple(index), fwd=tuple(fwd), bwd=tuple(bwd), act=tuple(act), out_bytes=tuple(out),
         comm=tuple(comm), consumers=tuple(cons), producers=tuple(prods), returned=tuple(returned),
         params=tuple(params), param_bytes=param_bytes, inputs=tuple(inputs),
-        module=tuple(module), index=index, loss=_loss(gm), comm_into=tuple(comm_into),
+        module=tuple(module), index=index, loss=_loss(gm), comm_links=tuple(comm_links),
+        link_of=link_of if links else (),
     )
 
 

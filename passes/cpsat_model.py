@@ -69,6 +69,30 @@ def _x_sum(z: list[list[Any]], coef: Sequence[float], s: int) -> Any:
     return cp_model.LinearExpr.weighted_sum(terms, weights) + const
 
 
+def _skip_prices(m: cp_model.CpModel, z: list[list[Any]], prob: BlockProblem, val: Any, k: int, s: int, e: Any,
+                 terms: list[tuple[Any, int]], hints: list[tuple[Any, int]], hint_stage: list[int] | None) -> None:
+    """The rest of the price of value ``k`` entering stage s when its producer sits before s-1.
+
+    e pays the link s-1 -> s; the link t -> s differs by a telescoping sum over t' = t..s-2 of
+    delta(t') = price(t', s) - price(t'+1, s), each on g = e AND stage(producer) <= t' (= not z[p, t'+1]),
+    so a value made on stage t pays exactly price(t, s). g is tied both ways (deltas may be negative).
+    """
+    p = val.producer
+    for t in range(s - 2, -1, -1):
+        delta = int(prob.comm_at(val, t, s)) - int(prob.comm_at(val, t + 1, s))
+        zt = z[p][t + 1]
+        if delta == 0 or isinstance(zt, int):
+            continue
+        g = m.new_bool_var(f"g[{k},{t},{s}]")
+        m.add_implication(g, e)
+        m.add_implication(g, zt.Not())
+        m.add_bool_or([e.Not(), zt, g])
+        terms.append((g, delta))
+        if hint_stage is not None:
+            enters = any(hint_stage[c] == s for c in val.consumers) or (val.returned and s == prob.num_stages - 1)
+            hints.append((g, int(enters and hint_stage[p] <= t)))
+
+
 def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | None = None,
            hint: tuple[Sequence[int], Sequence[bool], int] | None = None) -> CpModel:
     m = cp_model.CpModel()
@@ -99,7 +123,7 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
     hint_stage = list(hint[0]) if hint is not None else None
     hints: list[tuple[Any, int]] = []
     for k, val in enumerate(prob.values):
-        w_comm = int(max(val.comm_into, default=val.comm))     # any link's price is nonzero then
+        w_comm = int(max(val.comm_links, default=val.comm))     # any link's price is nonzero then
         w_bytes = val.nbytes if need_ibytes else 0
         w_x = val.nbytes if (need_xbytes and val.producer >= 0) else 0
         if w_comm == 0 and w_bytes == 0 and w_x == 0:
@@ -126,8 +150,11 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
             e = m.new_bool_var(f"e[{k},{s}]")
             for lits in clauses:
                 m.add_bool_or(lits + [e])
-            if w_comm and int(val.comm_at(s)):
-                comm_terms[s].append((e, int(val.comm_at(s))))
+            price = int(prob.comm_at(val, s - 1, s)) if w_comm else 0    # w_comm > 0: made on a stage, s >= 1
+            if price:
+                comm_terms[s].append((e, price))
+            if w_comm and val.comm_links:
+                _skip_prices(m, z, prob, val, k, s, e, comm_terms[s], hints, hint_stage)
             if w_bytes:
                 ibytes_terms[s].append((e, w_bytes))
             if w_x:
@@ -144,7 +171,7 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
     # T_s is linear in its blocks: each block's term is the evaluator's time of the block alone
     work = {r_: [int(stage_time(int(f), int(b), 0, r_)) for f, b in zip(prob.fwd, prob.bwd)]
             for r_ in (False, True)}
-    ub_time = sum(fb) + sum(prob.fwd) + sum(int(max(v.comm_into, default=v.comm)) * d for v in prob.values) \
+    ub_time = sum(fb) + sum(prob.fwd) + sum(int(max(v.comm_links, default=v.comm)) * d for v in prob.values) \
         + 2 * int(prob.loss[0]) + int(prob.loss[1])
     if objective == "time":
         obj = m.new_int_var(int(lb), int(ub if ub is not None else ub_time), "T")

@@ -1,7 +1,9 @@
 """Exact dynamic program for the best contiguous split of a topological order into d stages.
 
 The CP-SAT partitioner uses it as a hint and an upper bound; on a chain (a
-graph with one topological order) it is the exact optimum by itself.
+graph with one topological order) it is the exact optimum by itself. (On a cluster a value
+that skips stages pays the link from its producer's stage, which a contiguous split does not
+know: it is charged the cheapest such link, so the DP's bottleneck is then a lower bound.)
 
 Worked example: a chain of 4 nodes with F+B = 3, 1, 2, 2 and no
 communication, d = 2. T[i, j] is the time of a stage holding nodes i..j-1::
@@ -68,18 +70,21 @@ def _rectangles(n: int, items: list[tuple[int, tuple[int, ...], float]]) -> np.n
     An item (base, readers, w) covers stage [i, j) iff base < i <= c < j for a
     reader c; the region is a union of rectangles i in (c_{t-1}, c_t], j > c_t.
     """
-    D = np.zeros((n + 2, n + 2))
-    rows0, rows1, cols, ws = [], [], [], []
+    rects: list[tuple[int, int, int, float]] = []
     for base, readers, w in items:
         if w == 0:
             continue
         prev = base
         for c in readers:
-            rows0.append(prev + 1)
-            rows1.append(c + 1)
-            cols.append(c + 1)
-            ws.append(w)
+            rects.append((prev + 1, c + 1, c + 1, w))
             prev = c
+    return _fill(n, rects)
+
+
+def _fill(n: int, rects: list[tuple[int, int, int, float]]) -> np.ndarray:
+    """M[i, j] = sum of w over rectangles (row0, row1, col, w) with row0 <= i < row1 and j >= col."""
+    D = np.zeros((n + 2, n + 2))
+    rows0, rows1, cols, ws = ([r[k] for r in rects] for k in range(4))
     if ws:
         wa = np.asarray(ws, dtype=np.float64)
         np.add.at(D, (np.asarray(rows0), np.asarray(cols)), wa)
@@ -113,7 +118,7 @@ class _Sums:
     P: np.ndarray
     ret_c: np.ndarray   # [i]: comm of model outputs produced before block i
     ret_i: np.ndarray   # [i]: their bytes
-    C_at: tuple[np.ndarray, ...] = ()   # C per stage when links differ (Value.comm_into)
+    C_at: tuple[np.ndarray, ...] = ()   # C per stage when links differ (BlockProblem.link_of)
 
     def comm(self, s: int) -> np.ndarray:
         """C[i, j] of stage s."""
@@ -136,18 +141,36 @@ def _sums(prob: BlockProblem) -> _Sums:
     P = _rectangles(n, [(-1, r, float(b)) for b, r in prob.params])
     d = prob.num_stages
     C_at: tuple[np.ndarray, ...] = ()
-    if any(v.comm_into for v in prob.values):
-        C_at = tuple(_rectangles(n, [(v.producer, v.consumers, v.comm_at(s)) for v in prob.values
-                                     if v.producer >= 0]) for s in range(d))
+    if prob.link_of:
+        C_at = tuple(_links_into(prob, s) for s in range(d))
     ret_c = np.zeros(n + 1)
     ret_i = np.zeros(n + 1)
     for v in prob.values:
         if v.returned and v.producer >= 0:
             # enters the last stage [i, n) as an output only where no consumer there reads it
             first = max(v.producer, max(v.consumers, default=-1)) + 1
-            ret_c[first:] += v.comm_at(d - 1)
+            ret_c[first:] += prob.comm_lowest(v, d - 1)
+            if not v.consumers and d > 1:       # the stage before the last ends with the producer
+                ret_c[first] += prob.comm_at(v, d - 2, d - 1) - prob.comm_lowest(v, d - 1)
             ret_i[first:] += v.nbytes
     return _Sums(pref(fwd), pref(bwd), pref(act), C, I, X, P, ret_c, ret_i, C_at)
+
+
+def _links_into(prob: BlockProblem, s: int) -> np.ndarray:
+    """C[i, j] of stage s when values pay the link from their producer's stage (BlockProblem.comm_at).
+
+    Stage s = [i, j) starts right after stage s-1's last block i-1: a value made by block i-1
+    comes over link s-1 -> s exactly; one made earlier may come from any earlier stage and is
+    charged the cheapest (:meth:`~fxpipe.passes.problem.BlockProblem.comm_lowest`), so the DP's
+    bottleneck stays a lower bound of its split's (re-checked by ``evaluate``)."""
+    n = prob.n
+    made = [v for v in prob.values if v.producer >= 0]
+    if s == 0:
+        return _rectangles(n, [])
+    low = _rectangles(n, [(v.producer, v.consumers, prob.comm_lowest(v, s)) for v in made])
+    exact = [(v.producer + 1, v.producer + 2, v.consumers[0] + 1, prob.comm_at(v, s - 1, s) - prob.comm_lowest(v, s))
+             for v in made if v.consumers]
+    return low + _fill(n, [r for r in exact if r[3] != 0])
 
 
 def stage_table(prob: BlockProblem, s: int,

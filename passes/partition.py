@@ -9,7 +9,7 @@ The model (docs/planner.md; symbols in docs/cost-model.md), on blocks b (see coa
     e[u,s] >= x[c,s] - z[u,s]       for each consumer block c of u's value: the value enters s
     e[u,d-1] >= 1 - z[u,d-1]        a model output enters the last stage
     F_s = sum_b F_b x[b,s],  B_s likewise,  C_s = sum_u 2*comm_time(bytes_u) e[u,s]
-                                    (on a cluster: the link into s, evaluator.LinkTransfers)
+                                    (on a cluster: the link from u's stage to s, evaluator.LinkTransfers)
     T >= F_s + B_s + C_s,   T >= F_s + B_s + F_s + C_s  if r_s
     M_s = P_s*(2 + k + [2bw]) + (r_s ? n_s*I_s + A_s : n_s*(A_s + X_s)) <= memory_limit
     minimise T

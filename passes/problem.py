@@ -30,11 +30,7 @@ class Value:
     comm: float                    # 2 * comm_time(bytes): paid once per stage it enters
     nbytes: int                    # counted in I_s of a stage it enters
     returned: bool = False         # a model output: enters the last stage
-    comm_into: tuple[float, ...] = ()   # comm into each stage by its incoming link; () = ``comm`` everywhere
-
-    def comm_at(self, stage: int) -> float:
-        """What the value costs in C_s of ``stage`` when it enters there."""
-        return self.comm_into[stage] if self.comm_into else self.comm
+    comm_links: tuple[float, ...] = ()  # comm over each distinct link (BlockProblem.link_of); () = ``comm`` everywhere
 
 
 @dataclass(frozen=True)
@@ -50,6 +46,17 @@ class BlockProblem:
     ctx: CostContext               # schedule, d, m, k, recompute policy
     memory_limit: int | None
     loss: tuple[float, float, int] = (0.0, 0.0, 0)   # loss_fn's (F, B, A), always on the last stage
+    link_of: tuple[tuple[int, ...], ...] = ()        # [p][c]: the link a value sent from stage p to c pays
+
+    def comm_at(self, v: Value, src: int, dst: int) -> float:
+        """What ``v`` costs in C_dst when sent from stage ``src`` (its producer's) straight into ``dst``."""
+        return v.comm_links[self.link_of[src][dst]] if v.comm_links else v.comm
+
+    def comm_lowest(self, v: Value, dst: int) -> float:
+        """The cheapest :meth:`comm_at` of ``v`` into ``dst`` from any earlier stage."""
+        if not v.comm_links:
+            return v.comm
+        return min((v.comm_links[self.link_of[t][dst]] for t in range(dst)), default=v.comm)
 
     @property
     def n(self) -> int:
@@ -115,8 +122,8 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
         fwd = tuple(t(sum(gc.fwd[v] for v in nodes)) for nodes in blocks)
         bwd = tuple(t(sum(gc.bwd[v] for v in nodes)) for nodes in blocks)
         act = tuple(sum(gc.act[v] for v in nodes) for nodes in blocks)
-    if gc.comm_into and len(gc.comm_into[0]) != ctx.num_stages:
-        raise ConfigError(f"the cost model prices links into {len(gc.comm_into[0])} stages, but the problem "
+    if gc.link_of and len(gc.link_of) != ctx.num_stages:
+        raise ConfigError(f"the cost model prices links between {len(gc.link_of)} stages, but the problem "
                           f"has num_stages={ctx.num_stages}; build its LinkTransfers for {ctx.num_stages} stages")
     values: list[Value] = []
     edges: set[tuple[int, int]] = set()
@@ -126,8 +133,8 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
             edges.add((blk[v], c))
         ret = gc.returned[v]
         if cons or ret:
-            into = tuple(t(c) for c in gc.comm_into[v]) if gc.comm_into else ()
-            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret, into))
+            links = tuple(t(c) for c in gc.comm_links[v]) if gc.comm_links else ()
+            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret, links))
     for inp in gc.inputs:
         values.append(Value(-1, tuple(sorted({blk[c] for c in inp.consumers})), 0.0, inp.nbytes))
     readers: dict[str, set[int]] = {}
@@ -141,7 +148,8 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
     loss = (t(gc.loss.fwd_time), t(gc.loss.bwd_time), int(gc.loss.activation_bytes)) \
         if gc.loss is not None else (0.0, 0.0, 0)
     return BlockProblem(fwd=fwd, bwd=bwd, act=act, values=tuple(values), params=params,
-                        edges=tuple(sorted(edges)), ctx=ctx, memory_limit=memory_limit, loss=loss)
+                        edges=tuple(sorted(edges)), ctx=ctx, memory_limit=memory_limit, loss=loss,
+                        link_of=gc.link_of)
 
 
 def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageFigures]:
@@ -149,7 +157,8 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
 
     A value enters stage s when a consumer runs on s (or s is the last stage and
     the value is a model output) and its producer runs on an earlier stage; it is
-    paid in C_s and counted in I_s (and in X_s unless it is a model input) once
+    paid in C_s (over the link from the producer's stage to s: the runtime sends it
+    straight there) and counted in I_s (and in X_s unless it is a model input) once
     per stage it enters, however many nodes of s read it.
     """
     d = prob.num_stages
@@ -177,7 +186,7 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
             if s > ps:
                 ib[s] += v.nbytes
                 if v.producer >= 0:
-                    c[s] += v.comm_at(s)
+                    c[s] += prob.comm_at(v, ps, s)
                     xb[s] += v.nbytes
     pb = [0] * d
     for nbytes, readers in prob.params:
