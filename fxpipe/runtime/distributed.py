@@ -329,17 +329,28 @@ class DistributedExecutor(Gathered):
         self.weights.update(batch, grads=self.rule.apply(grads, dec), skip=dec.skip)
 
     def _start_loss_reduce(self, batch: int) -> None:
+        """The mean loss of ``batch`` on its way to every rank (once per batch).
+
+        The last stage has it after its last forward of the batch: it averages it over the
+        replicas' last stages (an all-reduce among them, when w > 1) and sends it to the other
+        stages of its pipeline, which posted the receive when the step began.  Nothing waits for
+        all ranks, so under 2bw the first stage starts batch t + 1 while the last one still runs
+        batch t's last backward (an all-reduce over every rank made it wait for that, ~3% a step).
+        """
         if batch in self._loss_work:
             return
-        code = 0.0
-        total = 0.0
-        if self.stage == self.d - 1:
-            ls = self._losses.pop(batch)
-            total = float(torch.stack([x.double() for x in ls]).sum().item())
-            code = float(_LOSS_DTYPES.index(ls[0].dtype) if ls[0].dtype in _LOSS_DTYPES else 0)
+        what = f"loss of batch {batch}"
+        if self.stage != self.d - 1:
+            self._loss_work[batch] = self.comm.post_loss_recv(self.rank_of(self.d - 1), what)
+            return
+        ls = self._losses.pop(batch)
+        total = float(torch.stack([x.double() for x in ls]).sum().item())
+        code = float(_LOSS_DTYPES.index(ls[0].dtype) if ls[0].dtype in _LOSS_DTYPES else 0)
         buf = torch.tensor([total / (self.m * self.w), code / self.w], dtype=torch.float64, device=self.device)
-        self._loss_work[batch] = (self.comm.all_reduce(buf, self.layout.loss_group, f"loss all-reduce of batch {batch}"),
-                                  buf)
+        if self.w > 1:
+            self.comm.wait([self.comm.all_reduce(buf, self.layout.dp_groups[self.stage], what)], what, [])
+        self.comm.send_loss(buf, [self.rank_of(s) for s in range(self.d - 1)], batch, what)
+        self._loss_work[batch] = (None, buf)
 
     def _run(self, actions: list[Action], base: int) -> None:
         shifted = [_shift(a, base, self.m) for a in actions]
@@ -410,12 +421,14 @@ class DistributedExecutor(Gathered):
             self._inputs[t * self.m + j] = inputs[j]
             if self.stage == self.d - 1:
                 self._targets[t * self.m + j] = targets[j]
+        if self.stage != self.d - 1:
+            self._start_loss_reduce(t)     # post the receive of the loss the last stage will send
         self._run(self._segment(k), base)
-        self._start_loss_reduce(t)
         work, buf = self._loss_work.pop(t)
-        self.comm.wait([work], f"loss all-reduce of batch {t}", [])
-        # every rank has now passed its last forward of batch t, hence (2bw: F of t computes with
-        # W(t-1), made by U(t-2) after every backward of t-2) every receive of batches <= t-2
+        if work is not None:
+            self.comm.wait([work], f"loss of batch {t}", [self.rank_of(self.d - 1)])
+        # every rank has now passed its last forward of batch t (the last stage needed them), hence (2bw: F of t
+        # computes with W(t-1), made by U(t-2) after every backward of t-2) every receive of batches <= t-2
         self.comm.reap_sends(upto=t - 2)
         self.batch += 1
         if self.schedule != "2bw" or k > 10_000:

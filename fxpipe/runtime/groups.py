@@ -130,7 +130,8 @@ class Layout:
         stage_names: per stage, stage-module parameter name -> canonical name.
 
     Attributes:
-        rank, world, w, stage, replica; ``loss_group`` (all ranks), ``dp_groups[s]`` (replicas of
+        rank, world, w, stage, replica; ``pipeline_groups[i]`` / ``loss_p2p_groups[i]`` (the stages of
+        replica i: activations and gradients / the loss), ``loss_group`` (all ranks), ``dp_groups[s]`` (replicas of
         stage s); ``grad_groups``: (group, canonical names of this stage) whose gradients are summed
         in that group and divided by w; ``tied``: canonical name -> the stages reading it (if > 1).
     """
@@ -144,6 +145,9 @@ class Layout:
         self.replica = self.rank // d
         w = self.w
         self.pipeline_groups = [dist.new_group([r * d + s for s in range(d)]) for r in range(w)]
+        # a batch's loss, last stage -> the others: a group of its own so it never queues behind (or, under
+        # NCCL, which ignores tags, is matched with) an activation or a gradient
+        self.loss_p2p_groups = [dist.new_group([r * d + s for s in range(d)]) for r in range(w)]
         self.dp_groups = [dist.new_group([r * d + s for r in range(w)]) for s in range(d)]
         self.loss_group = dist.new_group(list(range(self.world)))
         self.stats_group = dist.new_group(list(range(self.world)))   # the global gradient norm / found-inf

@@ -191,6 +191,23 @@ class Comm:
                 self.wait([wk], "finishing sends", [])
             self._sends.popleft()
 
+    def send_loss(self, buf: torch.Tensor, dsts: list[int], batch: int, what: str) -> None:
+        """Send a batch's loss ``buf`` to the ranks ``dsts`` (not waited for; reaped with the other sends)."""
+        group = self.layout.loss_p2p_groups[self.layout.replica]
+        for r in dsts:
+            try:
+                self._sends.append((batch, dist.isend(buf, r, group=group), buf))
+            except Exception as e:  # noqa: BLE001
+                raise self.fail(what, e) from e
+
+    def post_loss_recv(self, src: int, what: str) -> tuple[Any, torch.Tensor]:
+        """Post the receive of a batch's loss (what :meth:`send_loss` sends) from ``src``: (work, buffer)."""
+        buf = torch.empty(2, dtype=torch.float64, device=self.device)
+        try:
+            return dist.irecv(buf, src, group=self.layout.loss_p2p_groups[self.layout.replica]), buf
+        except Exception as e:  # noqa: BLE001
+            raise self.fail(what, e) from e
+
     # -- collectives ----------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, group: Any, what: str) -> Any:
         """Post an async sum of ``t`` over ``group``; returns the work to :meth:`wait` on."""
