@@ -204,11 +204,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         profile = isinstance(opts.cost_model, str) and opts.cost_model == "profile"
         others = dataclasses.replace(opts, cost_model="analytic") if profile else opts
         p, cg = plan_on_rank0(lambda given: plan_graph(model, example_inputs, opts if given is None else others,
-                                                       given_plan=given))
+                                                       given_plan=given, width=width))
     else:
-        p, cg = plan_graph(model, example_inputs, opts, given_plan=plan)
-    if width > 1:
-        p = dataclasses.replace(p, data_parallel=width)
+        p, cg = plan_graph(model, example_inputs, opts, given_plan=plan, width=width)
     if opts.executor == "distributed":
         from fxpipe.runtime.agree import check_same_plan
 

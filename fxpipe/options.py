@@ -63,7 +63,7 @@ class PlanOptions:
     memory_limit: int | None            # bytes per device (DEVICE_MEMORY resolved against device); None: no limit
     device: Any                         # DeviceSpec, preset name, or None (this machine)
     executor: str                       # "local" | "distributed" ("auto" resolved)
-    num_devices: int | None = None      # devices the search may use (num_stages=None)
+    num_devices: int | None = None      # devices the search may use (num_stages=None); with num_stages=d: d x w
     global_batch: int | None = None     # B of the search; None: the example batch's size
     leaf_modules: tuple[type | str, ...] = ()
     recompute: bool | None = None       # forced on / off, or None: the planner decides per stage
@@ -160,6 +160,10 @@ def check_plan_options(model: Any, *, num_stages: int | None, num_microbatches: 
     if num_devices is not None and not _is_count(num_devices):
         raise ConfigError(f"num_devices must be an int >= 1 or None, got {num_devices!r}; it is the number of "
                           "devices the planner may use (depth x data-parallel width)")
+    if num_stages is not None and num_devices is not None and num_devices % num_stages:
+        raise ConfigError(f"num_devices={num_devices} is not a multiple of num_stages={num_stages}: a fixed-depth "
+                          "plan runs w = num_devices / num_stages copies of its pipeline; pass num_devices = "
+                          f"{num_stages} x w, or num_stages=None to let the planner choose the depth")
     check_precision(precision)
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose 'auto', 'local' or 'distributed'")

@@ -19,7 +19,7 @@ _COMPUTE = ("call_function", "call_method", "call_module")
 
 
 def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
-               given_plan: Plan | None = None) -> tuple[Plan, CompiledGraph]:
+               given_plan: Plan | None = None, width: int | None = None) -> tuple[Plan, CompiledGraph]:
     """Trace and annotate ``model`` for ``opts`` and plan it (or re-check ``given_plan`` on its graph).
 
     Args:
@@ -27,6 +27,9 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
         example_inputs: one whole batch.
         opts: from :func:`fxpipe.options.check_plan_options`.
         given_plan: a Plan to re-check on the traced graph instead of solving.
+        width: w, the replicas of a fixed-depth pipeline (the distributed executor's WORLD_SIZE / d);
+            None: ``opts.num_devices / num_stages`` when num_devices is given, else 1. The d x w ranks'
+            placement prices the transfers, and the Plan records w (``data_parallel``).
 
     Returns:
         The Plan and the CompiledGraph it was cut from (for the search: the graph of the chosen
@@ -38,6 +41,8 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
     """
     if opts.num_stages is None:
         return _search(model, example_inputs, opts)
+    if width is None:
+        width = opts.num_devices // opts.num_stages if opts.num_devices else 1
     cg = prepare(model, example_inputs, num_microbatches=opts.num_microbatches, cost_model=opts.cost_model,
                  device=opts.device, leaf_modules=opts.leaf_modules, precision=opts.precision)
     if opts.executor == "local" and opts.device is None and isinstance(opts.cost_model, str):
@@ -45,11 +50,11 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
         from fxpipe.cost_models.evaluator import InProcessTransfers
 
         cg.cost_model = InProcessTransfers(cg.cost_model)
-    cg.cost_model = _linked(cg.cost_model, opts)
+    cg.cost_model = _linked(cg.cost_model, opts, width)
     if opts.example_targets is not None and opts.loss_fn is not None:
         price_loss(cg, opts.loss_fn, opts.example_targets, opts.num_microbatches)
     if given_plan is not None:
-        return _with_placement(_recheck(model, cg, given_plan, opts), opts), cg
+        return _with_placement(_recheck(model, cg, given_plan, opts), opts, width), cg
     n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in _COMPUTE)
     if n_compute == 0:
         raise ConfigError(f"the traced graph of {type(model).__name__} has no operations (its forward returns "
@@ -62,7 +67,7 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
     p = partition(cg.gm, cg.cost_model, num_stages=opts.num_stages, num_microbatches=opts.num_microbatches,
                   schedule=opts.schedule, memory_limit=opts.memory_limit,
                   optimizer_slots=opts.optimizer_slots, recompute=opts.recompute, time_limit=opts.time_limit)
-    return _with_placement(p, opts), cg
+    return _with_placement(p, opts, width), cg
 
 
 def _search(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions) -> tuple[Plan, CompiledGraph]:
@@ -120,8 +125,9 @@ def _topology(opts: PlanOptions) -> Any:
 
 
 def _placement(opts: PlanOptions, num_stages: int, width: int = 1) -> Any:
-    """Where a fixed-depth plan's stages sit (one pipeline, stages on neighbouring devices), or None
-    when neither ``device`` nor ``devices_per_node`` describes a cluster."""
+    """Where a fixed-depth plan's d x w ranks sit (the distributed executor's rank = replica * d + stage:
+    each pipeline's stages on neighbouring devices), or None when neither ``device`` nor
+    ``devices_per_node`` describes a cluster."""
     if opts.devices_per_node is None and opts.device is None:
         return None
     from fxpipe.cost_models.device import get_device
@@ -131,16 +137,18 @@ def _placement(opts: PlanOptions, num_stages: int, width: int = 1) -> Any:
     return Placement("stages-in-node", num_stages, width, n)
 
 
-def _linked(cm: CostModel, opts: PlanOptions) -> CostModel:
-    """The cost model with each boundary priced by the link it crosses under the fixed-depth placement
-    (unchanged when every boundary stays inside a node): partition, re-check and summary share it."""
-    where = _placement(opts, int(opts.num_stages or 1))
+def _linked(cm: CostModel, opts: PlanOptions, width: int) -> CostModel:
+    """The cost model with each transfer priced by the link it crosses under the fixed-depth placement
+    of ``width`` pipelines (unchanged when every boundary stays inside a node): partition, re-check and
+    summary share it."""
+    where = _placement(opts, int(opts.num_stages or 1), width)
     return cm if where is None else _topology(opts).linked(cm, where)
 
 
-def _with_placement(p: Plan, opts: PlanOptions) -> Plan:
-    """A fixed-depth plan records where its stages sit."""
-    where = _placement(opts, p.num_stages, p.data_parallel)
+def _with_placement(p: Plan, opts: PlanOptions, width: int) -> Plan:
+    """A fixed-depth plan records its width w and where its stages sit."""
+    p = dataclasses.replace(p, data_parallel=width) if width != p.data_parallel else p
+    where = _placement(opts, p.num_stages, width)
     if where is None:
         return p
     return dataclasses.replace(p, extra={**p.extra, "placement": where.to_dict()})

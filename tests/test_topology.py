@@ -261,3 +261,22 @@ def test_the_planner_sees_the_skip_cross_nodes() -> None:
     assert [st.nodes for st in p.stages[2:]] == [("n6",), ("n7",)]
     assert p.stages[2].comm_time == pytest.approx(20 + 2) and p.bottleneck == pytest.approx(25.0)
     assert p.solve_info is not None and p.solve_info.status == "OPTIMAL"
+
+
+def test_fixed_depth_prices_the_placement_of_its_replicas() -> None:
+    """num_stages=3, num_devices=6 (w=2) on 4-device nodes: ranks replica*3 + stage put replica 1's stage 0
+    on node 0 (device 3) and its stages 1, 2 on node 1, so boundary 0 -> 1 crosses; one pipeline (w=1)
+    stays inside node 0."""
+    model, x = _chain()
+    one = fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, device="v100-16gb", devices_per_node=4,
+                      time_limit=5.0)
+    two = fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, device="v100-16gb", devices_per_node=4,
+                      num_devices=6, time_limit=5.0)
+    assert one.data_parallel == 1 and one.extra["placement"]["inter_node_boundaries"] == []
+    assert two.data_parallel == 2 and two.extra["placement"]["devices"] == [[0, 3], [1, 4], [2, 5]]
+    assert two.extra["placement"]["inter_node_boundaries"] == [0]
+    s = two.stages      # one device of each node sends across: the whole 25 Gbit/s NIC
+    assert s[1].comm_time == _sent(s[1].received_bytes, NETWORK)
+    assert s[2].comm_time == _sent(s[2].received_bytes, NVLINK)
+    with pytest.raises(ConfigError, match="num_devices=5 is not a multiple of num_stages=3"):
+        fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, num_devices=5)
