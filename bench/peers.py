@@ -276,6 +276,23 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def paired(sps: dict[str, list[float]]) -> list[str]:
+    """Ratios taken round by round (the variants of a round ran back to back, so the machine's drift
+    cancels): fxpipe's best schedule over torch's best on the same split, and flush over 1F1B."""
+    ours = [k for k in ("fxpipe 2bw", "fxpipe flush") if sps.get(k)]
+    theirs = [k for k in ("torch GPipe on fxpipe split", "torch 1F1B on fxpipe split") if sps.get(k)]
+    if not ours or not theirs:
+        return []
+    rounds = range(len(sps[ours[0]]))
+    best = [max(sps[k][r] for k in ours) / max(sps[k][r] for k in theirs) for r in rounds]
+    out = [f"{'paired: fxpipe best / torch best':34s} {fmt(best, 1.0, 3)}  (same split, per round; "
+           f"> 1 in {sum(b > 1 for b in best)} of {len(best)} rounds)"]
+    if sps.get("fxpipe flush") and sps.get("torch 1F1B on fxpipe split"):
+        fl = [a / b for a, b in zip(sps["fxpipe flush"], sps["torch 1F1B on fxpipe split"])]
+        out.append(f"{'paired: fxpipe flush / torch 1F1B':34s} {fmt(fl, 1.0, 3)}")
+    return out
+
+
 def launch(world: int, model: str, plans: Path, out: Path, rounds: int, steps: int, timeout: float) -> dict:
     import socket
 
@@ -345,6 +362,8 @@ def main() -> None:
                 print(f"{k:34s} {fmt(v, 1.0, 1)}")
             for k, v in thr["notes"].items():
                 print(f"{k:34s} {v}")
+            for line in paired(thr["samples_per_s"]):
+                print(line)
             print(f"({time.time() - t0:.0f} s)", flush=True)
 
 
