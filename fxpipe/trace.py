@@ -13,7 +13,8 @@ import torch.fx
 
 from fxpipe.errors import TraceError
 from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FX_MUTATIONS, META_NO_GRAD, detach_no_grad_values,
-                                drop_guards, drop_unused_placeholders, functional_inplace, fx_mutations, grad_toggles_to_meta)
+                                drop_guards, drop_unused_placeholders, functional_fx_inplace, functional_inplace,
+                                fx_mutations, grad_toggles_to_meta)
 from fxpipe.trace_leaves import failing_submodule, leaf_paths, opaque_calls_to_modules, opaque_during_export
 
 __all__ = ["trace", "FxpipeTracer"]
@@ -138,11 +139,16 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         try:
             return _export(model, args, kwargs, leaf_paths(model, leaf_modules), "export")
         except Exception:  # noqa: BLE001
-            warnings.warn(f"fxpipe: {type(model).__name__} updates tensors in place "
-                          f"({', '.join(mutations[:3])}) and torch.export could not trace it; the "
-                          "plan must keep each update on the stage of the tensor's readers. Write it "
-                          "out of place (torch.cat, torch.where) to be safe", stacklevel=3)
-            gm.meta[META_FX_MUTATIONS] = mutations     # compile refuses a plan that splits them
+            # then the fx graph: updates of tensors nothing else aliases become edges; the rest must stay
+            # with the tensor's readers, and compile refuses a plan that splits them
+            left = functional_fx_inplace(gm, _example_inputs(model, args, kwargs))
+            if left:
+                warnings.warn(f"fxpipe: {type(model).__name__} updates tensors in place "
+                              f"({', '.join(left[:3])}) that alias an input, a parameter, a buffer or a view, "
+                              "and torch.export could not trace it; the plan must keep each update on the "
+                              "stage of the tensor's readers. Write it out of place (torch.cat, torch.where) "
+                              "to be safe", stacklevel=3)
+                gm.meta[META_FX_MUTATIONS] = left
             return gm
     try:
         return _export(model, args, kwargs, leaf_paths(model, leaf_modules), "export")
@@ -261,6 +267,16 @@ def _use_cache(config: Any) -> bool | None:
     except Exception:  # noqa: BLE001
         return None
     return v if isinstance(v, bool) else None
+
+
+def _example_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """forward's parameter name -> the example value given for it."""
+    try:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str) -> torch.fx.GraphModule:

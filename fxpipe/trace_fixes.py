@@ -18,6 +18,7 @@ depends on must be an edge of the graph:
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -25,7 +26,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-__all__ = ["META_NO_GRAD", "META_FX_MUTATIONS", "fx_mutations", "check_mutations_kept", "mutated_copy", "functional_inplace", "stop_grad",
+__all__ = ["META_NO_GRAD", "META_FX_MUTATIONS", "fx_mutations", "functional_fx_inplace", "check_mutations_kept",
+           "mutated_copy", "functional_inplace", "stop_grad",
            "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
            "INPLACE_OPERATORS"]
 
@@ -71,7 +73,9 @@ def check_mutations_kept(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> 
     the stage that made the tensor (a received copy is a leaf autograd refuses to update;
     a model input reaches each stage on its own, so then every reader shares that stage) and
     (2) every reader on a later stage comes after the update in the model's order (it sees the
-    update, as in the model). Views of the tensor are not followed.
+    update, as in the model). An update through a view (``h[:, :4].add_(1)``) is checked against
+    the viewed tensor ``h`` and its readers (view chains of indexing, ``view``, ``transpose``, ...;
+    a view made by another module or function is not followed).
 
     Raises:
         PartitionError: naming the update, the stages involved and the ways out.
@@ -85,12 +89,17 @@ def check_mutations_kept(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> 
         if m is None or m.name not in stage_of or not m.args or not isinstance(m.args[0], torch.fx.Node):
             continue
         target, sm = m.args[0], stage_of[m.name]
-        readers = [r for r in target.users if r is not m and r.name in stage_of]
+        chain = [target]
+        while _is_view(chain[-1]):                  # h[:, :4].add_(1) updates h: check h and its views
+            chain.append(chain[-1].args[0])
+        target = chain[-1]
+        readers = [r for c in chain for r in c.users if r is not m and r not in chain and r.name in stage_of]
+        bad_view = [c for c in chain[:-1] if stage_of.get(c.name, sm) != sm]
         if target.name in stage_of:
-            bad = [] if stage_of[target.name] == sm else [target]
+            bad = bad_view + ([] if stage_of[target.name] == sm else [target])
             bad += [r for r in readers if stage_of[r.name] > sm and order[r] < order[m]]
         else:
-            bad = [r for r in readers if stage_of[r.name] != sm]
+            bad = bad_view + [r for r in readers if stage_of[r.name] != sm]
         if bad:
             where = ", ".join(f"{n.name} on stage {stage_of[n.name]}" for n in sorted({*bad, m}, key=order.get))
             raise PartitionError(
@@ -99,6 +108,21 @@ def check_mutations_kept(gm: torch.fx.GraphModule, stage_of: dict[str, int]) -> 
                 "no graph edge and another stage would read a copy. Write the update out of place (y = x + v, "
                 "torch.cat, torch.where), or make the module doing it opaque (leaf_modules=[...]) so it runs "
                 "whole on one stage, or give a plan= that keeps the update on the stage making the tensor")
+
+
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "transpose", "permute", "narrow", "select", "expand",
+                           "expand_as", "unsqueeze", "squeeze", "flatten", "t", "unflatten", "diagonal",
+                           "as_strided", "movedim", "swapaxes", "__getitem__", "unfold", "real", "imag"})
+
+
+def _is_view(n: Any) -> bool:
+    """``n`` may return a view of its first argument (indexing, ``view``, ``transpose``, ...)."""
+    if not isinstance(n, torch.fx.Node) or not n.args or not isinstance(n.args[0], torch.fx.Node):
+        return False
+    if n.op == "call_method":
+        return str(n.target) in _VIEW_METHODS
+    return n.op == "call_function" and (n.target is operator.getitem or
+                                        getattr(n.target, "__name__", "") in _VIEW_METHODS)
 
 
 def stop_grad(value: Any) -> Any:
@@ -263,3 +287,114 @@ def drop_unused_placeholders(gm: torch.fx.GraphModule) -> None:
         if node.op == "placeholder" and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
+
+
+def _updated_copy(base: torch.Tensor, method: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``base`` copied, then ``copy.<method>(*args, **kwargs)`` (an in-place update) applied to the copy."""
+    out = base.clone()
+    getattr(out, method)(*args, **kwargs)
+    return out
+
+
+def _in_place_method(n: torch.fx.Node) -> str | None:
+    """The Tensor method that performs ``n``'s update in place on its first argument, if one does."""
+    if n.op == "call_method":
+        return str(n.target)
+    if n.op == "call_function":
+        if n.target is operator.setitem:
+            return "__setitem__"
+        name = getattr(n.target, "__name__", "")
+        if n.target in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")):
+            return name if hasattr(torch.Tensor, name) else None
+    return None
+
+
+def _storages(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> tuple[dict[torch.fx.Node, int], set[int]] | None:
+    """Storage of every tensor a node makes when ``gm`` runs on ``inputs`` (placeholder name -> value), and
+    the storages of inputs, parameters and buffers; None when it cannot run (meta inputs, missing ones).
+    The run changes nothing: buffers (BatchNorm's running statistics) and the RNG are put back."""
+    values = [inputs.get(str(p.target)) for p in gm.graph.nodes if p.op == "placeholder"]
+    leaves = [v for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
+    if any(v is None for v in values) or any(t.device.type == "meta" for t in leaves):
+        return None
+    kept = [(b, b.detach().clone()) for b in gm.buffers()]
+    rng = torch.get_rng_state()
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    try:
+        with torch.no_grad():
+            interp.run(*values)
+    except Exception:  # noqa: BLE001 - then nothing is rewritten
+        return None
+    finally:
+        with torch.no_grad():
+            for b, v in kept:
+                b.copy_(v)
+        torch.set_rng_state(rng)
+    made = {n: v.untyped_storage().data_ptr() for n, v in interp.env.items()
+            if isinstance(v, torch.Tensor) and n.op in COMPUTE_OPS}
+    fixed = {t.untyped_storage().data_ptr() for t in [*leaves, *gm.parameters(), *gm.buffers()]}
+    return made, fixed
+
+
+def functional_fx_inplace(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> list[str]:
+    """Turn the in-place updates of an fx graph into edges where that is exact; the ones left, by name.
+
+    The fx counterpart of :func:`functional_inplace`, for models torch.export cannot trace. An
+    update of a tensor that the graph made and that nothing else aliases (found by running the
+    graph once on ``inputs``, placeholder name -> example value) becomes an update of a copy,
+    and every later reader reads the copy::
+
+        h = a(x)   g = h * 2   h.add_(1)   c(h)
+        h = a(x)   g = h * 2   h2 = _updated_copy(h, "add_", 1)   c(h2)
+
+    (``nn.ReLU(inplace=True)`` and ``inplace=True`` keywords run out of place instead.) Updates
+    of inputs, parameters, buffers and views are left, for :func:`check_mutations_kept`.
+    """
+    names = fx_mutations(gm)
+    seen = _storages(gm, inputs) if names else None
+    if seen is None:
+        return names
+    made, fixed = seen
+    nodes = {n.name: n for n in gm.graph.nodes}
+    mutating = {nodes[x] for x in names}
+    fresh: set[torch.fx.Node] = set()          # copies made here: nothing aliases them
+    left = []
+    for name in names:
+        m = nodes[name]
+        t = m.args[0] if m.args else None
+        ptr = made.get(t) if isinstance(t, torch.fx.Node) else None
+        alias = ptr is None or ptr in fixed or any(
+            p == ptr and n is not t and n not in mutating for n, p in made.items())
+        if isinstance(t, torch.fx.Node) and t in fresh:
+            alias = False
+        method = _in_place_method(m)
+        if m.op == "call_module":
+            mod = gm.get_submodule(str(m.target))
+            rewritable = not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers())
+        else:
+            rewritable = m.kwargs.get("inplace") is True or method is not None
+        if alias or not isinstance(t, torch.fx.Node) or not rewritable:
+            left.append(name)
+            continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        later = [u for u in t.users if u is not m and order[u] > order[m]]
+        if m.op == "call_module":                    # nn.ReLU(inplace=True): a copy of it, out of place
+            out_of_place = copy.copy(mod)                # (the user's module is left as it is)
+            out_of_place.inplace = False
+            m.target = str(m.target).replace(".", "_") + "_out_of_place"
+            gm.add_submodule(m.target, out_of_place)
+            new = m
+        elif m.kwargs.get("inplace") is True:        # F.relu(h, inplace=True)
+            m.kwargs = {**m.kwargs, "inplace": False}
+            new = m
+        else:
+            with gm.graph.inserting_before(m):
+                new = gm.graph.call_function(_updated_copy, (t, method, *m.args[1:]), dict(m.kwargs))
+            m.replace_all_uses_with(new)
+            gm.graph.erase_node(m)
+        for u in later:
+            u.replace_input_with(t, new)
+        fresh.add(new)
+    gm.graph.lint()
+    gm.recompile()
+    return left
