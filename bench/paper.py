@@ -11,6 +11,8 @@ the meta device. For every (model, cluster, global batch):
   and throughput formula) picks a configuration for each schedule; each is then priced
   on fxpipe's simulator with topology (2bw overlaps the all-reduce; flush waits for it;
   gpipe runs as many microbatches per flush as fit, several flushes per step);
+* the same three on 2bw's pick (d, w, b), GPipe with all m microbatches in one flush per step, as the
+  paper's code runs it (msr-fiddle/pipedream's Megatron fork, ``--gpipe``);
 * on the key setups fxpipe's own search (CP-SAT stages, same simulator) picks d, w, b
   for 2bw under a time limit.
 
@@ -36,6 +38,7 @@ import torch  # noqa: E402
 from fxpipe.api import prepare  # noqa: E402
 from fxpipe.cost_models.device import get_device  # noqa: E402
 from fxpipe.cost_models.topology import Topology  # noqa: E402
+from fxpipe.errors import PartitionError  # noqa: E402
 from fxpipe.passes.paper_planner import paper_plan  # noqa: E402
 from fxpipe.passes.search import search_depth_width  # noqa: E402
 from fxpipe.presets import get_preset  # noqa: E402
@@ -116,6 +119,20 @@ def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, 
                          "g": p.extra.get("microbatches_per_flush"), "r": p.stages[0].recompute,
                          "formula": p.extra["paper"]["samples_per_s"], "sim": batch / t,
                          "placement": where["order"], "time": time.perf_counter() - t0, "plan": p}
+    # the three schedules on 2bw's own (d, w, b), GPipe in one flush per step as the paper's code runs it
+    # (msr-fiddle/pipedream's Megatron fork, --gpipe: every microbatch a warm-up forward)
+    pick = out["2bw"]["plan"]
+    out["same"] = {}
+    for schedule, one in (("flush", False), ("gpipe", True)):
+        try:
+            p = paper_plan(graphs, num_devices=n, global_batch=batch, schedule=schedule, memory_limit=limit,
+                           optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, topology=topo, one_flush=one,
+                           config=(pick.num_stages, pick.data_parallel, pick.microbatch_size))
+        except PartitionError:
+            out["same"][schedule] = None
+            continue
+        t, _, _ = topo.price(p, p.data_parallel)
+        out["same"][schedule] = {"sim": batch / t, "r": p.stages[0].recompute}
     if search:
         t0 = time.perf_counter()
         q = search_depth_width(graphs, num_devices=n, global_batch=batch, schedule="2bw", memory_limit=limit,
@@ -186,6 +203,14 @@ def main() -> int:
         details = [f"    flush d,w,b={fl['d']},{fl['w']},{fl['b']} r={'all' if fl['r'] else 'no'}; "
                    f"gpipe d,w,b={gp['d']},{gp['w']},{gp['b']} g={gp['g']} r={'all' if gp['r'] else 'no'}; "
                    f"placements 2bw/flush/gpipe: {bw['placement']}/{fl['placement']}/{gp['placement']}"]
+        sf, sg = r["same"]["flush"], r["same"]["gpipe"]
+        if sf and sg:
+            details.append(f"    on 2bw's d,w,b: flush {sf['sim']:.1f} (r={'all' if sf['r'] else 'no'}), gpipe in one "
+                           f"flush of all m {sg['sim']:.1f} (r={'all' if sg['r'] else 'no'}): 2bw/fl "
+                           f"{bw['sim'] / sf['sim']:.2f}, fl/gp {sf['sim'] / sg['sim']:.2f}, 2bw/gp "
+                           f"{bw['sim'] / sg['sim']:.2f}")
+        else:
+            details.append(f"    on 2bw's d,w,b: {'flush' if not sf else 'gpipe in one flush'} does not fit memory")
         if fx:
             depths = ", ".join(f"d={d}: {thr:.0f} (b={b}{', equal blocks; ILP cut ' + format(ilp, '.0f') if cut != 'ilp' else ''})"
                                for d, (thr, b, cut, ilp) in sorted(fx["by_depth"].items()))

@@ -30,8 +30,9 @@ fxpipe's plan (``pipe.to_torch_pipelining()``). Variants interleave round by rou
 one launch. For the tied GPT, ``to_torch_pipelining`` refuses (PyTorch would train two
 copies of the tied weight), so those cells say so.
 
-Numbers are median [min-max] over rounds. This VM has 2 cores shared with other jobs: 4 ranks
-on 2 cores time-share, so 4-stage throughput mostly measures contention; the stage balance
+Numbers are median [min-max] over rounds; the order of the variants rotates by one each round, and
+the ``paired`` lines take ratios inside a round (the VM's drift cancels). This VM has 2 cores shared
+with other jobs: 4 ranks on 2 cores time-share, so 4-stage throughput mostly measures contention; the stage balance
 of part 1 is the cleaner comparison of partitions.
 """
 
@@ -260,8 +261,11 @@ def worker(args: argparse.Namespace) -> None:
             v.step(x, y)
 
     res: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, v in variants.items():
+    items = list(variants.items())
+    for r in range(args.rounds):
+        # each round starts one variant later: over len(items) rounds every variant runs in every position
+        # (in a fixed order the last variant measured ~3-4% faster than the same code run first)
+        for k, v in items[r % len(items):] + items[:r % len(items)]:
             run(v)                                  # warm
             dist.barrier()
             t0 = time.perf_counter()

@@ -66,7 +66,8 @@ def paper_batch_time(plan: Plan, allreduce: Sequence[float] = (), *,
 def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, schedule: str = "2bw",
                memory_limit: int | None = None, optimizer_slots: int = 0,
                microbatch_sizes: Sequence[int] | None = None,
-               allreduce: AllReduce | None = None, topology: Any = None) -> Plan:
+               allreduce: AllReduce | None = None, topology: Any = None,
+               config: tuple[int, int, int] | None = None, one_flush: bool = False) -> Plan:
     """The paper's planner: best (d, w, b, r) with equal blocks by the paper's throughput formula.
 
     Args:
@@ -82,6 +83,11 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
         topology: a :class:`~fxpipe.cost_models.topology.Topology`: C_s priced as the search prices it
             (:meth:`~fxpipe.cost_models.topology.Topology.linked` at the likely placement: each boundary
             by the link it crosses) instead of the cost model's NVLink ``comm_time`` everywhere.
+        config: only this (d, w, b) is tried (e.g. another schedule's pick, to compare schedules
+            on one configuration).
+        one_flush: gpipe only: every microbatch of the batch in one flush, as the paper's own code
+            runs GPipe (msr-fiddle/pipedream's Megatron fork: ``--gpipe`` makes all m microbatches
+            warm-up forwards), instead of as many per flush as fit memory.
 
     Returns:
         The best Plan (``solver="paper"``, ``data_parallel=w``, ``microbatch_size=b``,
@@ -114,6 +120,8 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
         cands = []           # nothing to try: the error below says so, as before
     rows: list[dict[str, Any]] = []
     best: tuple[float, int, int, Plan] | None = None
+    if config is not None:
+        cands = [c for c in cands if c[:3] == tuple(config)]
     for d, w, b, m in cands:
         gm, cm, gc, units = graph(b)
         if topology is not None:   # the GraphCosts hold C_s: price them again with each boundary's own link
@@ -123,7 +131,7 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
             row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": "all" if r else "none",
                                    "samples_per_s": None, "fits": False}
             plan, g, seen = None, None, None
-            for g in (flush_sizes(m) if schedule == "gpipe" else [m]):
+            for g in (flush_sizes(m) if schedule == "gpipe" and not one_flush else [m]):
                 cand, seen = equal_block_plan(gm, cm, gc, units, num_stages=d, num_microbatches=g,
                                               schedule=schedule, memory_limit=memory_limit,
                                               optimizer_slots=optimizer_slots, recompute=(r,))

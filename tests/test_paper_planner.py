@@ -137,3 +137,19 @@ def test_search_keeps_equal_blocks_when_they_simulate_faster() -> None:
     assert row["cut"] == "equal blocks" and row["samples_per_s"] > row["ilp_samples_per_s"]
     assert p.num_stages == 2 and [len(s.nodes) for s in p.stages] == [3, 3]
     assert p.solver == "paper"
+
+
+def test_paper_plan_gpipe_in_one_flush_as_the_papers_code_runs_it() -> None:
+    # d=1 (N=1), B=8, b=1: m=8, T=15 (F=5, B=10), 400 B of weights -> 800 B (2 copies, k=0); the stash
+    # holds g x 40 B (4 blocks x 10 B) without recompute, 40 B with it (no stage input).  Limit 1000 B:
+    # as memory allows, g=4 fits (960 B) without recompute: t = (8/4)(4 + 0) 15 = 120;
+    # in one flush (g = m = 8), only recompute fits (840 B): T = 15 + 5, t = 8 x 20 = 160
+    kw = dict(num_devices=1, global_batch=8, schedule="gpipe", memory_limit=1000, config=(1, 1, 1))
+    p = paper_plan(_graph_for, **kw)
+    assert p.extra["microbatches_per_flush"] == 4 and not p.stages[0].recompute
+    assert p.extra["paper"]["batch_time"] == pytest.approx(120.0)
+    q = paper_plan(_graph_for, one_flush=True, **kw)
+    assert q.extra["microbatches_per_flush"] == 8 and q.stages[0].recompute
+    assert q.extra["paper"]["batch_time"] == pytest.approx(160.0)
+    # config= keeps to one (d, w, b): every candidate tried has it
+    assert {(r["d"], r["w"], r["b"]) for r in q.extra["paper"]["candidates"]} == {(1, 1, 1)}
