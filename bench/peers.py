@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/peers.py [--rounds 3] [--steps 3] [--models mlp,gpt,cnn] [--depths 2,4]
+    python bench/peers.py [--rounds 3] [--steps 3] [--models mlp,gpt,cnn] [--depths 2,4] [--tuned-malloc]
 
 Models (each written as an ``nn.Sequential`` of layers, so the real DeepSpeed and torchgpipe
 see the same layer list as fxpipe's transcriptions of them):
@@ -297,7 +297,14 @@ def paired(sps: dict[str, list[float]]) -> list[str]:
     return out
 
 
-def launch(world: int, model: str, plans: Path, out: Path, rounds: int, steps: int, timeout: float) -> dict:
+# glibc malloc: keep freed blocks instead of unmapping them and faulting them back in (docs/runtime.md,
+# "CPU ranks"); applies to every variant alike
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+def launch(world: int, model: str, plans: Path, out: Path, rounds: int, steps: int, timeout: float,
+           tuned_malloc: bool = False) -> dict:
     import socket
 
     with socket.socket() as s:
@@ -305,7 +312,7 @@ def launch(world: int, model: str, plans: Path, out: Path, rounds: int, steps: i
         port = s.getsockname()[1]
     procs = []
     for r in range(world):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        env = dict(os.environ, **(TUNED_MALLOC if tuned_malloc else {}), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", FXPIPE_QUIET="1")
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--model", model, "--plans", str(plans),
                                        "--out", str(out), "--rounds", str(rounds), "--steps", str(steps)],
@@ -330,6 +337,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--models", default="mlp,gpt,cnn")
     ap.add_argument("--depths", default="2,4")
+    ap.add_argument("--tuned-malloc", action="store_true",
+                    help="run the gloo ranks with glibc's malloc tuned (TUNED_MALLOC), every variant alike")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--plans")
@@ -340,7 +349,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     os.environ.setdefault("FXPIPE_QUIET", "1")
-    print(f"torch {torch.__version__}, 1 thread per process, m={M}, rounds={args.rounds}, steps={args.steps}; "
+    print(f"torch {torch.__version__}, 1 thread per process, m={M}, rounds={args.rounds}, steps={args.steps}, "
+          f"malloc {'tuned' if args.tuned_malloc else 'default'}; "
           "median [min-max] over rounds")
     tmp = Path(tempfile.mkdtemp(prefix="fxpipe-peers-"))
     for name in args.models.split(","):
@@ -360,7 +370,8 @@ def main() -> None:
                       f"{fmt(bal[k]['balance'], 1.0, 3)}")
             pf = tmp / f"plans-{name}-{d}.json"
             pf.write_text(json.dumps({k: p.to_json() for k, p in plans.items()}))
-            thr = launch(d, name, pf, tmp / f"thr-{name}-{d}.json", args.rounds, args.steps, timeout=600)
+            thr = launch(d, name, pf, tmp / f"thr-{name}-{d}.json", args.rounds, args.steps, timeout=600,
+                         tuned_malloc=args.tuned_malloc)
             print(f"-- {name}, {d} gloo ranks: throughput (samples/s)")
             for k, v in thr["samples_per_s"].items():
                 print(f"{k:34s} {fmt(v, 1.0, 1)}")
