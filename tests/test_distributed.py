@@ -241,3 +241,23 @@ def test_world_size_must_be_a_multiple_of_stages(monkeypatch):
     assert data_parallel_width(3) == 2
     with pytest.raises(ConfigError, match=r"WORLD_SIZE=6 is not a multiple of num_stages=4"):
         data_parallel_width(4)
+
+
+def test_receive_buffers_are_reused_only_when_nothing_holds_them():
+    """Pooled receive buffers: a fresh one while any view (a leaf, a pending send) of the old one lives."""
+    from fxpipe.runtime import p2p
+
+    if p2p._storage_unshared is p2p._never:
+        pytest.skip("this torch has no storage use count: receive buffers are not pooled")
+    comm = p2p.Comm.__new__(p2p.Comm)          # no process group needed for the pool
+    comm.device, comm._pool = torch.device("cpu"), {}
+    shape = torch.Size([2, 3])
+    a, b = comm.buffer(shape, torch.float64), comm.buffer(shape, torch.float64)
+    ptr = a.untyped_storage().data_ptr()
+    assert ptr != b.untyped_storage().data_ptr()           # two receives in flight never share memory
+    leaf = a.detach().requires_grad_()                     # what the stage makes of a received input
+    del a
+    assert comm.buffer(shape, torch.float64).untyped_storage().data_ptr() != ptr
+    del leaf
+    assert comm.buffer(shape, torch.float64).untyped_storage().data_ptr() == ptr
+    assert comm.buffer(torch.Size([3, 2]), torch.float64).shape == (3, 2)
