@@ -179,12 +179,18 @@ def detach_no_grad_values(gm: torch.fx.GraphModule) -> None:
 
 
 def mutated_copy(base: torch.Tensor, views: tuple, op: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-    """``base`` copied, then ``op`` applied in place to the view ``views`` of the copy; returns the copy."""
+    """``base`` copied, then ``op`` applied in place to the view ``views`` of the copy; returns the copy.
+
+    ``op`` is an in-place op (aten graphs) or the name of an in-place Tensor method (fx graphs).
+    """
     out = base.clone()
     v = out
     for view, a, k in views:
         v = view(v, *a, **k)
-    op(v, *args, **kwargs)
+    if isinstance(op, str):
+        getattr(v, op)(*args, **kwargs)
+    else:
+        op(v, *args, **kwargs)
     return out
 
 
@@ -289,13 +295,6 @@ def drop_unused_placeholders(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _updated_copy(base: torch.Tensor, method: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``base`` copied, then ``copy.<method>(*args, **kwargs)`` (an in-place update) applied to the copy."""
-    out = base.clone()
-    getattr(out, method)(*args, **kwargs)
-    return out
-
-
 def _in_place_method(n: torch.fx.Node) -> str | None:
     """The Tensor method that performs ``n``'s update in place on its first argument, if one does."""
     if n.op == "call_method":
@@ -345,7 +344,7 @@ def functional_fx_inplace(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> l
     and every later reader reads the copy::
 
         h = a(x)   g = h * 2   h.add_(1)   c(h)
-        h = a(x)   g = h * 2   h2 = _updated_copy(h, "add_", 1)   c(h2)
+        h = a(x)   g = h * 2   h2 = mutated_copy(h, (), "add_", (1,), {})   c(h2)
 
     (``nn.ReLU(inplace=True)`` and ``inplace=True`` keywords run out of place instead.) Updates
     of inputs, parameters, buffers and views are left, for :func:`check_mutations_kept`.
@@ -363,10 +362,8 @@ def functional_fx_inplace(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> l
         m = nodes[name]
         t = m.args[0] if m.args else None
         ptr = made.get(t) if isinstance(t, torch.fx.Node) else None
-        alias = ptr is None or ptr in fixed or any(
-            p == ptr and n is not t and n not in mutating for n, p in made.items())
-        if isinstance(t, torch.fx.Node) and t in fresh:
-            alias = False
+        alias = t not in fresh and (ptr is None or ptr in fixed or any(
+            p == ptr and n is not t and n not in mutating for n, p in made.items()))
         method = _in_place_method(m)
         if m.op == "call_module":
             mod = gm.get_submodule(str(m.target))
@@ -389,7 +386,7 @@ def functional_fx_inplace(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> l
             new = m
         else:
             with gm.graph.inserting_before(m):
-                new = gm.graph.call_function(_updated_copy, (t, method, *m.args[1:]), dict(m.kwargs))
+                new = gm.graph.call_function(mutated_copy, (t, (), method, tuple(m.args[1:]), dict(m.kwargs)))
             m.replace_all_uses_with(new)
             gm.graph.erase_node(m)
         for u in later:

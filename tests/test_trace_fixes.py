@@ -233,31 +233,30 @@ def test_fx_sees_every_kind_of_in_place_update():
 
 
 class _UpdatedInPlace(nn.Module):
-    """``h`` is read before (``h * 2``) and after (``self.c(h)``) an in-place update."""
+    """``h`` is read before (``h * 2``) and after (``self.c(h)``) an in-place update, made directly
+    (``h.add_``) or, with ``through_view``, through a view of it (``h[:, :4].add_``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, through_view: bool = False) -> None:
         super().__init__()
         self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.through_view = through_view
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)
         g = h * 2.0
-        h.add_(1.0)
+        (h[:, :4] if self.through_view else h).add_(1.0)
         return self.c(h) + g
 
 
-class _UpdatedView(nn.Module):
-    """The update goes through a view (``h[:, :4].add_``): it changes ``h``, which fxpipe does not follow."""
+@pytest.fixture
+def no_export(monkeypatch):
+    """torch.export fails on every model: fxpipe keeps the plain fx graph."""
+    import fxpipe.trace as trace_mod
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 8)
+    def refuse(*a, **k):
+        raise RuntimeError("export refused (test)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        g = h * 2.0
-        h[:, :4].add_(1.0)
-        return self.c(h) + g
+    monkeypatch.setattr(trace_mod, "_export", refuse)
 
 
 def _three_stage_plans(cg):
@@ -269,15 +268,9 @@ def _three_stage_plans(cg):
                                                  schedule="flush", solver="hand")
 
 
-def test_fx_in_place_updates_become_edges_when_export_fails(monkeypatch):
+def test_fx_in_place_updates_become_edges_when_export_fails(no_export):
     """Export failing leaves a plain fx graph: the update of a tensor nothing aliases becomes an update of a
     copy that later readers read, so every 3-stage plan trains like the model (before: 5 of 6 refused)."""
-    import fxpipe.trace as trace_mod
-
-    def no_export(*a, **k):
-        raise RuntimeError("export refused (test)")
-
-    monkeypatch.setattr(trace_mod, "_export", no_export)
     torch.manual_seed(0)
     model = _UpdatedInPlace().double()
     x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
@@ -287,7 +280,7 @@ def test_fx_in_place_updates_become_edges_when_export_fails(monkeypatch):
         warnings.simplefilter("error")          # nothing is left to warn about
         cg = prepare(model, (x,), num_microbatches=M)
     compute = [n.name for n in cg.gm.graph.nodes if n.op in COMPUTE]
-    assert compute == ["a", "mul", "_updated_copy", "c", "add"], compute
+    assert compute == ["a", "mul", "mutated_copy", "c", "add"], compute
     assert "fxpipe.fx_mutations" not in cg.gm.meta
     trained = 0
     for _, plan in _three_stage_plans(cg):
@@ -301,16 +294,10 @@ def test_fx_in_place_updates_become_edges_when_export_fails(monkeypatch):
     assert trained == 6
 
 
-def test_plans_that_split_an_fx_update_through_a_view_are_refused_when_export_fails(monkeypatch):
+def test_plans_that_split_an_fx_update_through_a_view_are_refused_when_export_fails(no_export):
     """An update through a view stays an fx node: each 3-stage plan trains exactly or is refused."""
-    import fxpipe.trace as trace_mod
-
-    def no_export(*a, **k):
-        raise RuntimeError("export refused (test)")
-
-    monkeypatch.setattr(trace_mod, "_export", no_export)
     torch.manual_seed(0)
-    model = _UpdatedView().double()
+    model = _UpdatedInPlace(through_view=True).double()
     x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
     batches = batches_for(x, y, n=2)
     want, ref = reference_losses(model, batches, F.mse_loss, M, "flush")

@@ -45,16 +45,12 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def _never(t: torch.Tensor) -> bool:
-    return False
+_CAN_POOL = hasattr(torch._C, "_storage_Use_Count")     # receive buffers are pooled only where it can tell
 
 
-def _use_count(t: torch.Tensor) -> bool:
-    # the pooled tensor and the temporary storage object of this call: 2 means nothing else holds it
+def _unshared(t: torch.Tensor) -> bool:
+    """Nothing but ``t`` holds its storage (this call's temporary storage object is the second count)."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
-
-
-_storage_unshared = _use_count if hasattr(torch._C, "_storage_Use_Count") else _never   # no pooling without it
 
 
 class Comm:
@@ -158,15 +154,16 @@ class Comm:
         The caller gets an alias of the pooled tensor, so the storage counts as used for as long as
         the caller, the autograd graph or a pending send holds any view of it.
         """
+        if not _CAN_POOL:
+            return torch.empty(shape, dtype=dtype, device=self.device)
         pool = self._pool.setdefault((tuple(shape), dtype), [])
-        for b in pool:
-            if _storage_unshared(b):
-                return b.detach()
-        b = torch.empty(shape, dtype=dtype, device=self.device)
-        if _storage_unshared is not _never and len(pool) < self._POOL_PER_SHAPE:
+        b = next((b for b in pool if _unshared(b)), None)
+        if b is None:
+            b = torch.empty(shape, dtype=dtype, device=self.device)
+            if len(pool) >= self._POOL_PER_SHAPE:
+                return b
             pool.append(b)
-            return b.detach()
-        return b
+        return b.detach()
 
     def post_recv(self, pairs: list[tuple[int, list[tuple[torch.Size, torch.dtype]]]], what: str) -> Posted:
         """Post receives, from each (stage, metas), of tensors of the given shapes; wait with :meth:`finish_recv`."""
