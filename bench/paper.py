@@ -163,19 +163,26 @@ def main() -> int:
     ap.add_argument("--models", default=None, help="comma list (default: all of SETUPS)")
     ap.add_argument("--search-time", type=float, default=45.0, help="time_limit of each fxpipe search (s)")
     ap.add_argument("--no-search", action="store_true")
+    ap.add_argument("--sends", choices=("blocking", "async"), default="blocking",
+                    help="blocking: a stage waits for each send, as the paper's code (Megatron-LM's p2p) does; "
+                         "async: sends overlap compute, as fxpipe's runtime does")
     ap.add_argument("--sustained-tflops", type=float, default=39.0,
                     help="fp16 TFLOP/s one Megatron layer sustains (Megatron-LM: 39 on a V100); 0: the datasheet")
+    ap.add_argument("--placement", choices=("megatron", "best"), default="megatron",
+                    help="megatron: a stage's replicas on neighbouring ranks (rank = stage * w + replica, Megatron-LM's "
+                         "order, the paper's runtime); best: price both placements and keep the faster")
     a = ap.parse_args()
     torch.set_num_threads(1)
     v100 = get_device("v100-16gb")
     compute = sustained_v100(a.sustained_tflops)
-    topo = Topology(v100, devices_per_node=8, precision="fp16")
+    topo = Topology(v100, devices_per_node=8, precision="fp16", blocking_sends=a.sends == "blocking",
+                    placement="replicas-in-node" if a.placement == "megatron" else None)
     wanted = set(a.models.split(",")) if a.models else None
     graphs: dict[str, Graphs] = {}
     print(f"v100-16gb: {v100.peak('float16') / 1e12:.0f} TFLOP/s fp16 datasheet, priced at "
           f"{compute.peak('float16') / 1e12:.1f} (a layer sustains {a.sustained_tflops or 'the datasheet'} TFLOP/s), NVLink {v100.intra_node_bandwidth / 1e9:.0f} GB/s, "
           f"inter-node {v100.inter_node_bandwidth * 8 / 1e9:.3f} Gbit/s per GPU (25 Gbit/s per 8-GPU server); "
-          "fp16 + Adam, seq 512, memory limit 16 GiB")
+          f"fp16 + Adam, seq 512, memory limit 16 GiB; {a.sends} sends, {a.placement} placement")
     print("samples/s from fxpipe's simulator; 'formula' = the paper planner's own estimate for its 2bw pick")
     hdr = (f"{'model':14} {'N':>3} {'B':>5} | {'paper d':>7} {'fx d,w,b':>9} {'eq d,w,b,r':>11} | {'2bw':>7} "
            f"{'flush':>7} {'gpipe':>7} {'formula':>7} | {'2bw/fl':>6} {'fl/gp':>6} {'2bw/gp':>6} | "

@@ -119,7 +119,12 @@ class Placement:
 
 @dataclass(frozen=True)
 class Topology:
-    """A cluster: the device, how many share a node, and the training precision (gradient bytes).
+    """A cluster: the device, how many share a node, the training precision (gradient bytes), and
+    how the runtime uses it. ``blocking_sends``: True prices a runtime whose stage waits for each
+    send before computing on, as Megatron-LM's p2p in the code PipeDream-2BW ran (fxpipe's runtime
+    sends asynchronously: False, the default). ``placement``: price only that rank order (e.g.
+    ``"replicas-in-node"``, Megatron-LM's, rank = stage * w + replica); None prices both and keeps the
+    faster.
 
     Example::
 
@@ -130,11 +135,15 @@ class Topology:
     device: DeviceSpec
     devices_per_node: int
     precision: str = "fp32"
+    blocking_sends: bool = False
+    placement: str | None = None     # one of PLACEMENTS: the only rank order priced; None: both, the faster
 
     def __post_init__(self) -> None:
         n = self.devices_per_node
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"devices_per_node must be an int >= 1, got {n!r}")
+        if self.placement is not None and self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)} or None, got {self.placement!r}")
 
     def bandwidth(self, inter: bool, users: int | None = None) -> float:
         """Bytes/s one device gets: NVLink, or its share of the node's network when ``users`` devices
@@ -160,6 +169,8 @@ class Topology:
     def likely_placement(self, num_stages: int, width: int) -> Placement:
         """The placement a planner assumes before pricing both: replicas inside a node when they fit
         there (1 < w <= n, the paper's §3.3 rule as we read it), else pipelines inside a node."""
+        if self.placement is not None:
+            return Placement(self.placement, num_stages, width, self.devices_per_node)
         order = PLACEMENTS[1] if 1 < width <= self.devices_per_node and num_stages > 1 else PLACEMENTS[0]
         return Placement(order, num_stages, width, self.devices_per_node)
 
@@ -196,8 +207,10 @@ class Topology:
         return self.allreduce(param_bytes, width, pl.replicas_span_nodes(stage), pl.allreduce_users(stage) or None)
 
     def placements(self, num_stages: int, width: int) -> list[Placement]:
-        """Both placements (one when d = 1 or w = 1: they coincide)."""
+        """Both placements (one when d = 1 or w = 1: they coincide), or only :attr:`placement` when set."""
         orders = PLACEMENTS if num_stages > 1 and width > 1 else PLACEMENTS[:1]
+        if self.placement is not None:
+            orders = (self.placement,)
         return [Placement(o, num_stages, width, self.devices_per_node) for o in orders]
 
     def price(self, plan: "Plan", width: int) -> tuple[float, float, dict[str, Any]]:
@@ -217,7 +230,7 @@ class Topology:
             ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index),
                                  pl.allreduce_users(st.index) or None) for st in plan.stages]
             t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,
-                                           comm=comm)
+                                           comm=comm, blocking_sends=self.blocking_sends)
             if best is None or t < best[0] * (1 - 1e-12):
                 best = (t, exposed, pl)
         assert best is not None

@@ -226,6 +226,20 @@ def test_simulate_exact_times_with_comm_and_update():
     assert sim.bubble_fraction == pytest.approx(1 - 6.5 / 14.5)
 
 
+def test_blocking_sends_hold_the_sender() -> None:
+    # gpipe d=2 m=2, F=B=1, 0.5 s a crossing. Async: rank 0 runs 0F1 right after 0F0 ([1,2]).
+    # Blocking: 0F0's send holds rank 0 until its tensor has crossed (1.5), so 0F1 [1.5,2.5]; rank 1's
+    # 1B1 [4,5] is followed by its send of 1B1 -> 0 ... each send adds 0.5 to its sender.
+    acts = build_schedule("gpipe", 2, 2)
+    fast = simulate(acts, 1.0, 1.0, comm_time=0.5)
+    slow = simulate(acts, 1.0, 1.0, comm_time=0.5, blocking_sends=True)
+    assert [(s, e) for s, e, a in fast.timeline[0] if a.kind == "F"] == [(0, 1), (1, 2)]
+    assert [(s, e) for s, e, a in slow.timeline[0] if a.kind == "F"] == [(0, 1), (1.5, 2.5)]
+    # rank 1: 1F0 [1.5,2.5] 1F1 [3,4] (its input arrives at 3) 1B1 [4,5], send until 5.5, 1B0 [5.5,6.5]
+    assert [(s, e) for s, e, a in slow.timeline[1] if a.kind != "U"] == [(1.5, 2.5), (3, 4), (4, 5), (5.5, 6.5)]
+    assert slow.makespan > fast.makespan
+
+
 def test_simulate_per_stage_times():
     # gpipe d=2 m=2, stage 1 twice as slow: its forwards bound the pipeline.
     sim = simulate(build_schedule("gpipe", 2, 2), fwd_time=[1.0, 2.0], bwd_time=[1.0, 2.0])

@@ -56,6 +56,22 @@ def test_price_keeps_the_faster_placement() -> None:
         Topology(DEV, devices_per_node=0)
 
 
+def test_a_fixed_placement_is_the_only_one_priced() -> None:
+    # the plan above prefers replicas-in-node; fixed to stages-in-node (fxpipe's own rank order) it pays
+    # the all-reduce across nodes
+    free = Topology(DEV, devices_per_node=4)
+    fixed = Topology(DEV, devices_per_node=4, placement="stages-in-node")
+    assert [p.order for p in fixed.placements(2, 4)] == ["stages-in-node"]
+    assert fixed.likely_placement(2, 4).order == "stages-in-node" != free.likely_placement(2, 4).order
+    t_free, _, where_free = free.price(_plan(received=1, params=400), width=4)
+    t_fixed, _, where = fixed.price(_plan(received=1, params=400), width=4)
+    assert where_free["order"] == "replicas-in-node" and where["order"] == "stages-in-node"
+    assert t_fixed > t_free
+    with pytest.raises(ConfigError, match="placement must be one of stages-in-node, replicas-in-node or None, "
+                                          "got 'ring'"):
+        Topology(DEV, devices_per_node=4, placement="ring")
+
+
 def test_precision_sets_gradient_and_state_bytes() -> None:
     assert param_state_bytes("fp32", 2, "flush") == 16 and param_state_bytes("fp32", 2, "2bw") == 20
     assert param_state_bytes("fp16", 2, "flush") == 16 and param_state_bytes("fp16", 2, "2bw") == 20  # the paper's

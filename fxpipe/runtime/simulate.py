@@ -50,11 +50,12 @@ def _update(stage: int, batch: int) -> Action:
 
 def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequence[float],
          comm: float | Sequence[float], upd: Sequence[float], allreduce: Sequence[float] | None = None,
-         schedule: str = "flush", m: int = 1) -> _Run:
+         schedule: str = "flush", m: int = 1, blocking: bool = False) -> _Run:
     """Event-driven run. ``comm[k]`` is the one-way time over boundary k (stage k <-> k+1); each
     direction of a boundary is one link that carries one tensor at a time, in the sender's order.
     With ``allreduce``, ``U`` runs on its rank's update lane (all-reduce, then the step) without
-    holding the rank, and an F/B needing version v waits for the ``U`` that creates it."""
+    holding the rank, and an F/B needing version v waits for the ``U`` that creates it. With
+    ``blocking``, a rank that sends waits until its tensor has crossed before its next action."""
     d = len(actions)
     links = [float(comm)] * max(d - 1, 0) if isinstance(comm, (int, float)) else [float(c) for c in comm]
     ptr = [0] * d
@@ -104,6 +105,8 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                 elif a.kind == "B" and r > 0:
                     arrive[a] = max(stop, bwd_link[r - 1]) + links[r - 1]
                     bwd_link[r - 1] = arrive[a]
+                if blocking and a in arrive:
+                    free[r] = arrive[a]
                 ptr[r] += 1
                 progress = True
     blocked = [list(actions[r][ptr[r]:]) for r in range(d)]
@@ -249,7 +252,8 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
              bwd_time: Sequence[float] | float = 2.0, comm_time: Sequence[float] | float = 0.0,
              update_time: Sequence[float] | float = 0.0, *, schedule: str | None = None,
              num_microbatches: int | None = None,
-             allreduce_time: Sequence[float] | float | None = None) -> SimResult:
+             allreduce_time: Sequence[float] | float | None = None,
+             blocking_sends: bool = False) -> SimResult:
     """Run a schedule on an event-driven clock (no devices).
 
     Each rank runs its list in order; an action starts when its rank is free
@@ -263,6 +267,10 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     step start after the stage's last backward of batch b and do not hold the
     rank; an F/B that needs weight version v waits for the ``U`` creating it.
     So 2bw overlaps the all-reduce with the next batch, flush and gpipe wait.
+    Sends overlap the sender's next action (fxpipe's runtime posts them
+    asynchronously); with ``blocking_sends`` the sender waits until its tensor
+    has crossed, as in a runtime whose send blocks (Megatron-LM's p2p, the code
+    PipeDream-2BW ran), so every transfer adds to its sender's time.
 
     Example (flush, d=2, m=1, comm 0.5)::
 
@@ -279,6 +287,7 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
             runs a forward of batch ``b+1`` before its ``U(b)``, else ``"flush"``.
         num_microbatches: ``m``; ``None`` infers it as forwards / updates on rank 0.
         allreduce_time: data-parallel all-reduce seconds per stage (or one number), or None.
+        blocking_sends: a sending rank waits for its transfer (default False: sends overlap).
 
     Returns:
         The :class:`SimResult`.
@@ -303,7 +312,7 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     ar = None if allreduce_time is None else _per_stage(allreduce_time, d, "allreduce_time")
     m = num_microbatches if num_microbatches is not None else _infer_m(actions)
     sched = schedule if schedule is not None else _infer_schedule(actions, m)
-    run = _run(actions, fwd, bwd, comm, upd, ar, sched, m)
+    run = _run(actions, fwd, bwd, comm, upd, ar, sched, m, blocking_sends)
     if any(run.blocked):
         raise ScheduleError(_deadlock_message(actions, run))
     busy = [sum(e - s for s, e, a in row if ar is None or a.kind != "U") for row in run.timeline]
@@ -331,7 +340,8 @@ _SIM_MAX_SLOTS = 512       # d * m above which steady_batch_time extrapolates fr
 
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
                       microbatches_per_flush: int | None = None, batches: int = 4,
-                      comm: Sequence[float] | None = None, _exact: bool = False) -> tuple[float, float]:
+                      comm: Sequence[float] | None = None, blocking_sends: bool = False,
+                      _exact: bool = False) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
@@ -349,6 +359,7 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         microbatches_per_flush: gpipe only: g microbatches per flush (several flushes per batch).
         batches: batches simulated (>= 3).
         comm: one-way seconds per boundary (d - 1); default ``C_{s+1} / 2`` from the plan.
+        blocking_sends: a sender waits for its transfer (see :func:`simulate`).
 
     Long batches (d·m > 512) are priced from two simulated batches of k and 2k
     microbatches (the period per microbatch is steady), gpipe with g < m from one flush of g.
@@ -363,15 +374,15 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
     if plan.schedule == "gpipe" and g is not None and g < m:
         # flushes of g serialize: price one flush of g per batch, m / g of them, then the all-reduce
         one = dataclasses.replace(plan, num_microbatches=g)
-        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm)
+        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm, blocking_sends=blocking_sends)
         return -(-m // g) * (t1 - exp1) + exp1, exp1
     if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS and not _exact and m > 2 * max(d, 4):
         # long batches: the per-microbatch period is steady; simulate two short batches, extrapolate
         k = min(max(d, 4, _SIM_MAX_SLOTS // (2 * d)), m // 2)
         t_a, exp_a = steady_batch_time(dataclasses.replace(plan, num_microbatches=k), allreduce,
-                                       batches=batches, comm=comm, _exact=True)
+                                       batches=batches, comm=comm, blocking_sends=blocking_sends, _exact=True)
         t_b, _ = steady_batch_time(dataclasses.replace(plan, num_microbatches=2 * k), None,
-                                   batches=batches, comm=comm, _exact=True)
+                                   batches=batches, comm=comm, blocking_sends=blocking_sends, _exact=True)
         base_a = t_a - exp_a
         base = base_a + (m - k) * (t_b - base_a) / k
         t = max(base, t_a) if plan.schedule == "2bw" else base + exp_a
@@ -384,7 +395,7 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
 
     def spacing(ar: Sequence[float] | None) -> float:
         sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,
-                       allreduce_time=list(ar) if ar is not None else [0.0] * d)
+                       allreduce_time=list(ar) if ar is not None else [0.0] * d, blocking_sends=blocking_sends)
         return sim.batch_end[n - 2] - sim.batch_end[n - 3]    # steady: past the fill, before the drain
 
     base = spacing(None)
