@@ -7,7 +7,7 @@ baselines (symbols: docs/cost-model.md). The formulas use only ``+`` and multipl
 definition serves floats, numpy arrays and OR-Tools expressions alike::
 
     T_s = F_s + B_s + r_s*F_s + C_s
-    M_s = W(P_s) + (r_s ? n_s*I_s + A_s : n_s*(A_s + X_s))
+    M_s = W(P_s) + (r_s ? n_s*(I_s + K_s) + A_s - K_s : n_s*(A_s + X_s))    K_s: loss_fn's saved bytes, last stage
     W(P) = P * (1 weights + 1 grads + k optimizer slots + [1 second version if 2bw])
     n_s = min(d - s, m) for 2bw / flush (1F1B),   m for gpipe
 
@@ -147,18 +147,24 @@ def weight_bytes(param_bytes: Any, ctx: CostContext) -> Any:
 
 
 def stash_bytes(activation_bytes: Any, input_bytes: Any, received_bytes: Any, n: Any,
-                recompute: bool) -> Any:
-    """What the in-flight microbatches keep: r_s ? n_s*I_s + A_s : n_s*(A_s + X_s)."""
+                recompute: bool, kept_bytes: Any = 0) -> Any:
+    """What the in-flight microbatches keep: r_s ? n_s*(I_s + K_s) + A_s - K_s : n_s*(A_s + X_s).
+
+    K_s (``kept_bytes``, part of A_s) is saved outside the recomputed region, so every in-flight
+    microbatch keeps it even when the stage recomputes: on the last stage, what ``loss_fn`` saves
+    (it runs after the stage's checkpointed forward), e.g. GPT's fp32 log-softmax over the vocabulary.
+    It matters where n_s > 1 on the last stage (gpipe); 1F1B and 2bw keep one microbatch there.
+    """
     if recompute:
-        return n * input_bytes + activation_bytes
+        return n * (input_bytes + kept_bytes) + activation_bytes - kept_bytes
     return n * (activation_bytes + received_bytes)
 
 
 def stage_memory(param_bytes: Any, activation_bytes: Any, input_bytes: Any, received_bytes: Any,
-                 n: Any, recompute: bool, ctx: CostContext) -> Any:
-    """M_s = W(P_s) + stash (see the module docstring)."""
+                 n: Any, recompute: bool, ctx: CostContext, kept_bytes: Any = 0) -> Any:
+    """M_s = W(P_s) + stash (see the module docstring; ``kept_bytes``: :func:`stash_bytes`)."""
     return weight_bytes(param_bytes, ctx) + stash_bytes(activation_bytes, input_bytes,
-                                                        received_bytes, n, recompute)
+                                                        received_bytes, n, recompute, kept_bytes)
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class StageFigures:
     input_bytes: int = 0             # I_s
     received_bytes: int = 0          # X_s
     in_flight: int = 1               # n_s
+    kept_bytes: int = 0              # K_s: loss_fn's saved bytes on the last stage (part of A_s)
 
     def time(self, recompute: bool) -> float:
         """T_s with r_s = ``recompute``."""
@@ -181,14 +188,15 @@ class StageFigures:
     def memory(self, ctx: CostContext, recompute: bool) -> int:
         """M_s in bytes with r_s = ``recompute``."""
         return int(stage_memory(self.param_bytes, self.activation_bytes, self.input_bytes,
-                                self.received_bytes, self.in_flight, recompute, ctx))
+                                self.received_bytes, self.in_flight, recompute, ctx, self.kept_bytes))
 
     @classmethod
-    def of_stage(cls, st: "StagePlan") -> "StageFigures":
-        """The figures a :class:`~fxpipe.ir.StagePlan` records."""
+    def of_stage(cls, st: "StagePlan", kept_bytes: int = 0) -> "StageFigures":
+        """The figures a :class:`~fxpipe.ir.StagePlan` records (``kept_bytes``: the plan's loss
+        activations when ``st`` is the last stage)."""
         return cls(fwd=st.fwd_time, bwd=st.bwd_time, comm=st.comm_time, param_bytes=st.param_bytes,
                    activation_bytes=st.activation_bytes, input_bytes=st.input_bytes,
-                   received_bytes=st.received_bytes, in_flight=st.in_flight)
+                   received_bytes=st.received_bytes, in_flight=st.in_flight, kept_bytes=kept_bytes)
 
 
 # What handing a tensor to the next stage costs in one process (the local executor): the tensor is

@@ -20,12 +20,14 @@ __all__ = ["in_flight", "weight_copies", "stage_memory", "optimizer_slots"]
 
 
 def stage_memory(*, param_bytes: int, activation_bytes: int, input_bytes: int, in_flight: int,
-                 recompute: bool, optimizer_slots: int, schedule: str, received_bytes: int = 0) -> int:
-    """M_s in bytes (:func:`fxpipe.cost_models.evaluator.stage_memory`); ``received_bytes`` is X_s."""
+                 recompute: bool, optimizer_slots: int, schedule: str, received_bytes: int = 0,
+                 kept_bytes: int = 0) -> int:
+    """M_s in bytes (:func:`fxpipe.cost_models.evaluator.stage_memory`); ``received_bytes`` is X_s,
+    ``kept_bytes`` K_s (what loss_fn saves, on the last stage)."""
     ctx = CostContext(schedule=schedule, num_stages=1, num_microbatches=1,
                       optimizer_slots=optimizer_slots)
     return int(_stage_memory(param_bytes, activation_bytes, input_bytes, received_bytes, in_flight,
-                             recompute, ctx))
+                             recompute, ctx, kept_bytes))
 
 
 def optimizer_slots(optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None) -> int:

@@ -63,9 +63,10 @@ def _finish(gm: torch.fx.GraphModule, cost_model: CostModel, gc: GraphCosts, sta
     if recompute is None and memory_limit is not None:
         ctx = CostContext(schedule=schedule, num_stages=num_stages,
                           num_microbatches=num_microbatches, optimizer_slots=optimizer_slots)
+        loss_kept = gc.loss.activation_bytes if gc.loss is not None else 0
         for st in plan.stages:
             if st.memory > memory_limit:
-                rec = StageFigures.of_stage(st).memory(ctx, True)
+                rec = StageFigures.of_stage(st, loss_kept if st.index == num_stages - 1 else 0).memory(ctx, True)
                 flags[st.index] = rec < st.memory
     info = dict(extra or {})
     info.setdefault("over_memory", False)

@@ -218,7 +218,7 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
         ns = prob.in_flight[s]
         I, X = lin(ibytes_terms[s]), lin(xbytes_terms[s])
         mem_nr = stage_memory(P, A, I, X, ns, False, prob.ctx)
-        mem_r = stage_memory(P, A, I, X, ns, True, prob.ctx)
+        mem_r = stage_memory(P, A, I, X, ns, True, prob.ctx, la if last else 0)
         mems.append({False: mem_nr, True: mem_r})
         if objective == "memory":
             if isinstance(r[s], int):

@@ -191,7 +191,8 @@ def stage_table(prob: BlockProblem, s: int,
         lf, lb, la = prob.loss          # loss_fn runs after the last stage's forward
         Fs, Bs, As = Fs + lf, Bs + lb, As + la
     ns = prob.ctx.in_flight(s)
-    return {r: (stage_time(Fs, Bs, Cs, r), stage_memory(Ps, As, Is, Xs, ns, r, prob.ctx))
+    kept = prob.loss[2] if s == d - 1 else 0
+    return {r: (stage_time(Fs, Bs, Cs, r), stage_memory(Ps, As, Is, Xs, ns, r, prob.ctx, kept))
             for r in (False, True)}
 
 

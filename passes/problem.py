@@ -193,7 +193,8 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
         for s in {block_stage[k] for k in readers}:
             pb[s] += nbytes
     return [StageFigures(fwd=f[s], bwd=b_[s], comm=c[s], param_bytes=pb[s], activation_bytes=a[s],
-                         input_bytes=ib[s], received_bytes=xb[s], in_flight=prob.ctx.in_flight(s))
+                         input_bytes=ib[s], received_bytes=xb[s], in_flight=prob.ctx.in_flight(s),
+                         kept_bytes=prob.loss[2] if s == d - 1 else 0)
             for s in range(d)]
 
 

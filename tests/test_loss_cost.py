@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 import types
+import weakref
 
 import pytest
 import torch
@@ -78,6 +79,35 @@ def test_loss_is_priced_on_the_last_stage() -> None:
     assert with_loss.stages[-1].memory > without.stages[-1].memory
     assert with_loss.stages[-1].fwd_time == pytest.approx(without.stages[-1].fwd_time + loss.fwd_time)
     assert with_loss.stages[-1].bwd_time == pytest.approx(without.stages[-1].bwd_time + loss.bwd_time)
+
+
+def test_what_the_loss_saves_is_stashed_per_microbatch_under_recompute() -> None:
+    """loss_fn runs after the last stage's checkpointed forward, so under gpipe (n_s = m) each in-flight
+    microbatch keeps the loss's saved tensors even when the stage recomputes: the plan counts
+    n_s*(I_s + K_s) + A_s - K_s, and the executor measured holds m x K_s outside the checkpoints."""
+    model = HeadLM()
+    x, y = torch.randint(0, VOCAB, (8, 16)), torch.randint(0, VOCAB, (8, 16))
+    pipe = fxpipe.compile(model, (x,), loss_fn=lm_loss, example_targets=y, num_stages=2, num_microbatches=4,
+                          schedule="gpipe", cost_model="analytic", time_limit=3.0, recompute=True,
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    last, kept = pipe.plan.stages[-1], pipe.plan.loss.activation_bytes
+    assert last.recompute and last.in_flight == 4 and kept > 100 * last.input_bytes
+    weights = 2 * last.param_bytes                          # SGD: weights + gradients
+    assert last.memory == weights + 4 * (last.input_bytes + kept) + last.activation_bytes - kept
+
+    refs: list[tuple[weakref.ref, int]] = []
+    peak = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:            # sees only what is saved outside checkpoints
+        nonlocal peak
+        refs.append((weakref.ref(t), t.untyped_storage().nbytes()))
+        alive = {o.untyped_storage().data_ptr(): n for r, n in refs if (o := r()) is not None}
+        peak = max(peak, sum(alive.values()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pipe.step(x, y)
+    assert peak == pytest.approx(4 * kept, rel=0.01)
 
 
 def test_last_stage_time_with_the_loss_matches_measurement(monkeypatch) -> None:
