@@ -322,9 +322,9 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             plan, g = _solve(gm, cm, gc, d=d, m=m, schedule=schedule, memory_limit=memory_limit,
                              optimizer_slots=optimizer_slots, recompute=recompute, time_limit=per,
                              num_workers=num_workers,
-                             # wall clock up to the search's deadline (at least 4x the share): CP-SAT's
-                             # deterministic time decides, not the machine's load
-                             wall_limit=max(4 * per, deadline - time.perf_counter()))
+                             # wall clock up to the search's deadline less its pricing (at least the share):
+                             # CP-SAT's deterministic time decides unless the machine slows past the deadline
+                             wall_limit=max(per, deadline - time.perf_counter() - timing["longest_price"]))
             if g is not None:
                 row["microbatches_per_flush"] = g
         except InfeasibleMemoryError as e:
