@@ -37,14 +37,15 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from fxpipe.errors import ConfigError, DistributedError
+from fxpipe.errors import DistributedError
 from fxpipe.ir import PipelineProgram, Plan
 from fxpipe.runtime.gather import Gathered
 from fxpipe.runtime.groups import (Layout, data_parallel_width, init_distributed, replica_share,  # noqa: F401
                                    timeout_seconds)
 from fxpipe.runtime.p2p import Comm
 from fxpipe.runtime.schedules import Action, build_schedule, weight_version
-from fxpipe.runtime.stage import Key, StageRuntime, get_attr, stage_needs, stage_params  # noqa: F401
+from fxpipe.runtime.stage import (Key, StageRuntime, edge_meta, get_attr, stage_needs,  # noqa: F401
+                                  stage_params)
 from fxpipe.precision import uses_autocast
 from fxpipe.runtime.amp import autocast_output_dtypes
 from fxpipe.runtime.update import UpdateRule
@@ -65,27 +66,6 @@ def _stage_rows(schedule: str, d: int, m: int, batches: int, stage: int) -> tupl
 
 def _shift(a: Action, batches: int, m: int) -> Action:
     return Action(a.stage, a.kind, a.microbatch + (batches if a.kind == "U" else batches * m))
-
-
-def _edge_meta(program: PipelineProgram, needs: list[list[Key]]) -> dict[Key, tuple[torch.Size, torch.dtype]]:
-    """Shape and dtype of every output another stage reads (from shape propagation), for receive buffers."""
-    meta = {}
-    for st in program.stages:
-        out = next(n for n in st.module.graph.nodes if n.op == "output").args[0]
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for k, node in enumerate(outs):
-            val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-            if val is None and isinstance(node, torch.fx.Node) and "tensor_meta" in node.meta:
-                val = node.meta["tensor_meta"]
-            if val is not None and hasattr(val, "shape") and hasattr(val, "dtype"):
-                meta[(st.index, k)] = (torch.Size(val.shape), val.dtype)
-    for c, need in enumerate(needs):
-        for key in need:
-            if key not in meta:
-                raise ConfigError(f"distributed executor: output {key[1]} of stage {key[0]} (read by stage {c}) "
-                                  "has no static shape/dtype in node.meta['val']; run shape propagation "
-                                  "(fxpipe.compile does) and make sure stages exchange tensors only")
-    return meta
 
 
 class DistributedExecutor(Gathered):
@@ -140,7 +120,7 @@ class DistributedExecutor(Gathered):
                                     num_microbatches=self.m, device=None if self.device.type == "cpu" else self.device,
                                     keep=self.m, precision=precision, scaler=self.rule.scaler)
         self.runtime.weights, self.runtime.owned = self.weights, mine
-        self._meta = _edge_meta(program, self._needs)
+        self._meta = edge_meta(program, self._needs)
         if uses_autocast(precision) and example is not None:   # autocast changes what stages exchange
             for key, dt in autocast_output_dtypes(program, example, precision, self.device).items():
                 if key in self._meta:

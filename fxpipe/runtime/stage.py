@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
@@ -30,13 +31,13 @@ except ImportError:  # pragma: no cover - older torch keeps the output tensors
     GradientEdge = None  # type: ignore[assignment,misc]
     get_gradient_edge = None  # type: ignore[assignment]
 
-from fxpipe.errors import LossError
+from fxpipe.errors import ConfigError, LossError
 from fxpipe.ir import PipelineProgram, Source, StageProgram
 from fxpipe.runtime.amp import LossScaler, autocast
 from fxpipe.runtime.weights import WeightVersions
 
 __all__ = ["StageRuntime", "SavedBytes", "Key", "check_loss", "stage_needs", "stage_param_names", "stage_params",
-           "get_attr"]
+           "get_attr", "edge_meta"]
 
 Key = tuple[int, int]          # (producer stage p, index k of its output)
 
@@ -76,6 +77,27 @@ def stage_needs(program: PipelineProgram) -> list[list[Key]]:
             need |= {(s.stage, s.index) for s in program.output_sources if s.kind == "stage" and s.stage != d - 1}
         out.append(sorted(need))
     return out
+
+
+def edge_meta(program: PipelineProgram, needs: list[list[Key]]) -> dict[Key, tuple[torch.Size, torch.dtype]]:
+    """Shape and dtype of every output another stage reads (from shape propagation), for receive buffers."""
+    meta = {}
+    for st in program.stages:
+        out = next(n for n in st.module.graph.nodes if n.op == "output").args[0]
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for k, node in enumerate(outs):
+            val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+            if val is None and isinstance(node, torch.fx.Node) and "tensor_meta" in node.meta:
+                val = node.meta["tensor_meta"]
+            if val is not None and hasattr(val, "shape") and hasattr(val, "dtype"):
+                meta[(st.index, k)] = (torch.Size(val.shape), val.dtype)
+    for c, need in enumerate(needs):
+        for key in need:
+            if key not in meta:
+                raise ConfigError(f"distributed executor: output {key[1]} of stage {key[0]} (read by stage {c}) "
+                                  "has no static shape/dtype in node.meta['val']; run shape propagation "
+                                  "(fxpipe.compile does) and make sure stages exchange tensors only")
+    return meta
 
 
 def check_loss(loss: Any, microbatch: int) -> torch.Tensor:
