@@ -59,7 +59,7 @@ def measurements(pipe: "Pipeline", ranks: list[dict] | None = None) -> list[Stag
     """Per-stage measurements of the last ``pipe.step``.
 
     Under the distributed executor this is collective (or reads ``ranks``, what
-    ``gather_measurements`` returned): stage s as measured on replica 0's rank s.
+    ``gather_measurements`` returned): stage s as measured on its replica-0 rank.
 
     Raises:
         ConfigError: nothing has been measured yet (call ``pipe.step`` first).
@@ -194,8 +194,10 @@ def replan_pipeline(pipe: "Pipeline", time_limit: float = 10.0) -> "Pipeline":
         new_plan = partition(pipe._cg.gm, cm, num_stages=p.num_stages, num_microbatches=p.num_microbatches,
                              schedule=p.schedule, memory_limit=p.memory_limit, optimizer_slots=p.optimizer_slots,
                              time_limit=time_limit)
+        # the same d x w ranks stay where they are: the new plan keeps the old one's rank order
+        kept = {k: p.extra[k] for k in ("placement",) if k in p.extra}
         return dataclasses.replace(new_plan, data_parallel=p.data_parallel,
-                                   extra={**new_plan.extra, "replanned_from": p.solver})
+                                   extra={**new_plan.extra, **kept, "replanned_from": p.solver})
 
     if distributed:
         import torch.distributed as dist

@@ -249,7 +249,7 @@ class Pipeline:
         if self.executor == "distributed":
             ranks = self._executor.gather_measurements()      # collective, once
             meas = measurements(self, ranks)
-            return (report_table(self.plan, meas, where="stage s measured on replica 0's rank s, all stages "
+            return (report_table(self.plan, meas, where="stage s measured on its replica-0 rank, all stages "
                                  "running at once") + "\n\n" + rank_table(ranks))
         return report_table(self.plan, measurements(self))
 

@@ -44,13 +44,17 @@ def plan_timeout_seconds() -> float:
 
 
 def _structure(plan: Plan) -> dict[str, Any]:
+    where = plan.extra.get("placement")
     return {"schedule": plan.schedule, "num_microbatches": plan.num_microbatches,
             "data_parallel": plan.data_parallel,
-            "stages": [[list(s.nodes), bool(s.recompute)] for s in plan.stages]}
+            "stages": [[list(s.nodes), bool(s.recompute)] for s in plan.stages],
+            # the rank order decides which rank runs which (stage, replica) and every process group
+            "order": where.get("order", "stages-in-node") if isinstance(where, dict) else "stages-in-node"}
 
 
 def plan_digest(plan: Plan) -> str:
-    """sha256 of what every rank must agree on: stages, their nodes and recompute flags, schedule, m, w.
+    """sha256 of what every rank must agree on: stages, their nodes and recompute flags, schedule, m, w,
+    and the rank order (``plan.extra["placement"]["order"]``).
 
     Predicted times and memory are left out: they do not change what runs.
     """
@@ -60,7 +64,8 @@ def plan_digest(plan: Plan) -> str:
 def plan_outline(plan: Plan) -> str:
     """One line per stage: first..last node, node count, recompute flag, predicted time."""
     lines = [f"{plan.num_stages} stages, schedule {plan.schedule}, m={plan.num_microbatches}, "
-             f"w={plan.data_parallel}, solver {plan.solver}, digest {plan_digest(plan)[:12]}"]
+             f"w={plan.data_parallel} ({_structure(plan)['order']}), solver {plan.solver}, "
+             f"digest {plan_digest(plan)[:12]}"]
     for s in plan.stages:
         span = f"{s.nodes[0]}..{s.nodes[-1]}" if s.nodes else "(empty)"
         lines.append(f"  stage {s.index}: {len(s.nodes)} nodes {span}{' recompute' if s.recompute else ''}"

@@ -40,8 +40,8 @@ import torch.utils._pytree as pytree
 from fxpipe.errors import DistributedError
 from fxpipe.ir import PipelineProgram, Plan
 from fxpipe.runtime.gather import Gathered
-from fxpipe.runtime.groups import (Layout, data_parallel_width, init_distributed, replica_share,  # noqa: F401
-                                   timeout_seconds)
+from fxpipe.runtime.groups import (Layout, data_parallel_width, init_distributed, placement_order,  # noqa: F401
+                                   replica_share, timeout_seconds)
 from fxpipe.runtime.p2p import Comm
 from fxpipe.runtime.schedules import Action, build_schedule, weight_version
 from fxpipe.runtime.stage import (Key, StageRuntime, edge_meta, get_attr, stage_needs,  # noqa: F401
@@ -85,6 +85,7 @@ class DistributedExecutor(Gathered):
                  loss_fn: Callable[..., torch.Tensor] | None, *, precision: str = "fp32",
                  rule: UpdateRule | None = None, lr_scheduler: Callable | None = None,
                  example: list[Any] | None = None) -> None:
+        order = placement_order(plan)       # the rank order the plan was priced for (checked first)
         init_distributed()
         self.rule = rule or UpdateRule()
         self.last_grad_norm: float | None = None   # global gradient norm of the last update (clipping / fp16)
@@ -95,7 +96,7 @@ class DistributedExecutor(Gathered):
         self.d = d = program.num_stages
         self.m = plan.num_microbatches
         self.stage_names = stage_params(program, canonical)
-        self.layout = lay = Layout(d, self.stage_names)
+        self.layout = lay = Layout(d, self.stage_names, order)
         self.rank, self.world, self.w, self.stage, self.replica = lay.rank, lay.world, lay.w, lay.stage, lay.replica
         self.tied = lay.tied
         self.device = torch.device("cuda", torch.cuda.current_device()) \

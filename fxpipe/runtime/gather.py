@@ -1,8 +1,9 @@
 """What every rank of a distributed run reads alike: the newest parameters, buffers and measurements.
 
 Each is gathered collectively (every rank calls it) from the rank that holds it: the
-parameters of stage s from rank s (replica 0), a buffer from its owning stage
-(:func:`fxpipe.runtime.checkpoint.buffer_owners`), measurements from every rank.
+parameters of stage s from replica 0's rank of stage s (``layout.rank_of(s, 0)``, under either
+rank order), a buffer from its owning stage's (:func:`fxpipe.runtime.checkpoint.buffer_owners`),
+measurements from every rank.
 """
 
 from __future__ import annotations
@@ -45,15 +46,16 @@ class Gathered:
             by_dtype: dict[torch.dtype, list[str]] = {}
             for c in sorted(set(self.stage_names[s].values())):
                 by_dtype.setdefault(self._all_params[c].dtype, []).append(c)
+            src = self.layout.rank_of(s, 0)
             for dt, cs in by_dtype.items():
-                if self.rank == s:
+                if self.rank == src:
                     flat = torch.cat([self._all_params[c].detach().reshape(-1) for c in cs])
                 else:
                     flat = torch.empty(sum(self._all_params[c].numel() for c in cs), dtype=dt, device=self.device)
                 try:
-                    dist.broadcast(flat, src=s)
+                    dist.broadcast(flat, src=src)
                 except Exception as e:  # noqa: BLE001
-                    raise self.comm.fail("state_dict (gathering parameters)", e, s) from e
+                    raise self.comm.fail("state_dict (gathering parameters)", e, src) from e
                 off = 0
                 for c in cs:
                     n = self._all_params[c].numel()
@@ -73,7 +75,7 @@ class Gathered:
         sd = model.state_dict(keep_vars=True)
         out: dict[str, torch.Tensor] = {}
         for name in sorted(owners, key=lambda n: (owners[n], n)):
-            src = owners[name]
+            src = self.layout.rank_of(owners[name], 0)
             b = sd[name].detach()
             wire = b.to(self.device).clone() if b.dtype != torch.bool else b.to(self.device, torch.uint8)
             try:

@@ -1,13 +1,16 @@
 """Ranks under torchrun: the process group, the (stage, replica) layout, its groups, and each replica's share.
 
-Rank layout (``d`` stages, ``w`` data-parallel replicas, ``WORLD_SIZE = d * w``)::
+Rank layout (``d`` stages, ``w`` data-parallel replicas, ``WORLD_SIZE = d * w``), the plan's
+placement order (``plan.extra["placement"]["order"]``, :mod:`fxpipe.cost_models.topology`;
+stages-in-node when the plan records none). torchrun numbers ranks node by node, so a rank
+is the device the planner priced::
 
-    rank = replica * d + stage
+    stages-in-node:   rank = replica * d + stage       replicas-in-node:  rank = stage * w + replica
 
-                 stage 0    stage 1    stage 2
-    replica 0:   rank 0 ──▶ rank 1 ──▶ rank 2        pipeline group of replica 0
-    replica 1:   rank 3 ──▶ rank 4 ──▶ rank 5        pipeline group of replica 1
-                   └ data-parallel group of stage 0: ranks {0, 3}
+                 stage 0    stage 1    stage 2                  stage 0    stage 1    stage 2
+    replica 0:   rank 0 ──▶ rank 1 ──▶ rank 2      replica 0:   rank 0 ──▶ rank 2 ──▶ rank 4
+    replica 1:   rank 3 ──▶ rank 4 ──▶ rank 5      replica 1:   rank 1 ──▶ rank 3 ──▶ rank 5
+                   └ data-parallel group of stage 0: {0, 3}       └ data-parallel group of stage 0: {0, 1}
 
 A parameter read by several stages (tied embeddings) is summed over a group of
 every replica of every stage that reads it.
@@ -23,9 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from fxpipe.cost_models.topology import PLACEMENTS, Placement
 from fxpipe.errors import ConfigError, DistributedError, InputError
 
-__all__ = ["timeout_seconds", "init_distributed", "data_parallel_width", "replica_share", "Layout"]
+__all__ = ["timeout_seconds", "init_distributed", "data_parallel_width", "replica_share", "placement_order", "Layout"]
 
 
 def env_seconds(name: str, default: float) -> float:
@@ -122,33 +126,52 @@ def replica_share(tree: Any, w: int, replica: int) -> Any:
     return pytree.tree_map(cut, tree)
 
 
+def placement_order(plan: Any) -> str:
+    """The rank order ``plan`` was priced for: ``plan.extra["placement"]["order"]``, stages-in-node when absent.
+
+    Raises:
+        ConfigError: the plan records an order that is not one of PLACEMENTS.
+    """
+    where = plan.extra.get("placement") if plan is not None else None
+    order = where.get("order", PLACEMENTS[0]) if isinstance(where, dict) else PLACEMENTS[0]
+    if order not in PLACEMENTS:
+        raise ConfigError(f"plan.extra['placement']['order'] is {order!r}, not one of {', '.join(PLACEMENTS)}; "
+                          "fix the plan's JSON or re-plan it (fxpipe.plan(...) records a valid one)")
+    return order
+
+
 class Layout:
     """This process's place among the ranks, and the process groups every rank creates in the same order.
 
     Args:
         d: number of stages.
         stage_names: per stage, stage-module parameter name -> canonical name.
+        order: the rank order, one of :data:`~fxpipe.cost_models.topology.PLACEMENTS` (module docstring).
 
     Attributes:
-        rank, world, w, stage, replica; ``pipeline_groups[i]`` / ``loss_p2p_groups[i]`` (the stages of
+        rank, world, w, stage, replica, order; ``pipeline_groups[i]`` / ``loss_p2p_groups[i]`` (the stages of
         replica i: activations and gradients / the loss), ``loss_group`` (all ranks), ``dp_groups[s]`` (replicas of
         stage s); ``grad_groups``: (group, canonical names of this stage) whose gradients are summed
         in that group and divided by w; ``tied``: canonical name -> the stages reading it (if > 1).
     """
 
-    def __init__(self, d: int, stage_names: list[dict[str, str]]) -> None:
+    def __init__(self, d: int, stage_names: list[dict[str, str]], order: str = PLACEMENTS[0]) -> None:
+        if order not in PLACEMENTS:
+            raise ConfigError(f"rank order {order!r} is not one of {', '.join(PLACEMENTS)}")
         self.d = d
+        self.order = order
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.w = data_parallel_width(d)
-        self.stage = self.rank % d
-        self.replica = self.rank // d
-        w = self.w
-        self.pipeline_groups = [dist.new_group([r * d + s for s in range(d)]) for r in range(w)]
+        self.w = w = data_parallel_width(d)
+        self._place = Placement(order, d, w, 1)
+        self.stage, self.replica = self.stage_replica(self.rank)
+        rank_of = self.rank_of
+        # every rank creates every group, in this order (new_group is collective over the default group)
+        self.pipeline_groups = [dist.new_group([rank_of(s, r) for s in range(d)]) for r in range(w)]
         # a batch's loss, last stage -> the others: a group of its own so it never queues behind (or, under
         # NCCL, which ignores tags, is matched with) an activation or a gradient
-        self.loss_p2p_groups = [dist.new_group([r * d + s for s in range(d)]) for r in range(w)]
-        self.dp_groups = [dist.new_group([r * d + s for r in range(w)]) for s in range(d)]
+        self.loss_p2p_groups = [dist.new_group([rank_of(s, r) for s in range(d)]) for r in range(w)]
+        self.dp_groups = [dist.new_group([rank_of(s, r) for r in range(w)]) for s in range(d)]
         self.loss_group = dist.new_group(list(range(self.world)))
         self.stats_group = dist.new_group(list(range(self.world)))   # the global gradient norm / found-inf
         users: dict[str, set[int]] = {}
@@ -156,7 +179,7 @@ class Layout:
             for c in names.values():
                 users.setdefault(c, set()).add(s)
         tied_sets = sorted({tuple(sorted(u)) for u in users.values() if len(u) > 1})
-        tied_groups = {S: dist.new_group(sorted(r * d + s for r in range(w) for s in S)) for S in tied_sets}
+        tied_groups = {S: dist.new_group(sorted(rank_of(s, r) for r in range(w) for s in S)) for S in tied_sets}
         mine = sorted(set(stage_names[self.stage].values()))
         self.grad_groups: list[tuple[Any, list[str]]] = []
         local = [c for c in mine if len(users[c]) == 1]
@@ -169,10 +192,17 @@ class Layout:
         self.tied = {c: sorted(u) for c, u in users.items() if len(u) > 1}
 
     def rank_of(self, stage: int, replica: int | None = None) -> int:
-        """Global rank of ``stage`` in ``replica`` (default: this process's replica)."""
-        return (self.replica if replica is None else replica) * self.d + stage
+        """Global rank of ``stage`` in ``replica`` (default: this process's replica), under :attr:`order`."""
+        return self._place.device(stage, self.replica if replica is None else replica)
+
+    def stage_replica(self, rank: int) -> tuple[int, int]:
+        """(stage, replica) of global ``rank``: the inverse of :meth:`rank_of`."""
+        if self.order == PLACEMENTS[0]:
+            return rank % self.d, rank // self.d
+        return rank // self.w, rank % self.w
 
     def where(self, rank: int | None = None) -> str:
         """``"rank r (stage s, replica i)"`` of this process or of ``rank``."""
         r = self.rank if rank is None else rank
-        return f"rank {r} (stage {r % self.d}, replica {r // self.d})"
+        s, i = self.stage_replica(r)
+        return f"rank {r} (stage {s}, replica {i})"
