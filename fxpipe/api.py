@@ -141,8 +141,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         devices_per_node: devices sharing a node (default: the device's ``devices_per_node``); the
             depth/width search prices transfers and all-reduces by where ranks sit
             (:mod:`fxpipe.cost_models.topology`); a fixed depth prices each stage-to-stage transfer
-            by the link it crosses (the network where stages s-1 and s sit on different nodes);
-            both record ``plan.extra["placement"]``.
+            by the link it crosses (the network where stages s-1 and s sit on different nodes); with
+            w > 1 replicas both keep the faster rank order (stages-in-node or replicas-in-node) and
+            record it in ``plan.extra["placement"]``; the distributed executor places ranks by it.
         plan: use this Plan (e.g. ``Plan.from_json`` of a saved ``fxpipe dump --format json``, or a
             baseline), or the path of such a JSON file, instead of solving; it is re-checked against
             the traced graph.

@@ -50,11 +50,15 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
         from fxpipe.cost_models.evaluator import InProcessTransfers
 
         cg.cost_model = InProcessTransfers(cg.cost_model)
-    cg.cost_model = _linked(cg.cost_model, opts, width)
+    base = cg.cost_model
+    # the given plan's rank order is the one its ranks run (the runtime follows it): re-check it there
+    places = _placements(opts, opts.num_stages, width, _recorded_order(given_plan))
+    cg.cost_model = _linked(base, opts, places[0]) if places else base
     if opts.example_targets is not None and opts.loss_fn is not None:
         price_loss(cg, opts.loss_fn, opts.example_targets, opts.num_microbatches)
     if given_plan is not None:
-        return _with_placement(_recheck(model, cg, given_plan, opts), opts, width), cg
+        where = places[0] if places else _given_placement(given_plan, width)
+        return _with_placement(_recheck(model, cg, given_plan, opts), width, where), cg
     n_compute = sum(1 for n in cg.gm.graph.nodes if n.op in _COMPUTE)
     if n_compute == 0:
         raise ConfigError(f"the traced graph of {type(model).__name__} has no operations (its forward returns "
@@ -62,12 +66,49 @@ def plan_graph(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions,
     if opts.num_stages > n_compute:
         raise ConfigError(f"num_stages={opts.num_stages} is more than the {n_compute} operations in the "
                           f"traced graph of {type(model).__name__}; use at most {n_compute} stages")
+    p, where, cg.cost_model = _partition_placed(cg, base, opts, width, places)
+    return _with_placement(p, width, where), cg
+
+
+def _partition_placed(cg: CompiledGraph, base: CostModel, opts: PlanOptions, width: int,
+                      places: list[Any]) -> tuple[Plan, Any, CostModel]:
+    """The fixed-depth plan under the faster of ``places`` (as the search chooses: each priced by
+    :meth:`~fxpipe.cost_models.topology.Topology.price`, ties to the first, stages-in-node), with
+    its placement and the cost model its transfers were priced by.
+
+    One CP-SAT solve per distinct set of links: placements whose stage-to-stage transfers cross the
+    same links (all devices on one node, or no boundary leaving a node under either) share one cut,
+    and only their all-reduces are priced apart. Two distinct sets split ``time_limit`` between them,
+    so planning takes no longer than with one.
+    """
     from fxpipe.passes.partition import partition
 
-    p = partition(cg.gm, cg.cost_model, num_stages=opts.num_stages, num_microbatches=opts.num_microbatches,
-                  schedule=opts.schedule, memory_limit=opts.memory_limit,
-                  optimizer_slots=opts.optimizer_slots, recompute=opts.recompute, time_limit=opts.time_limit)
-    return _with_placement(p, opts, width), cg
+    by_links: dict[Any, list[Any]] = {}
+    for pl in places or [None]:
+        by_links.setdefault(None if pl is None else _link_key(pl), []).append(pl)
+    share = opts.time_limit / len(by_links)
+    best: tuple[float, Plan, Any, CostModel] | None = None
+    for group in by_links.values():
+        cm = base if group[0] is None else _linked(base, opts, group[0])
+        p = partition(cg.gm, cm, num_stages=opts.num_stages, num_microbatches=opts.num_microbatches,
+                      schedule=opts.schedule, memory_limit=opts.memory_limit, optimizer_slots=opts.optimizer_slots,
+                      recompute=opts.recompute, time_limit=share)
+        if len(places) <= 1:
+            return p, group[0], cm
+        topo = _topology(opts)
+        for pl in group:
+            t = dataclasses.replace(topo, placement=pl.order).price(p, width)[0]
+            if best is None or t < best[0] * (1 - 1e-12):
+                best = (t, p, pl, cm)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def _link_key(where: Any) -> tuple[int, ...]:
+    """What the partitioner sees of a placement: per stage pair p < c, the devices sharing the network
+    with a transfer p -> c (0: inside a node), as :meth:`Topology.links` prices it."""
+    d, per_node = where.num_stages, where.crossing_users()
+    return tuple(where.link_users(a, c, per_node) for a in range(d) for c in range(a + 1, d))
 
 
 def _search(model: torch.nn.Module, example_inputs: Any, opts: PlanOptions) -> tuple[Plan, CompiledGraph]:
@@ -124,31 +165,60 @@ def _topology(opts: PlanOptions) -> Any:
     return Topology(spec, n, opts.precision)
 
 
-def _placement(opts: PlanOptions, num_stages: int, width: int = 1) -> Any:
-    """Where a fixed-depth plan's d x w ranks sit (the distributed executor's rank = replica * d + stage:
-    each pipeline's stages on neighbouring devices), or None when neither ``device`` nor
-    ``devices_per_node`` describes a cluster."""
-    if opts.devices_per_node is None and opts.device is None:
-        return None
-    from fxpipe.cost_models.device import get_device
+def _recorded_order(plan: Plan | None) -> str | None:
+    """The rank order a given plan records (``extra["placement"]["order"]``), or None.
+
+    Raises:
+        ConfigError: the recorded order is not one of PLACEMENTS.
+    """
+    from fxpipe.cost_models.topology import PLACEMENTS
+
+    where = plan.extra.get("placement") if plan is not None else None
+    order = where.get("order") if isinstance(where, dict) else None
+    if order is not None and order not in PLACEMENTS:
+        raise ConfigError(f"the plan's extra['placement']['order'] is {order!r}, not one of {', '.join(PLACEMENTS)}; "
+                          "fix the plan's JSON or re-plan the model")
+    return order
+
+
+def _given_placement(plan: Plan, width: int) -> Any:
+    """A given plan's recorded rank order, re-laid for ``width`` replicas, when no cluster is described
+    (None when it records none): its ranks still run in that order."""
     from fxpipe.cost_models.topology import Placement
 
-    n = get_device(opts.device).devices_per_node if opts.devices_per_node is None else opts.devices_per_node
-    return Placement("stages-in-node", num_stages, width, n)
+    order = _recorded_order(plan)
+    if order is None:
+        return None
+    n = plan.extra["placement"].get("devices_per_node")
+    return Placement(order, plan.num_stages, width, n if isinstance(n, int) and n >= 1 else 1)
 
 
-def _linked(cm: CostModel, opts: PlanOptions, width: int) -> CostModel:
-    """The cost model with each transfer priced by the link it crosses under the fixed-depth placement
-    of ``width`` pipelines (unchanged when every boundary stays inside a node): partition, re-check and
-    summary share it."""
-    where = _placement(opts, int(opts.num_stages or 1), width)
-    return cm if where is None else _topology(opts).linked(cm, where)
+def _placements(opts: PlanOptions, num_stages: int, width: int = 1, order: str | None = None) -> list[Any]:
+    """Where a fixed-depth plan's d x w ranks may sit: both placements when w > 1 and d > 1 (the
+    search's :meth:`~fxpipe.cost_models.topology.Topology.placements`), only ``order`` when given (a
+    plan that records one), or [] when neither ``device`` nor ``devices_per_node`` describes a
+    cluster (the ranks then run stages-in-node, the runtime's default).
+
+    Raises:
+        ConfigError: ``order`` is not one of PLACEMENTS.
+    """
+    if opts.devices_per_node is None and opts.device is None:
+        return []
+    topo = _topology(opts)
+    if order is not None:
+        topo = dataclasses.replace(topo, placement=order)      # checked by Topology
+    return topo.placements(num_stages, width)
 
 
-def _with_placement(p: Plan, opts: PlanOptions, width: int) -> Plan:
-    """A fixed-depth plan records its width w and where its stages sit."""
+def _linked(cm: CostModel, opts: PlanOptions, where: Any) -> CostModel:
+    """The cost model with each transfer priced by the link it crosses where ``where`` puts the stages
+    (unchanged when every boundary stays inside a node): partition, re-check and summary share it."""
+    return _topology(opts).linked(cm, where)
+
+
+def _with_placement(p: Plan, width: int, where: Any) -> Plan:
+    """A fixed-depth plan records its width w and where its stages sit (``where``: a Placement or None)."""
     p = dataclasses.replace(p, data_parallel=width) if width != p.data_parallel else p
-    where = _placement(opts, p.num_stages, width)
     if where is None:
         return p
     return dataclasses.replace(p, extra={**p.extra, "placement": where.to_dict()})

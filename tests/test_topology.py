@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import fxpipe
 
 from fxpipe.cost_models.device import DeviceSpec, get_device
 from fxpipe.cost_models.evaluator import CostContext, gradient_bytes, param_state_bytes, weight_bytes
-from fxpipe.cost_models.topology import Placement, Topology
+from fxpipe.cost_models.topology import PLACEMENTS, Placement, Topology
 from fxpipe.errors import ConfigError
 from fxpipe.ir import Plan, StagePlan
 
@@ -279,20 +281,65 @@ def test_the_planner_sees_the_skip_cross_nodes() -> None:
     assert p.solve_info is not None and p.solve_info.status == "OPTIMAL"
 
 
-def test_fixed_depth_prices_the_placement_of_its_replicas() -> None:
-    """num_stages=3, num_devices=6 (w=2) on 4-device nodes: ranks replica*3 + stage put replica 1's stage 0
-    on node 0 (device 3) and its stages 1, 2 on node 1, so boundary 0 -> 1 crosses; one pipeline (w=1)
-    stays inside node 0."""
+def test_fixed_depth_keeps_the_faster_placement_of_its_replicas(monkeypatch) -> None:
+    """num_stages=3, num_devices=6 (w=2) on 4-device nodes: stages-in-node (rank replica*3 + stage) puts
+    replica 1's stage 0 on node 0 and its stages 1, 2 on node 1 (boundary 0 -> 1 crosses, stages 1 and 2
+    all-reduce across nodes); replicas-in-node (rank stage*2 + replica) crosses boundary 1 -> 2 with both
+    replicas and all-reduces inside nodes. The links differ, so each placement gets its own CP-SAT cut
+    (half the time limit each) and the plan keeps the one Topology.price finds faster, as the search does.
+    One pipeline (w=1) stays inside node 0."""
+    import fxpipe.passes.partition as part
+
     model, x = _chain()
     one = fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, device="v100-16gb", devices_per_node=4,
                       time_limit=5.0)
+    assert one.data_parallel == 1 and one.extra["placement"]["inter_node_boundaries"] == []
+    cuts: list = []
+    real = part.partition
+
+    def counted(gm, cm, **kw):
+        cuts.append((real(gm, cm, **kw), kw["time_limit"]))
+        return cuts[-1][0]
+
+    monkeypatch.setattr(part, "partition", counted)
     two = fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, device="v100-16gb", devices_per_node=4,
                       num_devices=6, time_limit=5.0)
-    assert one.data_parallel == 1 and one.extra["placement"]["inter_node_boundaries"] == []
-    assert two.data_parallel == 2 and two.extra["placement"]["devices"] == [[0, 3], [1, 4], [2, 5]]
-    assert two.extra["placement"]["inter_node_boundaries"] == [0]
-    s = two.stages      # one device of each node sends across: the whole 25 Gbit/s NIC
-    assert s[1].comm_time == _sent(s[1].received_bytes, NETWORK)
-    assert s[2].comm_time == _sent(s[2].received_bytes, NVLINK)
+    assert [t for _, t in cuts] == [2.5, 2.5]
+    topo = Topology(V100, devices_per_node=4)
+    priced = {o: topo.__class__(V100, 4, placement=o).price(c, 2)[0] for (c, _), o in zip(cuts, PLACEMENTS)}
+    faster = min(PLACEMENTS, key=lambda o: (priced[o], PLACEMENTS.index(o)))
+    where = two.extra["placement"]
+    assert two.data_parallel == 2 and where["order"] == faster, priced
+    assert [st.nodes for st in two.stages] == [st.nodes for st in cuts[PLACEMENTS.index(faster)][0].stages]
+    assert where == Placement(faster, 3, 2, 4).to_dict()
+    s = two.stages      # each stage's transfers priced where the recorded placement puts it
+    if faster == "replicas-in-node":    # both devices of node 0 send across: half the NIC each
+        assert where["devices"] == [[0, 1], [2, 3], [4, 5]] and where["inter_node_boundaries"] == [1]
+        assert s[1].comm_time == _sent(s[1].received_bytes, NVLINK)
+        assert s[2].comm_time == pytest.approx(_sent(s[2].received_bytes, NETWORK / 2))
+    else:
+        assert where["devices"] == [[0, 3], [1, 4], [2, 5]] and where["inter_node_boundaries"] == [0]
+        assert s[1].comm_time == _sent(s[1].received_bytes, NETWORK)
+    # the recorded order is the one a given plan (compile(plan=...)) is re-checked and run under
+    from fxpipe.options import check_plan_options
+    from fxpipe.planning import plan_graph
+
+    def recheck(given, **cluster):
+        opts = check_plan_options(model, num_stages=3, num_microbatches=4, schedule="2bw", optimizer=None,
+                                  cost_model="analytic", memory_limit=None, executor="local", **cluster)
+        return plan_graph(model, (x,), opts, given_plan=given, width=2)[0]
+
+    again = recheck(two, device="v100-16gb", devices_per_node=4)
+    assert again.extra["placement"] == where and [st.comm_time for st in again.stages] == [st.comm_time for st in s]
+    assert recheck(two, device=None).extra["placement"]["order"] == faster     # no cluster given: the order stays
+    bad = dataclasses.replace(two, extra={**two.extra, "placement": {**where, "order": "diagonal"}})
+    with pytest.raises(ConfigError, match="'diagonal', not one of stages-in-node, replicas-in-node"):
+        recheck(bad, device=None)
+    # all six devices on one 8-device node: both placements cross the same (no) links, so one cut with the
+    # whole time limit; their all-reduces stay inside the node too, and the tie goes to stages-in-node
+    cuts.clear()
+    node = fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, device="v100-16gb", devices_per_node=8,
+                       num_devices=6, time_limit=5.0)
+    assert [t for _, t in cuts] == [5.0] and node.extra["placement"]["order"] == "stages-in-node"
     with pytest.raises(ConfigError, match="num_devices=5 is not a multiple of num_stages=3"):
         fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, num_devices=5)
