@@ -199,6 +199,62 @@ def mode_resume(out: Path, stages: int, executor: str) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
 
 
+def mode_placement(out: Path) -> None:
+    """4 ranks, d=2 x w=2, a plan whose placement order is replicas-in-node (rank = stage * 2 + replica):
+    each rank's place and groups; losses, weights and pipe(x) of 2bw and flush against the reference; a
+    checkpoint written under that order resumes a pipeline of the same plan without one (stages-in-node)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    import fxpipe
+    import models
+    from fxpipe.runtime.groups import replica_share
+    from test_pipeline import batches_for, reference_losses
+
+    rank, stages, m = int(os.environ["RANK"]), 2, 4
+    w = int(os.environ["WORLD_SIZE"]) // stages
+    model0, x, y, loss_fn = models.CASES["gpt"]()       # tied embedding / head: a group over both stages
+    batches = batches_for(x, y, n=4)
+    base = fxpipe.plan(copy.deepcopy(model0), (replica_share(x, w, 0),), num_stages=stages, num_microbatches=m,
+                       schedule="2bw", executor="local")
+    placed = {"order": "replicas-in-node", "devices_per_node": 1}
+    res: dict = {}
+    for sched in ("2bw", "flush"):
+        ref_losses, ref = reference_losses(model0, batches, loss_fn, m * w, sched)
+        plan = dataclasses.replace(base, schedule=sched, extra={**base.extra, "placement": placed})
+        pipe = fxpipe.compile(copy.deepcopy(model0), (x,), num_stages=stages, num_microbatches=m, schedule=sched,
+                              loss_fn=loss_fn, optimizer=SGDM, executor="distributed", plan=plan)
+        ex = pipe._executor
+        got = [pipe.step(bx, by).item() for bx, by in batches[:2]]
+        ck = out / f"ckpt-{sched}"
+        if sched == "2bw":
+            pipe.save(str(ck))
+        got += [pipe.step(bx, by).item() for bx, by in batches[2:]]
+        sd = pipe.state_dict()
+        lay = ex.layout
+        res[sched] = {
+            "order": lay.order, "recorded": pipe.plan.extra["placement"]["order"],
+            "stage": ex.stage, "replica": ex.replica, "where": [lay.where(r) for r in range(lay.world)],
+            "pipeline_group": dist.get_process_group_ranks(lay.pipeline_groups[ex.replica]),
+            "dp_group": dist.get_process_group_ranks(lay.dp_groups[ex.stage]),
+            "loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
+            "weight_err": _max_err(sd, ref.state_dict()),
+            "forward_err": (pipe(x).double() - ref(x).double()).abs().max().item(),
+        }
+        if sched == "2bw":      # the same stages, ranks in the other order: the checkpoint is keyed by stage
+            plain = dataclasses.replace(plan, extra={k: v for k, v in plan.extra.items() if k != "placement"})
+            fresh = fxpipe.compile(copy.deepcopy(model0), (x,), num_stages=stages, num_microbatches=m,
+                                   schedule=sched, loss_fn=loss_fn, optimizer=SGDM, executor="distributed", plan=plain)
+            fresh.load(str(ck))
+            again = [fresh.step(bx, by).item() for bx, by in batches[2:]]
+            sd2 = fresh.state_dict()
+            # the tied weight's gradient is summed over 4 ranks in another group order: equal to rounding
+            res["resumed"] = {"order": fresh._executor.layout.order, "stage": fresh._executor.stage,
+                              "loss_err": max(abs(a - b) for a, b in zip(again, got[2:])), "weight_err": _max_err(sd2, sd)}
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+
+
 def mode_fault(out: Path, how: str, bad_rank: int) -> None:
     """Rank ``bad_rank`` raises (how="raise") or dies (how="exit") in its 7th forward (batch 1)."""
     import models
@@ -387,6 +443,8 @@ if __name__ == "__main__":
         mode_interop(out, rest[0])
     elif mode == "safety":
         mode_safety(out)
+    elif mode == "placement":
+        mode_placement(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     import torch.distributed as dist

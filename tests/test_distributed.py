@@ -261,3 +261,27 @@ def test_receive_buffers_are_reused_only_when_nothing_holds_them():
     del leaf
     assert comm.buffer(shape, torch.float64).untyped_storage().data_ptr() == ptr
     assert comm.buffer(torch.Size([3, 2]), torch.float64).shape == (3, 2)
+
+
+@pytest.mark.timeout(200)
+def test_ranks_follow_the_plans_placement_order(tmp_path):
+    """A plan recording replicas-in-node runs rank = stage * w + replica (a stage's replicas neighbours),
+    matches the reference under 2bw and flush, and its checkpoint resumes under stages-in-node."""
+    r = launch(4, ["placement", str(tmp_path)], timeout=180)
+    assert not r.timed_out and r.returncodes == [0] * 4, \
+        f"exit codes {r.returncodes} after {r.seconds:.0f}s\n" + "\n".join(x[-3000:] for x in r.logs)
+    where = ["rank 0 (stage 0, replica 0)", "rank 1 (stage 0, replica 1)", "rank 2 (stage 1, replica 0)",
+             "rank 3 (stage 1, replica 1)"]
+    for rank in range(4):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        stage, replica = rank // 2, rank % 2
+        for sched in ("2bw", "flush"):
+            got = res[sched]
+            assert got["order"] == got["recorded"] == "replicas-in-node", (rank, sched)
+            assert (got["stage"], got["replica"]) == (stage, replica) and got["where"] == where, (rank, got)
+            assert got["pipeline_group"] == [replica, 2 + replica] and got["dp_group"] == [2 * stage, 2 * stage + 1]
+            for err in ("loss_err", "weight_err", "forward_err"):
+                assert got[err] <= 1e-10, f"rank {rank}, {sched}: {err} {got[err]}"
+        resumed = res["resumed"]
+        assert resumed["order"] == "stages-in-node" and resumed["stage"] == rank % 2, (rank, resumed)
+        assert resumed["loss_err"] <= 1e-12 and resumed["weight_err"] <= 1e-12, (rank, resumed)
