@@ -180,6 +180,7 @@ class StageFigures:
     received_bytes: int = 0          # X_s
     in_flight: int = 1               # n_s
     kept_bytes: int = 0              # K_s: loss_fn's saved bytes on the last stage (part of A_s)
+    received_from: tuple[tuple[int, int], ...] = ()   # X_s by producer stage: ((p, bytes), ...)
 
     def time(self, recompute: bool) -> float:
         """T_s with r_s = ``recompute``."""
@@ -196,7 +197,8 @@ class StageFigures:
         activations when ``st`` is the last stage)."""
         return cls(fwd=st.fwd_time, bwd=st.bwd_time, comm=st.comm_time, param_bytes=st.param_bytes,
                    activation_bytes=st.activation_bytes, input_bytes=st.input_bytes,
-                   received_bytes=st.received_bytes, in_flight=st.in_flight, kept_bytes=kept_bytes)
+                   received_bytes=st.received_bytes, in_flight=st.in_flight, kept_bytes=kept_bytes,
+                   received_from=st.received_from)
 
 
 # What handing a tensor to the next stage costs in one process (the local executor): the tensor is

@@ -27,6 +27,7 @@ and keeps the faster.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from fxpipe.errors import ConfigError
@@ -82,12 +83,20 @@ class Placement:
         """True when stages ``src`` and ``dst`` sit on different nodes for some replica."""
         return any(self.node(src, r) != self.node(dst, r) for r in range(self.width))
 
-    def crossing_users(self) -> dict[int, int]:
-        """Per node, how many of its devices send boundary traffic across nodes (to a neighbour stage)."""
+    def crossing_users(self, pairs: Iterable[tuple[int, int]] | None = None) -> dict[int, int]:
+        """Per node, how many of its devices send stage-to-stage traffic across nodes: a device counts
+        when it talks to a stage on another node over one of ``pairs`` (producer, consumer), as
+        either end (the activation goes one way, its gradient back). None: the neighbour pairs
+        (k, k+1), all a planner knows before a partition exists; a plan's :meth:`~fxpipe.ir.Plan.transfers`
+        also count a skip's ends, e.g. 0 -> 3 on 2-device nodes."""
         d = self.num_stages
+        peers: list[set[int]] = [set() for _ in range(d)]
+        for p, c in ([(k, k + 1) for k in range(d - 1)] if pairs is None else pairs):
+            peers[p].add(c)
+            peers[c].add(p)
 
         def crosses(s: int, r: int) -> bool:
-            return any(0 <= t < d and self.node(t, r) != self.node(s, r) for t in (s - 1, s + 1))
+            return any(self.node(t, r) != self.node(s, r) for t in peers[s])
 
         return self._users(crosses)
 
@@ -178,7 +187,9 @@ class Topology:
         """``links[p][c]`` (p < c): ``nbytes -> seconds`` of a value sent from stage p straight to stage c
         where ``placement`` puts them (:meth:`transfer` at the node's network share,
         :meth:`Placement.link_users`), or None when p and c share a node (the cost model's own NVLink
-        price). For :class:`~fxpipe.cost_models.evaluator.LinkTransfers`: the C_s of a plan."""
+        price). For :class:`~fxpipe.cost_models.evaluator.LinkTransfers`: the C_s of a plan. Made before
+        a partition exists, so the network share counts only devices that talk to a neighbour stage
+        (:meth:`Placement.crossing_users` of None); :meth:`price` counts a plan's own pairs."""
         d = placement.num_stages
         per_node = placement.crossing_users()
         net: dict[int, Any] = {}          # one price per network share, so equal links are one link
@@ -216,17 +227,26 @@ class Topology:
     def price(self, plan: "Plan", width: int) -> tuple[float, float, dict[str, Any]]:
         """(seconds per batch, exposed all-reduce, placement) of ``plan`` replicated ``width`` times.
 
-        Each placement runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with its
-        boundary transfers (the received bytes X_{k+1} at the boundary's bandwidth, shared with the
-        node's other crossings) and all-reduces; the faster wins (ties: stages-in-node).
+        Each placement runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with each transfer
+        p -> c of :meth:`~fxpipe.ir.Plan.transfers` (the bytes stage c receives from stage p; a plan
+        without ``received_from`` sends X_{k+1} over boundary k) on its own link: the network when
+        :meth:`Placement.crosses` (p, c), shared with the node's devices that talk across nodes
+        over the plan's pairs (:meth:`Placement.link_users`), else NVLink; and all-reduces. The
+        faster placement wins (ties: stages-in-node). e.g. 4 stages on 2-device nodes, a skip 0 -> 3:
+        it crosses nodes although boundary 2 -> 3 does not, so it pays the network, and stage 0
+        counts as a crossing device of node 0.
         """
         from fxpipe.runtime.simulate import steady_batch_time
 
         best: tuple[float, float, Placement] | None = None
         g = plan.extra.get("microbatches_per_flush")
-        for pl in self.placements(plan.num_stages, width):
-            comm = [self.transfer(plan.stages[k + 1].received_bytes, pl.boundary_crosses(k), pl.boundary_users(k))
-                    for k in range(plan.num_stages - 1)]
+        d = plan.num_stages
+        sent = plan.transfers()
+        for pl in self.placements(d, width):
+            per_node = pl.crossing_users(sent)
+            comm: list[list[float | None]] = [[None] * d for _ in range(d)]
+            for (p, c), nbytes in sent.items():
+                comm[p][c] = self.transfer(nbytes, pl.crosses(p, c), pl.link_users(p, c, per_node))
             ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index),
                                  pl.allreduce_users(st.index) or None) for st in plan.stages]
             t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,

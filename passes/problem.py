@@ -159,7 +159,8 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
     the value is a model output) and its producer runs on an earlier stage; it is
     paid in C_s (over the link from the producer's stage to s: the runtime sends it
     straight there) and counted in I_s (and in X_s unless it is a model input) once
-    per stage it enters, however many nodes of s read it.
+    per stage it enters, however many nodes of s read it; ``received_from`` splits X_s
+    by the producer's stage.
     """
     d = prob.num_stages
     f = [0.0] * d
@@ -177,6 +178,7 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
     c = [0.0] * d
     ib = [0] * d
     xb = [0] * d
+    xf: list[dict[int, int]] = [{} for _ in range(d)]      # X_s by producer stage
     for v in prob.values:
         ps = block_stage[v.producer] if v.producer >= 0 else -1
         into = {block_stage[k] for k in v.consumers}
@@ -188,13 +190,15 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
                 if v.producer >= 0:
                     c[s] += prob.comm_at(v, ps, s)
                     xb[s] += v.nbytes
+                    xf[s][ps] = xf[s].get(ps, 0) + v.nbytes
     pb = [0] * d
     for nbytes, readers in prob.params:
         for s in {block_stage[k] for k in readers}:
             pb[s] += nbytes
     return [StageFigures(fwd=f[s], bwd=b_[s], comm=c[s], param_bytes=pb[s], activation_bytes=a[s],
                          input_bytes=ib[s], received_bytes=xb[s], in_flight=prob.ctx.in_flight(s),
-                         kept_bytes=prob.loss[2] if s == d - 1 else 0)
+                         kept_bytes=prob.loss[2] if s == d - 1 else 0,
+                         received_from=tuple(sorted(xf[s].items())))
             for s in range(d)]
 
 

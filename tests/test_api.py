@@ -75,3 +75,23 @@ def test_a_leaf_module_warning_names_the_callers_line():
     with pytest.warns(UserWarning, match=r"leaf_modules entry 'layer.0' matches no submodule") as seen:
         fxpipe.plan_with_graph(model, (x,), num_stages=2, num_microbatches=4, leaf_modules=["layer.0"])
     assert [w.filename for w in seen] == [__file__]
+
+
+def test_a_plan_records_where_each_stage_receives_from() -> None:
+    """SkipNet (tests/models.py): h0 feeds the head, h_i is added three blocks later. On 4 stages some
+    stage reads a value made two or more stages before it; received_from says how many bytes come from
+    each earlier stage, summing to received_bytes, as counted here from the graph itself."""
+    model, x, _, _ = CASES["skip"]()
+    r = fxpipe.plan_with_graph(model, (x,), num_stages=4, num_microbatches=2, schedule="flush", time_limit=5.0)
+    stage = r.plan.stage_of()
+    output = next(n for n in r.gm.graph.nodes if n.op == "output")
+    want: list[dict[int, int]] = [{} for _ in range(4)]
+    for n in r.gm.graph.nodes:
+        if n.name not in stage:
+            continue
+        into = {stage[u.name] for u in n.users if u.name in stage} | ({3} if n in output.all_input_nodes else set())
+        for s in into - {stage[n.name]}:
+            want[s][stage[n.name]] = want[s].get(stage[n.name], 0) + n.meta[META_COST].output_bytes
+    assert [dict(st.received_from) for st in r.plan.stages] == want
+    assert all(sum(b for _, b in st.received_from) == st.received_bytes for st in r.plan.stages)
+    assert any(p < st.index - 1 for st in r.plan.stages for p, _ in st.received_from)   # a long skip

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from fxpipe.cost_models.memory import in_flight, stage_memory
-from fxpipe.errors import ConfigError, InfeasibleMemoryError, PartitionError
+from fxpipe.errors import ConfigError, InfeasibleMemoryError, PartitionError, PlanFormatError
 from fxpipe.ir import META_COST, META_PARAM_BYTES, META_PARAMS, NodeCost, Plan
 from fxpipe.passes.coarsen import graph_costs
 from fxpipe.passes.partition import partition, plan_from_assignment
@@ -332,6 +332,26 @@ def test_skip_connection_is_paid_once_at_its_consumer() -> None:
     assert [s.comm_time for s in plan.stages] == [0.0, 2.0, 2.0, 4.0]
     assert [s.input_bytes for s in plan.stages] == [64, 10, 10, 20]
     assert set(plan.cut_edges) == {("n0", "n1"), ("n1", "n2"), ("n2", "n3"), ("n0", "n3")}
+    # where X_s comes from: stage 3's 20 B are n2's 10 from stage 2 and n0's 10 straight from stage 0
+    assert [s.received_from for s in plan.stages] == [(), ((0, 10),), ((1, 10),), ((0, 10), (2, 10))]
+    assert plan.transfers() == {(0, 1): 10, (1, 2): 10, (0, 3): 10, (2, 3): 10}
+    back = Plan.from_json(plan.to_json())
+    assert back == plan and back.stages[3].received_from == ((0, 10), (2, 10))
+    # JSON written before received_from existed still loads: all of X_s then comes from stage s - 1
+    old = plan.to_dict()
+    old["stages"] = [{k: v for k, v in st.items() if k != "received_from"} for st in old["stages"]]
+    legacy = Plan.from_dict(old)
+    assert [s.received_from for s in legacy.stages] == [()] * 4
+    assert legacy.transfers() == {(0, 1): 10, (1, 2): 10, (2, 3): 20}
+    bad = plan.to_dict()
+    bad["stages"][3]["received_from"] = [[0, 10], [3, 10]]
+    with pytest.raises(PlanFormatError, match=r"Plan stage 3: received_from must be \[\[producer stage, bytes\], "
+                                              r"\.\.\.\] with distinct producers in 0\.\.2, .* summing to "
+                                              r"received_bytes=20; got \[\[0, 10\], \[3, 10\]\]"):
+        Plan.from_dict(bad)
+    bad["stages"][3]["received_from"] = [[0, 10], [2, 9]]
+    with pytest.raises(PlanFormatError, match="summing to received_bytes=20"):
+        Plan.from_dict(bad)
 
 
 def test_tied_parameter_counts_on_both_stages() -> None:

@@ -343,3 +343,58 @@ def test_fixed_depth_keeps_the_faster_placement_of_its_replicas(monkeypatch) -> 
     assert [t for _, t in cuts] == [5.0] and node.extra["placement"]["order"] == "stages-in-node"
     with pytest.raises(ConfigError, match="num_devices=5 is not a multiple of num_stages=3"):
         fxpipe.plan(model, (x,), num_stages=3, num_microbatches=4, num_devices=5)
+
+
+def _skip_plan(received: list[tuple[tuple[int, int], ...]]) -> Plan:
+    """flush m=1, F=1 B=2 per stage; stage s receives ``received[s]`` ((producer, bytes), ...)."""
+    st = tuple(StagePlan(index=s, nodes=(f"n{s}",), fwd_time=1.0, bwd_time=2.0, received_from=r,
+                         received_bytes=sum(b for _, b in r)) for s, r in enumerate(received))
+    return Plan(stages=st, num_microbatches=1, schedule="flush", bottleneck=3.0, lower_bound=0.0, optimal=False)
+
+
+def _legacy(plan: Plan) -> Plan:
+    """The same plan as JSON written before received_from: all of X_s from stage s - 1."""
+    return Plan.from_dict({**plan.to_dict(), "stages": [{k: v for k, v in s.items() if k != "received_from"}
+                                                        for s in plan.to_dict()["stages"]]})
+
+
+# 2-device nodes with one NIC each (gpus_per_nic=2): a lone crossing device gets 2 B/s, two get 1 B/s each;
+# NVLink 100 B/s; no latency. One pipeline (w=1), stage s on node s // 2.
+NIC2 = DEV.replace(gpus_per_nic=2, devices_per_node=2)
+
+
+def test_a_skip_across_nodes_pays_the_network_where_its_boundary_stays_inside() -> None:
+    # 4 stages on nodes (0, 1) | (2, 3); stage 3 reads 10 B straight from stage 1 (a skip across nodes) and
+    # 20 B from stage 2 (boundary 2 -> 3, inside node 1). Devices talking across nodes over the plan's pairs:
+    # node 0: stage 1 (to 2 and 3); node 1: stages 2 (from 1) and 3 (the skip's consumer): 2, so every
+    # crossing gets 1 B/s. Links: 0 -> 1 40 B / 100 = 0.4, 1 -> 2 30 B / 1 = 30, 1 -> 3 10 B / 1 = 10,
+    # 2 -> 3 20 B / 100 = 0.2. One batch: 0F0 [0,1] 1F0 [1.4,2.4] 2F0 [32.4,33.4] 3F0 [33.6,34.6]
+    # (the skip landed at 12.4) 3B0 [34.6,36.6]; gradients 3 -> 2 land at 36.8, 3 -> 1 at 46.6;
+    # 2B0 [36.8,38.8], its gradient lands at 68.8; 1B0 [68.8,70.8]; 0B0 [71.2,73.2]
+    plan = _skip_plan([(), ((0, 40),), ((1, 30),), ((1, 10), (2, 20))])
+    pl = Placement("stages-in-node", 4, 1, 2)
+    assert pl.crosses(1, 3) and not pl.boundary_crosses(2)
+    assert pl.crossing_users(plan.transfers()) == {0: 1, 1: 2} and pl.crossing_users() == {0: 1, 1: 1}
+    topo = Topology(NIC2, devices_per_node=2)
+    t, _, where = topo.price(plan, width=1)
+    assert t == pytest.approx(73.2) and where["inter_node_boundaries"] == [1]
+    # before received_from, all 30 B of X_3 went over boundary 2 -> 3 on NVLink (0.3) and boundary 1 -> 2
+    # had node 1's NIC to itself (30 B at 2 B/s = 15): 0F0 [0,1] 1F0 [1.4,2.4] 2F0 [17.4,18.4]
+    # 3F0 [18.7,19.7] 3B0 [19.7,21.7] 2B0 [22,24] 1B0 [39,41] 0B0 [41.4,43.4]
+    assert topo.price(_legacy(plan), width=1)[0] == pytest.approx(43.4)
+
+
+def test_a_skips_sender_shares_its_nodes_network() -> None:
+    # 3 stages on nodes (0, 1) | (2): boundary 1 -> 2 crosses, and so does a skip 0 -> 2 (10 B beside 20 B
+    # over 1 -> 2). Node 0 now has two devices sending across (stage 0 for the skip, stage 1), so each
+    # crossing gets 1 B/s: 0 -> 2 takes 10, 1 -> 2 takes 20, 0 -> 1 0.4. One batch: 0F0 [0,1] 1F0 [1.4,2.4]
+    # 2F0 [22.4,23.4] (the skip landed at 11) 2B0 [23.4,25.4]; gradients 2 -> 1 land at 45.4, 2 -> 0 at
+    # 35.4; 1B0 [45.4,47.4]; 0B0 [47.8,49.8]
+    plan = _skip_plan([(), ((0, 40),), ((0, 10), (1, 20))])
+    pl = Placement("stages-in-node", 3, 1, 2)
+    assert pl.crossing_users(plan.transfers()) == {0: 2, 1: 1} and pl.crossing_users() == {0: 1, 1: 1}
+    topo = Topology(NIC2, devices_per_node=2)
+    assert topo.price(plan, width=1)[0] == pytest.approx(49.8)
+    # counted as before (stage 1 alone on node 0's NIC, 30 B at 2 B/s = 15 over boundary 1 -> 2):
+    # 0F0 [0,1] 1F0 [1.4,2.4] 2F0 [17.4,18.4] 2B0 [18.4,20.4] 1B0 [35.4,37.4] 0B0 [37.8,39.8]
+    assert topo.price(_legacy(plan), width=1)[0] == pytest.approx(39.8)

@@ -1,8 +1,9 @@
 """Running a schedule without devices: an event-driven simulator, the rank x step grid, steady-state batch time.
 
-See :func:`simulate` for the timing rules (per-stage compute, per-boundary links, an
-update lane that overlaps the data-parallel all-reduce) and :func:`steady_batch_time`
-for pricing a :class:`~fxpipe.ir.Plan` with them.
+See :func:`simulate` for the timing rules (per-stage compute, one link per communicating pair
+of stages and direction (:mod:`fxpipe.runtime.links`), an update lane that overlaps the
+data-parallel all-reduce) and :func:`steady_batch_time` for pricing a :class:`~fxpipe.ir.Plan`
+with them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from fxpipe.errors import ScheduleError
 from fxpipe.runtime.actions import Action, weight_version
+from fxpipe.runtime.links import Links, chain_links, comm_links, per_stage, plan_links
 
 __all__ = ["SimResult", "simulate", "render", "steady_batch_time"]
 
@@ -31,15 +33,13 @@ class _Run:
 
 
 @lru_cache(maxsize=1 << 16)
-def _deps(action: Action, num_stages: int) -> tuple[tuple[Action, bool], ...]:
-    """Dependencies of an action as (action, crosses_ranks)."""
+def _deps(action: Action, ins: tuple[int, ...], outs: tuple[int, ...]) -> tuple[tuple[Action, bool], ...]:
+    """Dependencies of an action as (action, crosses_ranks); ``ins``/``outs``: its stage's producers/consumers."""
     s, i = action.stage, action.microbatch
     if action.kind == "F":
-        return ((Action(s - 1, "F", i), True),) if s > 0 else ()
+        return tuple((Action(p, "F", i), True) for p in ins)
     if action.kind == "B":
-        if s < num_stages - 1:
-            return ((Action(s, "F", i), False), (Action(s + 1, "B", i), True))
-        return ((Action(s, "F", i), False),)
+        return ((Action(s, "F", i), False),) + tuple((Action(c, "B", i), True) for c in outs)
     return ()
 
 
@@ -49,30 +49,41 @@ def _update(stage: int, batch: int) -> Action:
 
 
 def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequence[float],
-         comm: float | Sequence[float], upd: Sequence[float], allreduce: Sequence[float] | None = None,
+         links: Links | float | Sequence[float], upd: Sequence[float], allreduce: Sequence[float] | None = None,
          schedule: str = "flush", m: int = 1, blocking: bool = False) -> _Run:
-    """Event-driven run. ``comm[k]`` is the one-way time over boundary k (stage k <-> k+1); each
-    direction of a boundary is one link that carries one tensor at a time, in the sender's order.
-    With ``allreduce``, ``U`` runs on its rank's update lane (all-reduce, then the step) without
-    holding the rank, and an F/B needing version v waits for the ``U`` that creates it. With
-    ``blocking``, a rank that sends waits until its tensor has crossed before its next action."""
+    """Event-driven run. ``links[(p, c)]`` is the one-way time of what stage p sends stage c (forward;
+    the gradient goes back c -> p in the same time; a number or a list: one per boundary); each
+    direction of a pair is one link that carries one tensor at a time, in the sender's order. With
+    ``allreduce``, ``U`` runs on its rank's update lane (all-reduce, then the step) without holding
+    the rank, and an F/B needing version v waits for the ``U`` that creates it. With ``blocking``, a
+    rank that sends waits until its tensors have crossed before its next action."""
     d = len(actions)
-    links = [float(comm)] * max(d - 1, 0) if isinstance(comm, (int, float)) else [float(c) for c in comm]
+    links = links if isinstance(links, dict) else chain_links(d, links)
+    producers: list[list[int]] = [[] for _ in range(d)]
+    consumers: list[list[int]] = [[] for _ in range(d)]
+    seconds: list[float] = []             # directed link k: one-way time
+    sends: dict[str, list[list[tuple[int, int]]]] = {"F": [[] for _ in range(d)], "B": [[] for _ in range(d)]}
+    for (p, c), t in sorted(links.items()):
+        producers[c].append(p)
+        consumers[p].append(c)
+        sends["F"][p].append((c, len(seconds)))     # the activation p -> c
+        sends["B"][c].append((p, len(seconds) + 1))  # its gradient c -> p
+        seconds += [float(t), float(t)]
     ptr = [0] * d
     free = [0.0] * d
     lane = [0.0] * d                      # update lane of each rank (async U only)
-    fwd_link = [0.0] * max(d - 1, 0)      # boundary k, stage k -> k+1: free from
-    bwd_link = [0.0] * max(d - 1, 0)      # boundary k, stage k+1 -> k
+    link_free = [0.0] * len(seconds)      # directed link k: free from
     end: dict[Action, float] = {}
-    arrive: dict[Action, float] = {}      # when an F/B output reaches the neighbouring rank
+    inbox: list[dict[Action, float]] = [{} for _ in range(d)]   # per rank: when an F/B's output gets there
     timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(d)]
+    ins, outs = [tuple(p) for p in producers], [tuple(c) for c in consumers]
 
     def duration(a: Action) -> float:
         s = min(a.stage, d - 1)
         return {"F": fwd, "B": bwd, "U": upd}[a.kind][s]
 
     def deps_of(a: Action) -> tuple[tuple[Action, bool], ...]:
-        deps = _deps(a, d)
+        deps = _deps(a, ins[a.stage], outs[a.stage])
         if allreduce is not None and a.kind != "U":
             v = weight_version(schedule, a, m)
             if v > 0:
@@ -88,7 +99,8 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                 deps = deps_of(a)
                 if any(dep not in end for dep, _ in deps):
                     break
-                ready = max([end[dep] if not cross else arrive[dep] for dep, cross in deps], default=0.0)
+                box = inbox[r]
+                ready = max([box[dep] if cross else end[dep] for dep, cross in deps], default=0.0)
                 if a.kind == "U" and allreduce is not None:
                     start = max(free[r], ready, lane[r])
                     stop = start + float(allreduce[r]) + duration(a)
@@ -99,32 +111,17 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                     free[r] = stop
                 timeline[r].append((start, stop, a))
                 end.setdefault(a, stop)
-                if a.kind == "F" and r < d - 1:
-                    arrive[a] = max(stop, fwd_link[r]) + links[r]
-                    fwd_link[r] = arrive[a]
-                elif a.kind == "B" and r > 0:
-                    arrive[a] = max(stop, bwd_link[r - 1]) + links[r - 1]
-                    bwd_link[r - 1] = arrive[a]
-                if blocking and a in arrive:
-                    free[r] = arrive[a]
+                for c, k in (sends[a.kind][r] if a.kind != "U" else ()):
+                    there = max(stop, link_free[k]) + seconds[k]
+                    link_free[k] = inbox[c][a] = there
+                    if blocking:
+                        free[r] = max(free[r], there)
                 ptr[r] += 1
                 progress = True
     blocked = [list(actions[r][ptr[r]:]) for r in range(d)]
     waits = {r: [dep for dep, _ in deps_of(blocked[r][0]) if dep not in end]
              for r in range(d) if blocked[r]}
     return _Run(timeline, blocked, waits)
-
-
-def _per_stage(value: Sequence[float] | float, d: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        values = [float(value)] * d
-    else:
-        values = [float(v) for v in value]
-        if len(values) != d:
-            raise ScheduleError(f"{name} has {len(values)} entries but the schedule has {d} stages")
-    if any(v < 0 or v != v for v in values):
-        raise ScheduleError(f"{name} must be >= 0 (and not NaN), got {values}")
-    return values
 
 
 def render(actions: Sequence[Sequence[Action]]) -> str:
@@ -257,11 +254,15 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     """Run a schedule on an event-driven clock (no devices).
 
     Each rank runs its list in order; an action starts when its rank is free
-    and its inputs are ready: ``F(s, i)`` after ``F(s-1, i)``'s output crosses
-    boundary ``s-1``; ``B(s, i)`` after ``F(s, i)`` and after ``B(s+1, i)``'s
-    gradient crosses boundary ``s``. A crossing takes ``comm_time[k]`` on its
-    link (one per boundary and direction, one tensor at a time, so a link slower
-    than the compute becomes the bottleneck). Without ``allreduce_time``, ``U``
+    and its inputs are ready: ``F(c, i)`` after every producer's ``F(p, i)``
+    output has crossed link p -> c; ``B(p, i)`` after ``F(p, i)`` and after every
+    consumer's ``B(c, i)`` gradient has crossed back c -> p. With one number or
+    one per boundary, the producers of stage s are s-1 (boundary k is the pair
+    k -> k+1); a d x d table ``comm_time[p][c]`` (None: p sends c nothing) adds
+    skips, each on its own link, so a value sent 0 -> 2 never occupies 1 -> 2.
+    A crossing takes its link's one-way time (each directed link carries one
+    tensor at a time in its sender's order, so a link slower than the compute
+    becomes the bottleneck). Without ``allreduce_time``, ``U``
     runs on its rank in order. With it, ``U(b)`` of stage s runs on the stage's
     update lane: the gradient all-reduce (``allreduce_time[s]``) and then the
     step start after the stage's last backward of batch b and do not hold the
@@ -270,17 +271,25 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     Sends overlap the sender's next action (fxpipe's runtime posts them
     asynchronously); with ``blocking_sends`` the sender waits until its tensor
     has crossed, as in a runtime whose send blocks (Megatron-LM's p2p, the code
-    PipeDream-2BW ran), so every transfer adds to its sender's time.
+    PipeDream-2BW ran), so every transfer adds to its sender's time (a stage
+    sending to several consumers waits for the last to arrive).
 
     Example (flush, d=2, m=1, comm 0.5)::
 
         0F0 [0,1]   1F0 [1.5,2.5]   1B0 [2.5,4.5]   0B0 [5,7]
 
+    Example (flush, d=3, m=1, F=1 B=2, table ``[[None, 1, 5], [None, None, 1], [None] * 3]``,
+    a skip 0 -> 2 taking 5)::
+
+        0F0 [0,1]   1F0 [2,3]   2F0 [6,7] (the skip lands at 1 + 5)   2B0 [7,9]
+        1B0 [10,12]  0B0 [14,16] (1B0's gradient lands at 13, the skip's at 9 + 5)
+
     Args:
         actions: one action list per rank (rank == stage).
         fwd_time: forward time per microbatch, one number or one per stage.
         bwd_time: backward time per microbatch, one number or one per stage.
-        comm_time: one-way transfer time over a boundary, one number or one per boundary (d - 1).
+        comm_time: one-way transfer seconds: one number or one per boundary (d - 1), or a d x d
+            table ``comm_time[p][c]`` of what stage p sends stage c (p < c; None where p sends c nothing).
         update_time: optimizer step time, one number or one per stage.
         schedule: weight semantics for ``peak_versions`` and the version waits (see
             :func:`weight_version`); ``None`` infers ``"2bw"`` if some rank
@@ -304,15 +313,14 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
                 raise ScheduleError(
                     f"action {a} is on rank {r} at position {p}, but stage {a.stage} runs on rank "
                     f"{a.stage} (one stage per rank)\n{render(actions)}")
-    fwd = _per_stage(fwd_time, d, "fwd_time")
-    bwd = _per_stage(bwd_time, d, "bwd_time")
-    upd = _per_stage(update_time, d, "update_time")
-    comm = _per_stage(comm_time, max(d - 1, 0), "comm_time") if not isinstance(comm_time, (int, float)) \
-        else _per_stage(comm_time, 1, "comm_time")[0]
-    ar = None if allreduce_time is None else _per_stage(allreduce_time, d, "allreduce_time")
+    fwd = per_stage(fwd_time, d, "fwd_time")
+    bwd = per_stage(bwd_time, d, "bwd_time")
+    upd = per_stage(update_time, d, "update_time")
+    links = comm_links(comm_time, d)
+    ar = None if allreduce_time is None else per_stage(allreduce_time, d, "allreduce_time")
     m = num_microbatches if num_microbatches is not None else _infer_m(actions)
     sched = schedule if schedule is not None else _infer_schedule(actions, m)
-    run = _run(actions, fwd, bwd, comm, upd, ar, sched, m, blocking_sends)
+    run = _run(actions, fwd, bwd, links, upd, ar, sched, m, blocking_sends)
     if any(run.blocked):
         raise ScheduleError(_deadlock_message(actions, run))
     busy = [sum(e - s for s, e, a in row if ar is None or a.kind != "U") for row in run.timeline]
@@ -340,14 +348,16 @@ _SIM_MAX_SLOTS = 512       # d * m above which steady_batch_time extrapolates fr
 
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
                       microbatches_per_flush: int | None = None, batches: int = 4,
-                      comm: Sequence[float] | None = None, blocking_sends: bool = False,
+                      comm: Sequence[Any] | None = None, blocking_sends: bool = False,
                       _exact: bool = False) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
-    stage's F_s and B_s (+F_s when it recomputes), the boundary crossings
-    ``C_{s+1} / 2`` (C_s prices receiving the inputs and sending their gradients
-    back), and the stages' all-reduce seconds on the update lanes; the answer is
+    stage's F_s and B_s (+F_s when it recomputes), each transfer p -> c of
+    :meth:`~fxpipe.ir.Plan.transfers` on its own link, taking C_c / 2 times its share of
+    X_c (C_c prices receiving the inputs and sending their gradients back; a plan without
+    ``received_from`` sends all of X_{k+1} over boundary k), and the stages'
+    all-reduce seconds on the update lanes; the answer is
     the spacing of batches n-3 and n-2's ends (past the fill, before the drain). When
     2bw's all-reduce outlasts a batch, the stream stalls and refills: about the
     all-reduce plus a fill. Exposed all-reduce = that time minus
@@ -358,7 +368,8 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         allreduce: seconds per stage, or None (no data parallelism).
         microbatches_per_flush: gpipe only: g microbatches per flush (several flushes per batch).
         batches: batches simulated (>= 3).
-        comm: one-way seconds per boundary (d - 1); default ``C_{s+1} / 2`` from the plan.
+        comm: one-way seconds per boundary (d - 1), or a d x d table ``comm[p][c]`` (see
+            :func:`simulate`); default: from the plan, as above.
         blocking_sends: a sender waits for its transfer (see :func:`simulate`).
 
     Long batches (d·m > 512) are priced from two simulated batches of k and 2k
@@ -391,7 +402,7 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
     fwd = [st.fwd_time for st in plan.stages]
     bwd = [st.bwd_time + (st.fwd_time if st.recompute else 0.0) for st in plan.stages]
     if comm is None:
-        comm = [plan.stages[k + 1].comm_time / 2 for k in range(d - 1)]
+        comm = plan_links(plan)
 
     def spacing(ar: Sequence[float] | None) -> float:
         sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,
