@@ -343,6 +343,9 @@ def test_skip_connection_is_paid_once_at_its_consumer() -> None:
     legacy = Plan.from_dict(old)
     assert [s.received_from for s in legacy.stages] == [()] * 4
     assert legacy.transfers() == {(0, 1): 10, (1, 2): 10, (2, 3): 20}
+    from fxpipe.runtime.agree import plan_digest     # what ranks compare: the same structure, either JSON
+
+    assert plan_digest(back) == plan_digest(legacy) == plan_digest(plan)
     bad = plan.to_dict()
     bad["stages"][3]["received_from"] = [[0, 10], [3, 10]]
     with pytest.raises(PlanFormatError, match=r"Plan stage 3: received_from must be \[\[producer stage, bytes\], "
