@@ -41,7 +41,8 @@ from fxpipe.api import prepare  # noqa: E402
 from fxpipe.cost_models.device import get_device  # noqa: E402
 from fxpipe.cost_models.topology import Topology  # noqa: E402
 from fxpipe.errors import PartitionError  # noqa: E402
-from fxpipe.frontend import price_loss  # noqa: E402
+from fxpipe.passes.annotate import resolve_cost_model  # noqa: E402
+from fxpipe.passes.loss_cost import price_loss  # noqa: E402
 from fxpipe.passes.paper_planner import paper_plan  # noqa: E402
 from fxpipe.passes.search import search_depth_width  # noqa: E402
 from fxpipe.presets import get_preset  # noqa: E402
@@ -59,6 +60,9 @@ SETUPS = [
 ]
 SEARCHED = {("gpt-2.2b", 64, 512), ("gpt-3.8b", 64, 512), ("gpt-3.8b", 64, 2048), ("gpt-1.3b", 8, 64),
             ("gpt-3.8b@15GiB", 64, 512), ("gpt-3.8b@14GiB", 64, 512), ("gpt-2.2b@14GiB", 64, 512)}
+# the paper's §5.2: "the best configuration recommended by PipeDream-2BW's planner for all comparisons: 8-deep
+# configurations for the model with 2.2 billion parameters, and 16-deep for 3.8 billion"
+FIG6_DEPTH = {"gpt-2.2b": 8, "gpt-3.8b": 16, "bert-2.2b": 8, "bert-3.8b": 16}
 # "model@15GiB": the same model with 15 GiB usable per V100 (CUDA context, cuBLAS workspace and the
 # allocator's reserve take about 1 GiB of the 16 the planner would otherwise fill to the brim);
 # "@14GiB" also leaves ~1 GiB to the caching allocator's fragmentation and NCCL's buffers
@@ -112,7 +116,8 @@ class Graphs:
             t0 = time.perf_counter()
             tokens = torch.zeros(b, 512, dtype=torch.long, device="meta")
             cg = prepare(self.model, (tokens,), num_microbatches=1, device=self.device, precision=self.precision)
-            price_loss(cg, megatron_loss, tokens, 1)
+            # the loss runs on fp32 logits (Megatron's .float()): priced at fp32 bytes, not the model's fp16
+            price_loss(cg.gm, resolve_cost_model("analytic", self.device, "fp32"), megatron_loss, tokens)
             self.cache[b] = (cg.gm, cg.cost_model)
             self.trace_time += time.perf_counter() - t0
         return self.cache[b]
@@ -156,6 +161,37 @@ def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, 
                          "placement": q.extra["placement"]["order"],
                          "max_mem": max(st.memory for st in q.stages), "within": s["search_time"] <= search_time,
                          "by_depth": _best_by_depth(s["candidates"])}
+    return out
+
+
+def fig6(graphs: Graphs, topo: Topology, n: int, batch: int, d: int, limit: int) -> dict[str, Any]:
+    """The three schedules as the paper's Fig. 6 ran them: depth d (w = n / d), activation recomputation, one
+    microbatch size for all (msr-fiddle/pipedream scripts/driver_sweep.py passes the same --micro-batch-size and
+    --global-batch-size to 2bw, flush and gpipe), the largest that fits 2bw (m >= d) and flush; GPipe at that b
+    in one flush of all m microbatches as the paper's code runs it or, when that does not fit, with "the maximum
+    number of microbatches it can admit" per flush (the paper's §5.2 words; several flushes a step)."""
+    w = n // d
+    out: dict[str, Any] = {"d": d, "w": w}
+
+    def run(schedule: str, b: int, one_flush: bool = False) -> dict[str, Any] | None:
+        try:
+            p = paper_plan(graphs, num_devices=n, global_batch=batch, schedule=schedule, memory_limit=limit,
+                           optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, topology=topo,
+                           one_flush=one_flush, config=(d, w, b), recompute=True)
+        except PartitionError:
+            return None
+        t, _, _ = topo.price(p, w)
+        return {"b": b, "sim": batch / t, "g": p.extra.get("microbatches_per_flush"), "m": p.num_microbatches}
+
+    sizes = sorted((b for b in B_SIZES if (batch // w) % b == 0 and batch // (w * b) >= d), reverse=True)
+    for b in sizes:
+        two, flush = run("2bw", b), run("flush", b)
+        if two and flush:
+            out["2bw"], out["flush"] = two, flush
+            gp = run("gpipe", b, one_flush=True) or run("gpipe", b)
+            if gp:
+                out["gpipe"] = gp
+            break
     return out
 
 
@@ -209,6 +245,7 @@ def main() -> int:
         g = graphs.setdefault(base, Graphs(base, "fp16", compute))
         key = (model, n, batch)
         r = run_setup(g, topo, n, batch, key in SEARCHED and not a.no_search, a.search_time, limit)
+        r["fig6"] = fig6(g, topo, n, batch, FIG6_DEPTH.get(base, r["2bw"]["d"]), limit)
         bw, fl, gp = r["2bw"], r["flush"], r["gpipe"]
         fx = r.get("fxpipe")
         eq = f"{bw['d']},{bw['w']},{bw['b']},{'all' if bw['r'] else 'no'}"
@@ -229,6 +266,18 @@ def main() -> int:
                            f"{bw['sim'] / sg['sim']:.2f}")
         else:
             details.append(f"    on 2bw's d,w,b: {'flush' if not sf else 'gpipe in one flush'} does not fit memory")
+        if r.get("fig6"):
+            f6 = r["fig6"]
+            got = [k for k in ("2bw", "flush", "gpipe") if k in f6]
+            parts = [f"{k} b={f6[k]['b']}" + (f" {f6[k]['g']} of {f6[k]['m']} a flush" if k == "gpipe" else "")
+                     + f" {f6[k]['sim']:.1f}" for k in got]
+            ratios = ""
+            if len(got) == 3:
+                ratios = (f": 2bw/fl {f6['2bw']['sim'] / f6['flush']['sim']:.2f}, fl/gp "
+                          f"{f6['flush']['sim'] / f6['gpipe']['sim']:.2f}, 2bw/gp {f6['2bw']['sim'] / f6['gpipe']['sim']:.2f}")
+            details.append(f"    as Fig. 6 ran them (d={f6['d']} w={f6['w']}, recompute, one b): "
+                           + ", ".join(parts) + ratios
+                           + "".join(f"; {k} fits at no b" for k in ("2bw", "flush", "gpipe") if k not in f6))
         if fx:
             depths = ", ".join(f"d={d}: {thr:.0f} (b={b}{', equal blocks; ILP cut ' + format(ilp, '.0f') if cut != 'ilp' else ''})"
                                for d, (thr, b, cut, ilp) in sorted(fx["by_depth"].items()))

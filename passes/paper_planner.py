@@ -67,7 +67,8 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
                memory_limit: int | None = None, optimizer_slots: int = 0,
                microbatch_sizes: Sequence[int] | None = None,
                allreduce: AllReduce | None = None, topology: Any = None,
-               config: tuple[int, int, int] | None = None, one_flush: bool = False) -> Plan:
+               config: tuple[int, int, int] | None = None, one_flush: bool = False,
+               recompute: bool | None = None) -> Plan:
     """The paper's planner: best (d, w, b, r) with equal blocks by the paper's throughput formula.
 
     Args:
@@ -88,6 +89,7 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
         one_flush: gpipe only: every microbatch of the batch in one flush, as the paper's own code
             runs GPipe (msr-fiddle/pipedream's Megatron fork: ``--gpipe`` makes all m microbatches
             warm-up forwards), instead of as many per flush as fit memory.
+        recompute: None tries all stages and none (the paper's enumeration); True or False only that.
 
     Returns:
         The best Plan (``solver="paper"``, ``data_parallel=w``, ``microbatch_size=b``,
@@ -127,7 +129,7 @@ def paper_plan(graph_for: GraphFor, *, num_devices: int, global_batch: int, sche
         if topology is not None:   # the GraphCosts hold C_s: price them again with each boundary's own link
             linked = topology.linked(cm, topology.likely_placement(d, w))
             cm, gc = (linked, graph_costs(gm, linked)) if linked is not cm else (cm, gc)
-        for r in (False, True):
+        for r in ((False, True) if recompute is None else (bool(recompute),)):
             row: dict[str, Any] = {"d": d, "w": w, "b": b, "m": m, "recompute": "all" if r else "none",
                                    "samples_per_s": None, "fits": False}
             plan, g, seen = None, None, None

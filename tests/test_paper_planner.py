@@ -153,3 +153,16 @@ def test_paper_plan_gpipe_in_one_flush_as_the_papers_code_runs_it() -> None:
     assert q.extra["paper"]["batch_time"] == pytest.approx(160.0)
     # config= keeps to one (d, w, b): every candidate tried has it
     assert {(r["d"], r["w"], r["b"]) for r in q.extra["paper"]["candidates"]} == {(1, 1, 1)}
+
+
+def test_paper_plan_recompute_fixed_as_the_papers_experiments_ran() -> None:
+    # the paper's Fig. 6 runs every system with recomputation: recompute=True tries only that.
+    # Same case as above (b=1, m=8, g=4 fits without recompute at 120): with recompute forced, every
+    # flush size fits; g=8 holds 40 B (no stage input) -> T = 15 + 5, t = 8 x 20 = 160
+    kw = dict(num_devices=1, global_batch=8, schedule="gpipe", memory_limit=1000, config=(1, 1, 1))
+    p = paper_plan(_graph_for, recompute=True, **kw)
+    assert p.stages[0].recompute and p.extra["microbatches_per_flush"] == 8
+    assert p.extra["paper"]["batch_time"] == pytest.approx(160.0)
+    assert {r["recompute"] for r in p.extra["paper"]["candidates"]} == {"all"}
+    q = paper_plan(_graph_for, recompute=False, **kw)
+    assert not q.stages[0].recompute and q.extra["paper"]["batch_time"] == pytest.approx(120.0)
