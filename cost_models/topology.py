@@ -12,13 +12,14 @@ e.g. d=2, w=4, n=4: stages-in-node puts pipelines (0,1) (2,3) | (4,5) (6,7) on t
 no boundary crosses, each stage's 4 replicas span both nodes. replicas-in-node puts
 stage 0 on node 0 and stage 1 on node 1: the one boundary crosses, all-reduces stay inside.
 
-A transfer over a boundary whose two stages sit on different nodes (for some replica)
-goes over the network, else over ``intra_node_bandwidth``; so does a ring all-reduce among
+A transfer between two stages on different nodes (for some replica; a boundary k -> k+1 or a
+skip p -> c, each on its own link) goes over the network, else over ``intra_node_bandwidth``;
+so does a ring all-reduce among
 replicas on several nodes. A node's network is shared by the devices that use it at once
 (``users``): each gets ``inter_node_bandwidth * gpus_per_nic * min(1, nics / users)``, so with
 one 25 Gbit/s NIC for 8 GPUs (v100-16gb) a lone sender gets 25 Gbit/s and eight get 3.125.
-Boundary traffic and all-reduces are counted apart (the all-reduce runs once a batch, the
-boundaries all the time). e.g. d=16, w=4 on 8-GPU nodes, stages-in-node: a pipeline spans
+Stage-to-stage traffic and all-reduces are counted apart (the all-reduce runs once a batch,
+the transfers all the time). e.g. d=16, w=4 on 8-GPU nodes, stages-in-node: a pipeline spans
 two nodes and one device per node sends across (25 Gbit/s), while all 8 devices of a node
 all-reduce across nodes (3.125 each). :class:`Topology` prices a plan under both placements
 and keeps the faster.

@@ -89,8 +89,9 @@ def batch_time(plan: Plan, *, width: int, cost_model: CostModel,
     """(seconds per batch, exposed all-reduce seconds) of ``plan`` replicated ``width`` times.
 
     The plan's schedule runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with each
-    stage's F_s, B_s, boundary transfers, and its ring all-reduce (:func:`allreduce_time` of
-    P_s) on the update lane: 2bw hides it behind the next batch, flush and gpipe wait for it.
+    stage's F_s, B_s, transfers (each producer -> consumer pair on its own link), and its ring
+    all-reduce (:func:`allreduce_time` of P_s) on the update lane: 2bw hides it behind the next
+    batch, flush and gpipe wait for it.
     A gpipe plan with ``extra["microbatches_per_flush"] = g`` runs m / g flushes per batch.
     """
     from fxpipe.runtime.simulate import steady_batch_time
