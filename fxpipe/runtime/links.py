@@ -15,6 +15,7 @@ number, one per boundary, or a d x d table) into ``{(p, c): one-way seconds}``;
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 from fxpipe.errors import ScheduleError
@@ -58,18 +59,18 @@ def comm_links(comm: Any, d: int) -> Links:
     if isinstance(comm, (int, float)):
         return chain_links(d, per_stage(comm, 1, "comm_time")[0])
     rows = list(comm)
-    if not any(isinstance(row, Sequence) for row in rows):
+    if not any(hasattr(row, "__len__") for row in rows):          # numbers, one per boundary
         return chain_links(d, per_stage(rows, max(d - 1, 0), "comm_time"))
-    if len(rows) != d or any(not isinstance(row, Sequence) or len(row) != d for row in rows):
+    if len(rows) != d or any(not hasattr(row, "__len__") or len(row) != d for row in rows):
         raise ScheduleError(f"comm_time as a table must be {d} x {d} (comm_time[p][c]: what stage p sends "
-                            f"stage c), got {[len(r) if isinstance(r, Sequence) else r for r in rows]} "
+                            f"stage c), got {[len(r) if hasattr(r, '__len__') else r for r in rows]} "
                             "as its rows' lengths")
     links: Links = {}
     for p, row in enumerate(rows):
-        for c, t in enumerate(row):
+        for c, t in enumerate(list(row)):
             if t is None:
                 continue
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t or t < 0:
+            if isinstance(t, bool) or not isinstance(t, Real) or t != t or t < 0:
                 raise ScheduleError(f"comm_time[{p}][{c}] must be seconds >= 0 or None (no transfer), got {t!r}")
             if c <= p:
                 if t:
