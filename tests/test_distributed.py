@@ -285,3 +285,15 @@ def test_ranks_follow_the_plans_placement_order(tmp_path):
         resumed = res["resumed"]
         assert resumed["order"] == "stages-in-node" and resumed["stage"] == rank % 2, (rank, resumed)
         assert resumed["loss_err"] <= 1e-12 and resumed["weight_err"] <= 1e-12, (rank, resumed)
+
+
+def test_placement_order_is_read_from_the_plan_and_checked():
+    from types import SimpleNamespace
+
+    from fxpipe.errors import ConfigError
+    from fxpipe.runtime.groups import placement_order
+
+    assert placement_order(SimpleNamespace(extra={})) == "stages-in-node"        # plans without one run as before
+    assert placement_order(SimpleNamespace(extra={"placement": {"order": "replicas-in-node"}})) == "replicas-in-node"
+    with pytest.raises(ConfigError, match="is 'rings', not one of stages-in-node, replicas-in-node"):
+        placement_order(SimpleNamespace(extra={"placement": {"order": "rings"}}))
