@@ -109,6 +109,10 @@ def test_digest_ignores_predictions_but_not_structure() -> None:
                                              *p.stages[1:]))
     assert plan_digest(flipped) != plan_digest(p)
     assert plan_digest(dataclasses.replace(p, num_microbatches=8)) != plan_digest(p)
+    # the rank order decides every rank's (stage, replica): stages-in-node when a plan records none
+    placed = lambda order: dataclasses.replace(p, extra={**p.extra, "placement": {"order": order}})  # noqa: E731
+    assert plan_digest(placed("stages-in-node")) == plan_digest(p) != plan_digest(placed("replicas-in-node"))
+    assert "(replicas-in-node)" in plan_outline(placed("replicas-in-node"))
     text = plan_outline(p)
     assert text.startswith("2 stages, schedule flush, m=4") and "stage 1:" in text
 
