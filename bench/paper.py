@@ -13,8 +13,15 @@ the meta device. For every (model, cluster, global batch):
   gpipe runs as many microbatches per flush as fit, several flushes per step);
 * the same three on 2bw's pick (d, w, b), GPipe with all m microbatches in one flush per step, as the
   paper's code runs it (msr-fiddle/pipedream's Megatron fork, ``--gpipe``);
+* the three as the paper's Fig. 6 ran them: the paper's depth, recomputation on, one microbatch size for
+  all (the largest 2bw and flush fit), GPipe in one flush or with as many microbatches a flush as fit;
 * on the key setups fxpipe's own search (CP-SAT stages, same simulator) picks d, w, b
   for 2bw under a time limit.
+
+The simulator runs the paper's runtime by default: sends block their sender (Megatron-LM's p2p,
+``--sends blocking``) and a stage's replicas sit on neighbouring ranks (Megatron's rank order,
+``--placement megatron``); ``--sends async --placement best`` prices fxpipe's own runtime instead.
+The loss is Megatron's cross-entropy over fp32 logits, priced on the last stage.
 
 Printed: the paper's depth vs fxpipe's and the paper planner's; samples/s of each
 schedule and the ratios next to the paper's stated ones (2bw up to 1.6x flush at low
