@@ -36,6 +36,7 @@ from torch._subclasses import FakeTensorMode
 from fxpipe.cost_models.device import DeviceSpec, get_device
 from fxpipe.errors import ConfigError
 from fxpipe.ir import META_VAL, NodeCost
+from fxpipe.passes.shape_prop import META_AMP_VAL, autocast_shape_prop
 from fxpipe.precision import check_precision, compute_dtype
 
 from .op_trace import (FLOP_FORMULAS, NO_WORK_OPS, Instance, NodeOp, OpProfile, OpRecord, Recording,  # noqa: F401
@@ -86,15 +87,28 @@ class GraphCostModel:
     Subclasses implement :meth:`_profile_many` (signature -> OpProfile).
     """
 
-    def __init__(self, device: str | DeviceSpec | None = None, precision: str = "fp32") -> None:
+    _traces_autocast = False     # subclasses that re-run ops under torch.autocast set this
+
+    def __init__(self, device: str | DeviceSpec | None = None, precision: str = "fp32",
+                 autocast: bool = True) -> None:
         self.device = get_device(device)
         self.precision = check_precision(precision)
+        self.autocast = bool(autocast)
         self._profiles: dict[str, OpProfile] = {}
         self._graphs: "weakref.WeakKeyDictionary[torch.fx.Graph, dict[str, tuple[Any, NodeCost]]]" = \
             weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(device={self.device.name!r}, precision={self.precision!r})"
+        amp = "" if self.autocast else ", autocast=False"
+        return f"{type(self).__name__}(device={self.device.name!r}, precision={self.precision!r}{amp})"
+
+    @property
+    def autocast_rules(self) -> tuple[str, torch.dtype] | None:
+        """``(device_type, dtype)`` of the ``torch.autocast`` whose dtype rules activations follow, or
+        None: fp32, ``autocast=False`` (the blanket rule), or a device without them (GPU targets, for now)."""
+        if self.precision == "fp32" or not self.autocast or not self._traces_autocast or self.device.name != "cpu":
+            return None
+        return "cpu", compute_dtype(self.precision)
 
     def _nbytes(self, nbytes: int, dtype: torch.dtype | None) -> int:
         """Bytes of a float32 activation held in the compute dtype of ``precision`` (others as they are)."""
@@ -125,7 +139,13 @@ class GraphCostModel:
 
     def _cost_graph(self, graph: torch.fx.Graph) -> dict[str, tuple[Any, NodeCost]]:
         """Price every node of ``graph``: ``name -> (target, NodeCost)``."""
-        ops = {n: node_op(n) for n in graph.nodes}
+        amp = self.autocast_rules
+        key = META_VAL
+        if amp is not None:            # each node's dtypes as autocast makes them: bytes as they are
+            autocast_shape_prop(graph, *amp)
+            key = META_AMP_VAL
+        nbytes_of = self._nbytes if amp is None else _as_is
+        ops = {n: node_op(n, key) for n in graph.nodes}
         todo: dict[str, NodeOp] = {}
         for op in ops.values():
             if op is not None and op.key not in self._profiles:
@@ -146,31 +166,31 @@ class GraphCostModel:
                     if op.in_is_state[i]:
                         continue
                     v = op.in_vals[i]
-                    key: Any = _storage_key(v)
-                    nbytes = self._nbytes(_storage_nbytes(v), v.dtype)
+                    skey: Any = _storage_key(v)
+                    nbytes = nbytes_of(_storage_nbytes(v), v.dtype)
                     src = op.in_nodes[i]
                     if src is not None and src.op in ("call_function", "call_module", "call_method"):
                         owner = src.name
                 elif kind == "out" and i < len(op.out_vals):
                     v = op.out_vals[i]
-                    key, nbytes = _storage_key(v), self._nbytes(_storage_nbytes(v), v.dtype)
+                    skey, nbytes = _storage_key(v), nbytes_of(_storage_nbytes(v), v.dtype)
                 else:
-                    key = (n.name, kind, i)
+                    skey = (n.name, kind, i)
                     if kind == "tmp":                     # a floating temporary; a "mask" keeps its bytes
-                        nbytes = self._nbytes(nbytes, None)
-                if key not in charged:
-                    charged.add(key)
+                        nbytes = nbytes_of(nbytes, None)
+                if skey not in charged:
+                    charged.add(skey)
                     acts[owner] = acts.get(owner, 0) + int(nbytes)
         costs: dict[str, tuple[Any, NodeCost]] = {}
         for n, op in ops.items():
             if op is None:
-                out = sum(self._nbytes(t.numel() * t.element_size(), t.dtype) for t in _tensors(n.meta.get(META_VAL)))
+                out = sum(nbytes_of(t.numel() * t.element_size(), t.dtype) for t in _tensors(n.meta.get(key)))
                 costs[n.name] = (n.target, NodeCost(output_bytes=int(out) if n.op != "get_attr" else 0,
                                                     activation_bytes=acts.get(n.name, 0)))
                 continue
             prof = self._profiles[op.key]
             act = acts.get(n.name, 0)
-            out_bytes = sum(self._nbytes(t.numel() * t.element_size(), t.dtype) for t in op.out_vals)
+            out_bytes = sum(nbytes_of(t.numel() * t.element_size(), t.dtype) for t in op.out_vals)
             pbytes = op.param_bytes + sum(int(v.numel() * v.element_size()) for v, st, nd in
                                           zip(op.in_vals, op.in_is_state, op.in_nodes) if st and nd is not None)
             costs[n.name] = (n.target, NodeCost(
@@ -178,6 +198,10 @@ class GraphCostModel:
                 output_bytes=int(out_bytes), fwd_flops=prof.fwd_flops, bwd_flops=prof.bwd_flops,
                 bytes_read=prof.bytes_read, bytes_written=prof.bytes_written))
         return costs
+
+
+def _as_is(nbytes: int, dtype: torch.dtype | None) -> int:
+    return int(nbytes)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -212,9 +236,11 @@ class AnalyticCostModel(GraphCostModel):
         >>> shape_prop(gm, x); annotate(gm, AnalyticCostModel("h100-80gb", precision="bf16"))
     """
 
+    _traces_autocast = True
+
     def __init__(self, device: str | DeviceSpec | None = None, precision: str = "fp32",
-                 roofline: str = "intensity") -> None:
-        super().__init__(device, precision)
+                 roofline: str = "intensity", autocast: bool = True) -> None:
+        super().__init__(device, precision, autocast)
         if roofline not in ROOFLINES:
             raise ConfigError(f"unknown roofline {roofline!r}; choose one of {', '.join(map(repr, ROOFLINES))}")
         self.roofline = roofline
@@ -231,10 +257,11 @@ class AnalyticCostModel(GraphCostModel):
         """Count and price one operation (no caching; :meth:`node_cost` caches)."""
         try:
             tr = trace_op(op, self._fake, torch.empty_like, lambda: self._mode,
-                          fused_dropout=self.device.name != "cpu")   # a GPU saves dropout's 1-byte mask
+                          fused_dropout=self.device.name != "cpu",   # a GPU saves dropout's 1-byte mask
+                          autocast=self.autocast_rules)
         except Exception:  # noqa: BLE001 - data-dependent ops (an opaque leaf's `if x.sum() > 0`)
             try:  # count the same way on real random tensors of the node's shapes
-                tr = trace_op(op, make_real, torch.randn_like, contextlib.nullcontext)
+                tr = trace_op(op, make_real, torch.randn_like, contextlib.nullcontext, autocast=self.autocast_rules)
             except Exception as e:  # noqa: BLE001 - price what we know, say what failed
                 warnings.warn(f"AnalyticCostModel: could not run {op.name} on fake or real tensors of its "
                               f"shapes ({type(e).__name__}: {e}); pricing it by the bytes of its inputs and "

@@ -161,33 +161,37 @@ def _module_config(mod: torch.nn.Module) -> str:
     return ";".join(parts)
 
 
-def _val(node: torch.fx.Node, user: torch.fx.Node) -> Any:
-    if META_VAL not in node.meta:
+def _val(node: torch.fx.Node, user: torch.fx.Node, key: str = META_VAL) -> Any:
+    if key not in node.meta:
+        if key != META_VAL and META_VAL in node.meta:
+            return node.meta[META_VAL]
         raise CostModelError(
             f"cost model: node {user.format_node()} reads {node.name!r}, which has no "
             f"node.meta[{META_VAL!r}]; run fxpipe.passes.shape_prop.shape_prop(gm, *example_inputs) first"
         )
-    return node.meta[META_VAL]
+    return node.meta[key]
 
 
 def _tensors(v: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(v) if isinstance(x, torch.Tensor)]
 
 
-def node_op(node: torch.fx.Node) -> NodeOp | None:
+def node_op(node: torch.fx.Node, key: str = META_VAL) -> NodeOp | None:
     """The operation of ``node`` with its input signature, or None when it does no tensor work.
+
+    ``key``: the node.meta entry holding the values (``"fxpipe.amp_val"``: as under autocast).
 
     Raises:
         CostModelError: the node or one of its inputs lacks ``meta["val"]`` (shape_prop not run).
     """
     if node.op in NO_WORK_OPS:
         return None
-    out_vals = _tensors(_val(node, node))
+    out_vals = _tensors(_val(node, node, key))
     if not out_vals:
         return None  # shape arithmetic, getattr on tensors, python scalars
 
     def leafify(n: torch.fx.Node) -> Any:
-        return pytree.tree_map(lambda v: _Leaf(n, v) if isinstance(v, torch.Tensor) else v, _val(n, node))
+        return pytree.tree_map(lambda v: _Leaf(n, v) if isinstance(v, torch.Tensor) else v, _val(n, node, key))
 
     struct = torch.fx.node.map_arg((tuple(node.args), dict(node.kwargs)), leafify)
     flat, spec = pytree.tree_flatten(struct)
@@ -427,7 +431,8 @@ class FusedDropout(TorchFunctionMode):
 
 
 def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Callable[[torch.Tensor], torch.Tensor],
-             context: Callable[[], Any], fused_dropout: bool = False) -> Trace:
+             context: Callable[[], Any], fused_dropout: bool = False,
+             autocast: tuple[str, torch.dtype] | None = None) -> Trace:
     """Run ``op`` forward and backward once, recording aten ops and saved tensors.
 
     Args:
@@ -436,6 +441,8 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
         grad_like: builds an output gradient for a tensor.
         context: returns the context manager to run in (a FakeTensorMode, or a null context).
         fused_dropout: run dropout as a GPU does (:class:`FusedDropout`).
+        autocast: ``(device_type, dtype)``: the forward runs under ``torch.autocast`` (its casts,
+            and the cast copies autograd saves, are recorded); the backward runs outside, as in training.
 
     Returns:
         The aten ops of forward and backward (backward None if it could not run),
@@ -451,7 +458,8 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
                 return t
 
             with Recording() as rec, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    (FusedDropout() if fused_dropout else contextlib.nullcontext()):
+                    (FusedDropout() if fused_dropout else contextlib.nullcontext()), \
+                    (torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()):
                 out = inst()
         return inst, out, saved, rec
 

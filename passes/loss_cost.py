@@ -14,17 +14,20 @@ the planner adds it to the last stage's F, B and A through the evaluator.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxpipe.errors import ConfigError
 from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_VAL, CostModel, LossCost, NodeCost
 
 from .coarsen import COMPUTE_OPS
+from .shape_prop import META_AMP_VAL, autocast_context
 
 __all__ = ["example_output", "trace_loss", "price_loss"]
 
@@ -36,8 +39,9 @@ def _meta_like(v: Any) -> Any:
     return v
 
 
-def example_output(gm: torch.fx.GraphModule) -> Any:
-    """The model's output object for one microbatch, as meta tensors (from the graph's output values)."""
+def example_output(gm: torch.fx.GraphModule, key: str = META_VAL) -> Any:
+    """The model's output object for one microbatch, as meta tensors (from the graph's output values;
+    ``key="fxpipe.amp_val"``: with the dtypes autocast gives them)."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     leaves, spec = pytree.tree_flatten(out_node.args[0])
     out_spec = getattr(gm, "_out_spec", None)     # torch.export: the graph returns flat leaves
@@ -46,7 +50,7 @@ def example_output(gm: torch.fx.GraphModule) -> Any:
     vals = []
     for leaf in leaves:
         if isinstance(leaf, torch.fx.Node):
-            v = leaf.meta.get(META_VAL)
+            v = leaf.meta.get(key, leaf.meta.get(META_VAL))
             if v is None:
                 raise ConfigError(f"example_targets: the model output {leaf.name} has no shape; run "
                                   "shape propagation first (fxpipe.compile/plan do)")
@@ -56,15 +60,19 @@ def example_output(gm: torch.fx.GraphModule) -> Any:
     return pytree.tree_unflatten(vals, spec)
 
 
-def trace_loss(gm: torch.fx.GraphModule, loss_fn: Callable[..., Any],
-               targets: Any) -> tuple[torch.fx.GraphModule, list[Any]]:
+def trace_loss(gm: torch.fx.GraphModule, loss_fn: Callable[..., Any], targets: Any,
+               autocast: tuple[str, torch.dtype] | None = None) -> tuple[torch.fx.GraphModule, list[Any]]:
     """``loss_fn(output, targets)`` as a graph of aten ops, and its flat meta inputs.
+
+    ``autocast=(device_type, dtype)``: the model's output has the dtypes autocast gives it, and the
+    loss is traced under ``torch.autocast`` (on fake tensors of that device), so the graph holds
+    autocast's casts (CPU's cross_entropy casts bf16 logits to float32 before its log-softmax).
 
     Raises:
         ConfigError: ``loss_fn`` fails on the model's output and the targets, or does not
             return a scalar tensor.
     """
-    out = example_output(gm)
+    out = example_output(gm, META_AMP_VAL if autocast else META_VAL)
     out_flat, out_spec = pytree.tree_flatten(out)
     tgt_flat, tgt_spec = pytree.tree_flatten(targets)
     tgt_meta = [_meta_like(t) if isinstance(t, torch.Tensor) else t for t in tgt_flat]
@@ -80,8 +88,21 @@ def trace_loss(gm: torch.fx.GraphModule, loss_fn: Callable[..., Any],
         return loss
 
     flat = out_flat + tgt_meta
+    amp: Any = contextlib.nullcontext()
+    if autocast is not None:      # autocast acts on tensors of its device, not on meta ones
+        mode, dev = FakeTensorMode(), torch.device(autocast[0])
+
+        def fake(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            with mode:
+                f_ = torch.empty(tuple(t.shape), dtype=t.dtype, device=dev)
+            return f_.requires_grad_(True) if t.requires_grad else f_
+
+        flat, amp = [fake(t) for t in flat], autocast_context(*autocast)
     try:
-        lg = make_fx(f)(*flat)
+        with amp:
+            lg = make_fx(f)(*flat)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - user code
@@ -98,7 +119,7 @@ def price_loss(gm: torch.fx.GraphModule, cost_model: CostModel, loss_fn: Callabl
     from .annotate import annotate
     from .shape_prop import shape_prop
 
-    lg, flat = trace_loss(gm, loss_fn, targets)
+    lg, flat = trace_loss(gm, loss_fn, targets, getattr(cost_model, "autocast_rules", None))
     lg.meta[META_PARAM_BYTES] = {}
     shape_prop(lg, *flat)
     annotate(lg, cost_model)

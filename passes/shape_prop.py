@@ -1,9 +1,14 @@
-"""Shape propagation with fake tensors: every node gets ``meta["val"]`` and ``meta["tensor_meta"]``, no real memory."""
+"""Shape propagation with fake tensors: every node gets ``meta["val"]`` and ``meta["tensor_meta"]``, no real memory.
+
+:func:`autocast_shape_prop` runs the graph again under ``torch.autocast`` and keeps what each
+node then produces (dtypes as autocast makes them) under ``meta["fxpipe.amp_val"]``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -18,7 +23,9 @@ from torch.utils import _pytree as pytree
 from fxpipe.errors import TraceError
 from fxpipe.ir import META_VAL
 
-__all__ = ["shape_prop", "FakeShapeProp"]
+__all__ = ["shape_prop", "FakeShapeProp", "autocast_shape_prop", "autocast_context", "META_AMP_VAL"]
+
+META_AMP_VAL = "fxpipe.amp_val"   # FakeTensor(s) of the node under torch.autocast: autocast_shape_prop
 
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
@@ -234,3 +241,115 @@ def shape_prop(gm: torch.fx.GraphModule, *example_inputs: Any, **example_kwargs:
         kw = {"enable_io_processing": False} if "enable_io_processing" in inspect.signature(interp.run).parameters else {}
         interp.run(*fake_inputs, **kw)
     return gm
+
+
+def _attr_of(gm: Any, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _with_grad_flags(amp: Any, ref: Any) -> Any:
+    """``amp`` stored like :func:`_storable`, ``requires_grad`` taken from the fp32 value ``ref``."""
+    a_flat, a_spec = pytree.tree_flatten(amp)
+    r_flat = pytree.tree_leaves(ref)
+    same = len(a_flat) == len(r_flat)
+    out = []
+    for i, v in enumerate(a_flat):
+        if isinstance(v, torch.Tensor):
+            r = r_flat[i] if same else None
+            v = v.detach()
+            if isinstance(r, torch.Tensor) and r.requires_grad and (v.dtype.is_floating_point or v.dtype.is_complex):
+                v.requires_grad_(True)
+        out.append(v)
+    return pytree.tree_unflatten(out, a_spec)
+
+
+def autocast_shape_prop(graph: torch.fx.Graph, device_type: str, dtype: torch.dtype) -> int:
+    """Run ``graph`` on fake tensors under ``torch.autocast(device_type, dtype)``; ``meta["fxpipe.amp_val"]``.
+
+    The dtypes are torch's own: each op goes through the autocast kernels of ``device_type``
+    (``"cpu"``: the CPU lists; ``"cuda"``: fake CUDA tensors, which need no GPU, with the CUDA
+    lists). Inputs come from ``meta["val"]`` (shape_prop must have run); ``requires_grad`` is
+    copied from there (the run itself is under ``no_grad``). A node that fails here keeps its
+    ``meta["val"]`` (priced as without autocast).
+
+    Args:
+        graph: a graph after :func:`shape_prop` (its owning module, if any, gives parameters).
+        device_type: ``"cpu"`` or ``"cuda"``.
+        dtype: the autocast dtype (``torch.bfloat16`` or ``torch.float16``).
+
+    Returns:
+        The number of nodes that fell back to ``meta["val"]``.
+    """
+    gm = graph.owning_module
+    device = torch.device(device_type)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    memo: dict[int, torch.Tensor] = {}
+
+    def fake(t: Any) -> Any:          # a fake of mode on device (tied tensors stay tied)
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in memo:
+            with mode:
+                memo[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+        return memo[id(t)]
+
+    env: dict[torch.fx.Node, Any] = {}
+    failed = 0
+    for n in graph.nodes:
+        if n.op == "output":
+            continue
+        ref = n.meta.get(META_VAL)
+        try:
+            if n.op == "placeholder":
+                out = pytree.tree_map(fake, ref)
+            elif n.op == "get_attr":
+                obj = _attr_of(gm, str(n.target)) if gm is not None else None
+                out = pytree.tree_map(fake, obj if isinstance(obj, torch.Tensor) else ref)
+            else:
+                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+                with mode, autocast_context(device_type, dtype), torch.no_grad():
+                    if n.op == "call_module":
+                        mod = gm.get_submodule(str(n.target))
+                        state = {k: fake(v) for k, v in list(mod.named_parameters(remove_duplicate=False))
+                                 + list(mod.named_buffers(remove_duplicate=False))}
+                        out = torch.func.functional_call(mod, state, tuple(args), kwargs, tie_weights=True,
+                                                         strict=False)
+                    elif n.op == "call_method":
+                        out = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+                    else:
+                        out = n.target(*args, **kwargs)  # type: ignore[operator]
+        except Exception:  # noqa: BLE001 - data-dependent or device-specific: keep the fp32 value
+            failed += 1
+            out = pytree.tree_map(fake, ref)
+        env[n] = out
+        if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out)):
+            n.meta[META_AMP_VAL] = _with_grad_flags(out, ref)
+        else:
+            n.meta[META_AMP_VAL] = ref
+    return failed
+
+
+@contextlib.contextmanager
+def autocast_context(device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """``torch.autocast``; for ``"cuda"`` without a GPU, the same switches set directly (the
+    context manager refuses, but the CUDA autocast kernels run on fake CUDA tensors)."""
+    if device_type != "cuda" or torch.cuda.is_available():
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            yield
+        return
+    prev, prev_dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, dtype)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(device_type, prev)
+        torch.set_autocast_dtype(device_type, prev_dtype)

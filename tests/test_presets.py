@@ -85,13 +85,16 @@ def test_registry_and_errors():
 
 def test_megatron_layer_saves_korthikanti_bytes():
     """The paper's models keep what Megatron-LM keeps per layer: s*b*h*(34 + 5*a*s/h) bytes in fp16
-    (Korthikanti et al., MLSys 2023, Table 2: unfused attention, 1-byte dropout masks on a GPU)."""
+    (Korthikanti et al., MLSys 2023, Table 2: unfused attention, 1-byte dropout masks on a GPU).
+    Megatron-LM runs the model itself in fp16 (no autocast): autocast=False prices every activation so."""
     from fxpipe.api import prepare
+    from fxpipe.cost_models.analytic import AnalyticCostModel
 
     s, h, a, b, layers = 64, 128, 4, 2, 3
     model, _ = get_preset("gpt-1.3b", n_layer=layers, d=h, n_head=a, vocab=96, seq=s)
     cg = prepare(model, (torch.zeros(b, s, dtype=torch.long, device="meta"),), num_microbatches=1,
-                 device="v100-16gb", precision="fp16")
+                 device="v100-16gb", precision="fp16",
+                 cost_model=AnalyticCostModel("v100-16gb", precision="fp16", autocast=False))
     acts = {nd.name: nd.meta["fxpipe.cost"].activation_bytes for nd in cg.gm.graph.nodes if "fxpipe.cost" in nd.meta}
     per_layer = s * b * h * (34 + 5 * a * s // h)
     ln_stats = 2 * b * s * 2                           # one LayerNorm's mean and rstd, b*s each, in fp16
@@ -100,7 +103,7 @@ def test_megatron_layer_saves_korthikanti_bytes():
     assert sum(acts.values()) == layers * (per_layer + 2 * ln_stats) + embedding + head
     # on this CPU dropout saves a floating noise tensor instead: 2 bytes per element in fp16, not 1
     cpu = prepare(model, (torch.zeros(b, s, dtype=torch.long, device="meta"),), num_microbatches=1,
-                  device="cpu", precision="fp16")
+                  device="cpu", precision="fp16", cost_model=AnalyticCostModel("cpu", precision="fp16", autocast=False))
     cpu_total = sum(nd.meta["fxpipe.cost"].activation_bytes for nd in cpu.gm.graph.nodes if "fxpipe.cost" in nd.meta)
     masks = layers * (a * s * s * b + 2 * s * b * h) + s * b * h
     assert cpu_total - sum(acts.values()) == masks
