@@ -15,6 +15,11 @@ plus ``kernel_overhead``. Results are cached per operation signature (op or modu
 type and config, input shapes/strides/dtypes, parameter shapes), so the 48
 identical layers of a GPT-2 XL are counted once.
 
+Under bf16/fp16 the graph is first re-run under ``torch.autocast``
+(:func:`fxpipe.passes.shape_prop.autocast_shape_prop`) and every operation is traced on
+inputs of the dtypes autocast gives, its forward under autocast: activation bytes are then
+what autograd saves in training, the cast copies of a ``Linear``'s input and weight included.
+
 Activation bytes are charged once per storage for the whole graph: a tensor
 saved by several nodes (``tanh`` saves its output, the next ``Linear`` saves
 the same tensor as its input) is charged to the first saver in graph order,
@@ -111,7 +116,8 @@ class GraphCostModel:
         return "cpu", compute_dtype(self.precision)
 
     def _nbytes(self, nbytes: int, dtype: torch.dtype | None) -> int:
-        """Bytes of a float32 activation held in the compute dtype of ``precision`` (others as they are)."""
+        """Bytes of a float32 activation held in the compute dtype of ``precision`` (others as they are):
+        the blanket rule, used when :attr:`autocast_rules` is None."""
         if self.precision == "fp32" or dtype not in (torch.float32, None):
             return int(nbytes)
         return int(nbytes) * _itemsize(compute_dtype(self.precision)) // 4
@@ -224,10 +230,12 @@ class AnalyticCostModel(GraphCostModel):
     Args:
         device: a DeviceSpec, a preset name (``"a100-80gb"``), or None for this CPU.
         precision: "fp32" | "bf16" | "fp16" (:mod:`fxpipe.precision`): float32 ops are priced at
-            the compute dtype's FLOP rate moving the compute dtype's bytes, and activations and
-            stage outputs are counted in the compute dtype (parameters stay as the model has them;
-            the memory model adds master copies). Ops autocast keeps in float32 (softmax, norms) are
-            priced in the compute dtype too: an approximation.
+            the compute dtype's FLOP rate moving the compute dtype's bytes (ops autocast keeps in
+            float32 too: an approximation); activations and stage outputs have the dtypes
+            ``torch.autocast`` gives them (parameters stay as the model has them; the memory model
+            adds master copies).
+        autocast: False: the model runs in the compute dtype itself (Megatron-LM's fp16), every
+            floating activation and output counted in it, not as autocast makes them.
         roofline: "intensity" (default: efficiency saturates with arithmetic intensity, so larger
             microbatches run faster per sample) or "max" (the plain roofline); see :func:`roofline_time`.
 

@@ -26,8 +26,9 @@ def resolve_cost_model(spec: str | CostModel | None, device: Any = None, precisi
             ``"profile"`` (measured on this machine), or an object with
             ``node_cost(node)`` and ``comm_time(nbytes)``.
         device: DeviceSpec, preset name or None, for the built-in models.
-        precision: "fp32" | "bf16" | "fp16" for the analytic model (FLOP rate and activation
-            bytes of the compute dtype); the profiled model measures the model as it is.
+        precision: "fp32" | "bf16" | "fp16" for the analytic model (FLOP rate of the compute
+            dtype, activation bytes as ``torch.autocast`` makes them); the profiled model measures
+            the model as it is.
 
     Returns:
         A CostModel.
