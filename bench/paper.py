@@ -45,6 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fxpipe.api import prepare  # noqa: E402
+from fxpipe.cost_models.analytic import AnalyticCostModel  # noqa: E402
 from fxpipe.cost_models.device import get_device  # noqa: E402
 from fxpipe.cost_models.topology import Topology  # noqa: E402
 from fxpipe.errors import PartitionError  # noqa: E402
@@ -89,7 +90,7 @@ def sustained_v100(tflops: float) -> Any:
     def totals(n_layer: int) -> tuple[float, float]:
         model, _ = get_preset("gpt-2.2b", n_layer=n_layer)
         cg = prepare(model, (torch.zeros(1, 512, dtype=torch.long, device="meta"),), num_microbatches=1,
-                     device=v100, precision="fp16")
+                     device=v100, precision="fp16", cost_model=megatron_cost_model(v100, "fp16"))
         costs = [nd.meta["fxpipe.cost"] for nd in cg.gm.graph.nodes if "fxpipe.cost" in nd.meta]
         return sum(c.fwd_flops + c.bwd_flops for c in costs), sum(c.fwd_time + c.bwd_time for c in costs)
 
@@ -99,6 +100,12 @@ def sustained_v100(tflops: float) -> Any:
     rest = t - flops / peak
     return v100.replace(name=f"v100-16gb@{tflops:g}TF", peak_flops={**v100.peak_flops,
                                                                    "float16": flops / (flops / (tflops * 1e12) - rest)})
+
+
+def megatron_cost_model(device: Any, precision: str) -> AnalyticCostModel:
+    """The analytic model as Megatron-LM trains: the model itself in fp16 (no autocast), so every
+    activation is in 2 bytes (Korthikanti et al.'s count; tests/test_presets.py)."""
+    return AnalyticCostModel(device, precision=precision, autocast=False)
 
 
 def megatron_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -122,7 +129,8 @@ class Graphs:
         if b not in self.cache:
             t0 = time.perf_counter()
             tokens = torch.zeros(b, 512, dtype=torch.long, device="meta")
-            cg = prepare(self.model, (tokens,), num_microbatches=1, device=self.device, precision=self.precision)
+            cg = prepare(self.model, (tokens,), num_microbatches=1, device=self.device, precision=self.precision,
+                         cost_model=megatron_cost_model(self.device, self.precision))
             # the loss runs on fp32 logits (Megatron's .float()): priced at fp32 bytes, not the model's fp16
             price_loss(cg.gm, resolve_cost_model("analytic", self.device, "fp32"), megatron_loss, tokens)
             self.cache[b] = (cg.gm, cg.cost_model)

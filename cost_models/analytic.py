@@ -30,6 +30,7 @@ of one ``qkv`` storage), exactly as dedup-by-storage of the real autograd graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 import weakref
 from typing import Any, Iterable, Sequence
@@ -109,11 +110,12 @@ class GraphCostModel:
 
     @property
     def autocast_rules(self) -> tuple[str, torch.dtype] | None:
-        """``(device_type, dtype)`` of the ``torch.autocast`` whose dtype rules activations follow, or
-        None: fp32, ``autocast=False`` (the blanket rule), or a device without them (GPU targets, for now)."""
-        if self.precision == "fp32" or not self.autocast or not self._traces_autocast or self.device.name != "cpu":
+        """``(device_type, dtype)`` of the ``torch.autocast`` whose dtype rules activations follow: the
+        CPU's for the ``"cpu"`` device, CUDA's for every other (GPU) DeviceSpec; None under fp32 or
+        ``autocast=False`` (the blanket rule)."""
+        if self.precision == "fp32" or not self.autocast or not self._traces_autocast:
             return None
-        return "cpu", compute_dtype(self.precision)
+        return "cpu" if self.device.name == "cpu" else "cuda", compute_dtype(self.precision)
 
     def _nbytes(self, nbytes: int, dtype: torch.dtype | None) -> int:
         """Bytes of a float32 activation held in the compute dtype of ``precision`` (others as they are):
@@ -255,7 +257,9 @@ class AnalyticCostModel(GraphCostModel):
         self._mode = FakeTensorMode()
 
     def _fake(self, s: _TSpec) -> torch.Tensor:
-        return torch.empty_strided(s.shape, s.stride, dtype=s.dtype, device=s.device)
+        # CUDA's autocast values are fake CUDA tensors; autograd runs on CPU fakes (amp_trace)
+        dev = "cpu" if s.device.type == "cuda" and self.autocast_rules is not None else s.device
+        return torch.empty_strided(s.shape, s.stride, dtype=s.dtype, device=dev)
 
     def _profile_many(self, ops: list[NodeOp]) -> None:
         for op in ops:
@@ -269,7 +273,9 @@ class AnalyticCostModel(GraphCostModel):
                           autocast=self.autocast_rules)
         except Exception:  # noqa: BLE001 - data-dependent ops (an opaque leaf's `if x.sum() > 0`)
             try:  # count the same way on real random tensors of the node's shapes
-                tr = trace_op(op, make_real, torch.randn_like, contextlib.nullcontext, autocast=self.autocast_rules)
+                tr = trace_op(op, lambda s: make_real(dataclasses.replace(s, device=torch.device("cpu"))
+                                                      if s.device.type == "cuda" else s),
+                              torch.randn_like, contextlib.nullcontext, autocast=self.autocast_rules)
             except Exception as e:  # noqa: BLE001 - price what we know, say what failed
                 warnings.warn(f"AnalyticCostModel: could not run {op.name} on fake or real tensors of its "
                               f"shapes ({type(e).__name__}: {e}); pricing it by the bytes of its inputs and "

@@ -355,6 +355,7 @@ class Instance:
                 if s.requires_grad:
                     made[group].requires_grad_(True)
             self.state[name] = made[group]
+        self.by_group = made                 # one tensor per distinct parameter/buffer, op.params order
         self.state_keys = {_storage_key(t) for t in self.state.values()}
 
     def __call__(self) -> Any:
@@ -441,13 +442,20 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
         grad_like: builds an output gradient for a tensor.
         context: returns the context manager to run in (a FakeTensorMode, or a null context).
         fused_dropout: run dropout as a GPU does (:class:`FusedDropout`).
-        autocast: ``(device_type, dtype)``: the forward runs under ``torch.autocast`` (its casts,
-            and the cast copies autograd saves, are recorded); the backward runs outside, as in training.
+        autocast: ``(device_type, dtype)``: the forward runs under that device's ``torch.autocast``
+            (its casts, and the cast copies autograd saves, are recorded; CUDA's through
+            :mod:`~fxpipe.cost_models.amp_trace`, the CPU's if that fails); the backward outside.
 
     Returns:
         The aten ops of forward and backward (backward None if it could not run),
         the classified saved tensors, and the node-level bytes read and written.
     """
+    replay = None   # CUDA's autocast: its aten ops captured on fake CUDA tensors, run here (amp_trace)
+    if autocast is not None and autocast[0] == "cuda":
+        from .amp_trace import capture_cuda_autocast
+        replay = capture_cuda_autocast(op, autocast[1])
+    amp = torch.autocast("cpu", dtype=autocast[1]) if autocast and replay is None else contextlib.nullcontext()
+
     def run(clone: bool) -> tuple[Instance, Any, list[torch.Tensor], Recording]:
         with context():
             inst = Instance(op, make, clone_inputs=clone)
@@ -458,9 +466,8 @@ def trace_op(op: NodeOp, make: Callable[[_TSpec], torch.Tensor], grad_like: Call
                 return t
 
             with Recording() as rec, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    (FusedDropout() if fused_dropout else contextlib.nullcontext()), \
-                    (torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()):
-                out = inst()
+                    (FusedDropout() if fused_dropout else contextlib.nullcontext()), amp:
+                out = inst() if replay is None else replay(inst.inputs + list(inst.by_group.values()))
         return inst, out, saved, rec
 
     try:

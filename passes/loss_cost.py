@@ -26,6 +26,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fxpipe.errors import ConfigError
 from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_VAL, CostModel, LossCost, NodeCost
 
+from fxpipe.cost_models.amp_trace import to_cpu_graph
+
 from .coarsen import COMPUTE_OPS
 from .shape_prop import META_AMP_VAL, autocast_context
 
@@ -88,21 +90,22 @@ def trace_loss(gm: torch.fx.GraphModule, loss_fn: Callable[..., Any], targets: A
         return loss
 
     flat = out_flat + tgt_meta
-    amp: Any = contextlib.nullcontext()
-    if autocast is not None:      # autocast acts on tensors of its device, not on meta ones
-        mode, dev = FakeTensorMode(), torch.device(autocast[0])
+    run, amp = flat, contextlib.nullcontext()
+    if autocast is not None:      # autocast acts on tensors of its device (not meta); no grad: fake CUDA
+        mode, dev = FakeTensorMode(), torch.device(autocast[0])          # tensors cannot run autograd
 
         def fake(t: Any) -> Any:
             if not isinstance(t, torch.Tensor):
                 return t
             with mode:
-                f_ = torch.empty(tuple(t.shape), dtype=t.dtype, device=dev)
-            return f_.requires_grad_(True) if t.requires_grad else f_
+                return torch.empty(tuple(t.shape), dtype=t.dtype, device=dev)
 
-        flat, amp = [fake(t) for t in flat], autocast_context(*autocast)
+        run, amp = [fake(t) for t in flat], autocast_context(*autocast)
     try:
-        with amp:
-            lg = make_fx(f)(*flat)
+        with amp, (torch.no_grad() if autocast is not None else contextlib.nullcontext()):
+            lg = make_fx(f)(*run)
+        if autocast is not None:
+            lg = to_cpu_graph(lg)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - user code

@@ -274,7 +274,9 @@ def autocast_shape_prop(graph: torch.fx.Graph, device_type: str, dtype: torch.dt
     The dtypes are torch's own: each op goes through the autocast kernels of ``device_type``
     (``"cpu"``: the CPU lists; ``"cuda"``: fake CUDA tensors, which need no GPU, with the CUDA
     lists). Inputs come from ``meta["val"]`` (shape_prop must have run); ``requires_grad`` is
-    copied from there (the run itself is under ``no_grad``). A node that fails here keeps its
+    copied from there (the run itself is under ``no_grad``: autograd cannot run on fake CUDA
+    tensors). A node whose fake CUDA kernel needs a GPU (``contiguous``, batch norm) runs on CPU
+    fakes of the same dtypes, without autocast; a node that fails even so keeps its
     ``meta["val"]`` (priced as without autocast).
 
     Args:
@@ -298,6 +300,16 @@ def autocast_shape_prop(graph: torch.fx.Graph, device_type: str, dtype: torch.dt
                 memo[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
         return memo[id(t)]
 
+    def call(n: torch.fx.Node, args: Any, kwargs: Any, conv: Callable[[Any], Any] = lambda t: t) -> Any:
+        if n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            state = {k: conv(fake(v)) for k, v in list(mod.named_parameters(remove_duplicate=False))
+                     + list(mod.named_buffers(remove_duplicate=False))}
+            return torch.func.functional_call(mod, state, tuple(args), kwargs, tie_weights=True, strict=False)
+        if n.op == "call_method":
+            return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)  # type: ignore[operator]
+
     env: dict[torch.fx.Node, Any] = {}
     failed = 0
     for n in graph.nodes:
@@ -312,17 +324,13 @@ def autocast_shape_prop(graph: torch.fx.Graph, device_type: str, dtype: torch.dt
                 out = pytree.tree_map(fake, obj if isinstance(obj, torch.Tensor) else ref)
             else:
                 args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
-                with mode, autocast_context(device_type, dtype), torch.no_grad():
-                    if n.op == "call_module":
-                        mod = gm.get_submodule(str(n.target))
-                        state = {k: fake(v) for k, v in list(mod.named_parameters(remove_duplicate=False))
-                                 + list(mod.named_buffers(remove_duplicate=False))}
-                        out = torch.func.functional_call(mod, state, tuple(args), kwargs, tie_weights=True,
-                                                         strict=False)
-                    elif n.op == "call_method":
-                        out = getattr(args[0], str(n.target))(*args[1:], **kwargs)
-                    else:
-                        out = n.target(*args, **kwargs)  # type: ignore[operator]
+                try:
+                    with mode, autocast_context(device_type, dtype), torch.no_grad():
+                        out = call(n, args, kwargs)
+                except Exception:  # noqa: BLE001 - a fake CUDA kernel that needs a GPU (copies, batch norm)
+                    if device_type == "cpu":
+                        raise
+                    out = _on_cpu(mode, lambda a, k, conv: call(n, a, k, conv), args, kwargs)
         except Exception:  # noqa: BLE001 - data-dependent or device-specific: keep the fp32 value
             failed += 1
             out = pytree.tree_map(fake, ref)
@@ -332,6 +340,37 @@ def autocast_shape_prop(graph: torch.fx.Graph, device_type: str, dtype: torch.dt
         else:
             n.meta[META_AMP_VAL] = ref
     return failed
+
+
+def _on_cpu(mode: FakeTensorMode, fn: Callable[[Any, Any, Callable[[Any], Any]], Any], args: Any, kwargs: Any) -> Any:
+    """``fn`` on CPU fakes with the dtypes, shapes and strides of the fake CUDA ``args`` (no autocast:
+    ops whose fake CUDA kernel needs a GPU are copies, views and norms not on autocast's lists);
+    results back as CUDA fakes, views of an input's storage kept as views of it."""
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # CPU storage -> (CPU base, a CUDA tensor on it)
+
+    def to_cpu(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
+            return t
+        with mode:
+            base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device="cpu")
+            c = base.as_strided(t.shape, t.stride(), t.storage_offset())
+        bases[int(c.untyped_storage()._cdata)] = (base, t)
+        return c
+
+    cargs, ckwargs = pytree.tree_map(to_cpu, (args, kwargs))
+    with mode, torch.no_grad():
+        out = fn(cargs, ckwargs, to_cpu)
+
+    def back(o: Any) -> Any:
+        if not isinstance(o, torch.Tensor):
+            return o
+        with mode:
+            hit = bases.get(int(o.untyped_storage()._cdata))
+            if hit is not None and hit[1].dtype == o.dtype:
+                return hit[1].as_strided(o.shape, o.stride(), o.storage_offset())
+            return torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device="cuda")
+
+    return pytree.tree_map(back, out)
 
 
 @contextlib.contextmanager

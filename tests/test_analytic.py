@@ -80,14 +80,14 @@ def test_matmul_efficiency_grows_with_the_microbatch() -> None:
     v100 = get_device("v100-16gb")
     per_sample = {}
     for b in (1, 8):
-        cm = AnalyticCostModel(v100, precision="fp16")
+        cm = AnalyticCostModel(v100, precision="fp16", autocast=False)   # an fp16 model: no casts
         c = cm.node_cost(_lin(_linear_graph(512 * b)))
         per_sample[b] = (c.fwd_time + c.bwd_time) / b
         flops, io = 2 * 512 * b * 1024 * 1024, 2 * (2 * 512 * b * 1024 + 1024 * 1024)   # fp16 bytes
         assert c.fwd_time == pytest.approx(flops / 125e12 + io / 900e9 + v100.kernel_overhead, rel=1e-6)
     assert per_sample[8] < 0.8 * per_sample[1]
     no_launch = v100.replace(kernel_overhead=0.0)
-    flat = {b: AnalyticCostModel(no_launch, precision="fp16", roofline="max").node_cost(_lin(_linear_graph(512 * b)))
+    flat = {b: AnalyticCostModel(no_launch, precision="fp16", roofline="max", autocast=False).node_cost(_lin(_linear_graph(512 * b)))
             for b in (1, 8)}
     assert flat[8].fwd_time / 8 == pytest.approx(flat[1].fwd_time, rel=1e-6)   # the plain roofline: flat
 
@@ -98,8 +98,8 @@ def test_precision_sets_the_flop_rate_and_activation_bytes() -> None:
     v100 = get_device("v100-16gb")
     g32, g16, gbf = _linear_graph(4096), _linear_graph(4096), _linear_graph(4096)
     c32 = AnalyticCostModel(v100, roofline="max").node_cost(_lin(g32))
-    c16 = AnalyticCostModel(v100, precision="fp16", roofline="max").node_cost(_lin(g16))
-    cbf = AnalyticCostModel(v100, precision="bf16", roofline="max").node_cost(_lin(gbf))
+    c16 = AnalyticCostModel(v100, precision="fp16", roofline="max", autocast=False).node_cost(_lin(g16))
+    cbf = AnalyticCostModel(v100, precision="bf16", roofline="max", autocast=False).node_cost(_lin(gbf))
     flops = 2 * 4096 * 1024 * 1024
     assert c32.fwd_time == pytest.approx(flops / 15.7e12 + v100.kernel_overhead)
     assert c16.fwd_time == pytest.approx(flops / 125e12 + v100.kernel_overhead)

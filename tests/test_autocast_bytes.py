@@ -125,3 +125,27 @@ def test_autocast_shape_prop_gives_torch_dtypes() -> None:
     assert amp["softmax"].dtype == torch.bfloat16                # CPU keeps softmax in its input's dtype
     assert all(n.meta["val"].dtype == torch.float32 for n in gm.graph.nodes
                if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point())
+
+
+def test_gpu_devices_follow_cuda_autocast_without_a_gpu() -> None:
+    """A GPU DeviceSpec gets CUDA's rules, read from torch's CUDA autocast kernels on fake CUDA tensors
+    (no GPU needed): softmax and layer norm in float32 (the CPU keeps softmax in bf16), and
+    cross_entropy's log-softmax in the logits' bf16 with the float32 copy nll_loss saves."""
+    from fxpipe.frontend import prepare, price_loss
+
+    model, x, y = _case()
+    heads, cuda, cpu = 2, {}, {}
+    for device, out in (("a100-80gb", cuda), ("cpu", cpu)):
+        cg = prepare(model, (x,), num_microbatches=1, device=device, precision="bf16")
+        price_loss(cg, gpt_loss, y, 1)
+        out.update({n.name: n.meta["fxpipe.cost"].activation_bytes for n in cg.gm.graph.nodes if "fxpipe.cost" in n.meta})
+        out["loss"] = cg.gm.meta["fxpipe.loss"].activation_bytes
+        out["softmax dtype"] = next(n for n in cg.gm.graph.nodes if n.name == "softmax").meta[META_AMP_VAL].dtype
+    probs = BATCH * heads * SEQ * SEQ                     # attention probabilities of one layer
+    assert cuda["softmax"] == 4 * probs and cuda["softmax dtype"] == torch.float32
+    assert cpu["softmax"] == 2 * probs and cpu["softmax dtype"] == torch.bfloat16
+    logits = BATCH * SEQ * VOCAB
+    assert 6 * logits <= cuda["loss"] < 6 * logits + 4096 and 4 * logits <= cpu["loss"] < 4 * logits + 4096
+    blanket = AnalyticCostModel("a100-80gb", precision="bf16", autocast=False)
+    cg = prepare(model, (x,), num_microbatches=1, device="a100-80gb", precision="bf16", cost_model=blanket)
+    assert next(n for n in cg.gm.graph.nodes if n.name == "softmax").meta["fxpipe.cost"].activation_bytes == 2 * probs

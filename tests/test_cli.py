@@ -206,7 +206,9 @@ def test_dump_precision_and_devices_per_node(capsys):
         plans[bool(extra)] = json.loads(capsys.readouterr().out)
     fp32, fp16 = plans[False], plans[True]
     for a, b in zip(fp32["stages"], fp16["stages"]):
-        assert abs(b["activation_bytes"] / a["activation_bytes"] - 0.5) < 0.01    # fp16 activations
+        # fp16 under CUDA autocast: linears save fp16 copies of inputs and weights, the residual stream
+        # and layer norms stay fp32 (tests/test_autocast_bytes.py): between half and all of fp32's bytes
+        assert 0.5 < b["activation_bytes"] / a["activation_bytes"] < 1.0
         assert b["memory"] < a["memory"]
     assert fp32["extra"]["placement"]["inter_node_boundaries"] == []              # one 8-GPU node
     assert fp16["extra"]["placement"]["devices_per_node"] == 1
