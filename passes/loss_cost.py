@@ -3,7 +3,8 @@
 The model's output object is rebuilt from the graph's output values (shapes and
 dtypes only), the loss is traced with ``make_fx`` into a graph of aten ops, and
 that graph goes through the same shape propagation and ``annotate`` as the model,
-so the analytic or profiled cost model prices it like any other node::
+so the analytic or profiled cost model prices it like any other node (under bf16/fp16 the
+output has autocast's dtypes and the loss is traced under autocast, its casts in the graph)::
 
     logits (16, 50257) fp32, targets (16,)  ->  _log_softmax, nll_loss_forward
     fwd + bwd time of those nodes, activation bytes = the log-softmax output autograd saves
@@ -23,10 +24,9 @@ import torch.utils._pytree as pytree
 from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fxpipe.cost_models.amp_trace import to_cpu_graph
 from fxpipe.errors import ConfigError
 from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_VAL, CostModel, LossCost, NodeCost
-
-from fxpipe.cost_models.amp_trace import to_cpu_graph
 
 from .coarsen import COMPUTE_OPS
 from .shape_prop import META_AMP_VAL, autocast_context
