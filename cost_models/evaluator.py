@@ -67,7 +67,7 @@ class CostContext:
 
     ``precision`` names the training precision (:mod:`fxpipe.precision`): bytes per
     parameter by :func:`param_state_bytes`; activation bytes come from the cost model,
-    which counts them in the compute dtype. Transfers are priced per value by
+    which counts them in the dtypes autocast gives them. Transfers are priced per value by
     :func:`transfer_cost` (C_s sums them).
     """
 
@@ -113,7 +113,7 @@ def stage_time(fwd: Any, bwd: Any, comm: Any, recompute: bool) -> Any:
 #
 # (PipeDream-2BW's accounting: fp16 + Adam = 16 B/param, 20 B under 2bw.) P_s is counted at the
 # model's fp32 4 B/param, so both give W(P) = P * (2 + k + [2bw]): the weight copies below.
-# What precision changes is elsewhere: activations and transfers in the compute dtype (the cost
+# What precision changes is elsewhere: activations and transfers in autocast's dtypes (the cost
 # model counts them so) and the gradients the data-parallel all-reduce moves (gradient_bytes).
 _GRAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

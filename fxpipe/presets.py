@@ -233,6 +233,10 @@ def megatron(*, n_layer: int = 24, d: int = 1024, n_head: int = 16, vocab: int =
              device: str | torch.device = "meta") -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A Megatron-LM GPT (``causal=True``) or BERT and a batch of token ids.
 
+    Megatron-LM trains it in fp16 itself, not under autocast: plan it as such with
+    ``cost_model=AnalyticCostModel(device, precision="fp16", autocast=False)`` (every activation
+    in 2 bytes, Korthikanti et al.'s count; bench/paper.py does).
+
     ``small=True``: 2 layers, d=64, 4 heads, vocab 96, seq 32, batch 8.
 
     Returns:
