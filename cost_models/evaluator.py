@@ -93,11 +93,13 @@ class CostContext:
         return (False, True) if self.recompute is None else (bool(self.recompute),)
 
 
-def transfer_cost(nbytes: int, price: Callable[[int], float] | None) -> float:
-    """One value's share of C_s: 2 * its transfer time (sent forward, gradient sent back); 0 for no bytes."""
+def transfer_cost(nbytes: int, price: Callable[[int], float] | None, grad: bool = True) -> float:
+    """One value's share of C_s: 2 * its transfer time (sent forward, gradient sent back), 1 * for a
+    value that gets no gradient (``grad=False``: the runtimes send gradients of floating tensors only);
+    0 for no bytes."""
     if nbytes <= 0 or price is None:
         return 0.0
-    return 2.0 * float(price(int(nbytes)))
+    return (2.0 if grad else 1.0) * float(price(int(nbytes)))
 
 
 def stage_time(fwd: Any, bwd: Any, comm: Any, recompute: bool) -> Any:

@@ -33,7 +33,7 @@ class CompiledGraph:
 def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: int,
             cost_model: str | CostModel = "analytic", device: Any = None,
             leaf_modules: Iterable[type | str] = (), precision: str = "fp32") -> CompiledGraph:
-    """Trace, shape-propagate (fake tensors), specialise shapes and annotate costs.
+    """Trace, shape-propagate (fake tensors), specialise shapes, annotate costs and mark local values.
 
     The graph is traced for ONE microbatch: ``example_inputs`` is a whole batch as
     ``step`` will receive it, split into ``num_microbatches`` along dim 0.
@@ -42,6 +42,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
         InputError: the batch does not split into ``num_microbatches``; TraceError, CostModelError.
     """
     from fxpipe.passes.annotate import annotate, resolve_cost_model
+    from fxpipe.passes.local_values import mark_local
     from fxpipe.passes.shape_prop import shape_prop
     from fxpipe.passes.specialize import specialize_shapes
     from fxpipe.trace import trace
@@ -63,6 +64,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
     t1 = time.perf_counter()
     cm = resolve_cost_model(cost_model, device, precision)
     annotate(gm, cm)
+    mark_local(gm)          # values every stage computes itself: planner and split read the flag
     t2 = time.perf_counter()
     return CompiledGraph(gm=gm, cost_model=cm, input_names=[str(n.target) for n in gm.graph.nodes if n.op == "placeholder"],
                          microbatch_inputs=flat, batch_size=int(flat_given[0].shape[0]) if flat_given else 0,

@@ -29,6 +29,7 @@ from fxpipe.units import fmt_bytes, fmt_time
 __all__ = [
     "META_COST",
     "META_PARAMS",
+    "META_LOCAL",
     "META_PARAM_BYTES",
     "META_LOSS",
     "META_VAL",
@@ -50,6 +51,7 @@ __all__ = [
 META_VAL = "val"                     # FakeTensor (or pytree of them): shape_prop, as torch does
 META_COST = "fxpipe.cost"            # NodeCost: annotate
 META_PARAMS = "fxpipe.params"        # tuple[str, ...] canonical parameter names the node reads
+META_LOCAL = "fxpipe.local"          # bool: every stage computes this value itself, none sends it (local_values)
 # GraphModule.meta key: LossCost of loss_fn(output, targets), priced on the last stage (example_targets=).
 META_LOSS = "fxpipe.loss"
 # GraphModule.meta key: dict canonical parameter name -> bytes (tied parameters appear once).

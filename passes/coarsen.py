@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx
+import torch.utils._pytree
 
 from fxpipe.cost_models.evaluator import pair_links, transfer_cost
 from fxpipe.errors import ConfigError, PartitionError
-from fxpipe.ir import META_COST, META_LOSS, META_PARAM_BYTES, META_PARAMS, CostModel, LossCost, NodeCost
+from fxpipe.ir import META_COST, META_LOCAL, META_LOSS, META_PARAM_BYTES, META_PARAMS, META_VAL, CostModel, LossCost, \
+    NodeCost
 
 __all__ = ["COMPUTE_OPS", "InputValue", "GraphCosts", "graph_costs", "coarsen", "coarsen_costs"]
 
@@ -58,7 +60,8 @@ class GraphCosts:
     bwd: tuple[float, ...]            # B of each node
     act: tuple[int, ...]              # activation bytes saved for backward
     out_bytes: tuple[int, ...]        # bytes of the node's output tensors (0: non-tensor)
-    comm: tuple[float, ...]           # 2 * comm_time(out_bytes): send + gradient back (0 if no bytes)
+    comm: tuple[float, ...]           # 2 * comm_time(out_bytes): send + gradient back (0 if no bytes);
+                                      # 1 * for a value with no gradient (not floating), 0 for a local one
     consumers: tuple[tuple[int, ...], ...]   # compute consumers (indices, sorted)
     producers: tuple[tuple[int, ...], ...]   # compute producers (indices, sorted)
     returned: tuple[bool, ...]        # the node's value is a model output (goes to the last stage)
@@ -73,10 +76,17 @@ class GraphCosts:
     # both () when every link costs ``comm``. ``comm`` is then the cheapest link.
     comm_links: tuple[tuple[float, ...], ...] = ()
     link_of: tuple[tuple[int, ...], ...] = ()
+    # per node, node.meta["fxpipe.local"] (passes.local_values): every stage that reads it computes
+    # it, so it is never sent (no C_s, I_s, X_s); () when no node is local
+    local: tuple[bool, ...] = ()
 
     @property
     def n(self) -> int:
         return len(self.names)
+
+    def is_local(self, v: int) -> bool:
+        """Whether node ``v``'s value is computed on every stage that reads it (never sent)."""
+        return bool(self.local) and self.local[v]
 
     def comm_peak(self, v: int) -> float:
         """2 * the dearest transfer of node ``v``'s value over any link."""
@@ -144,15 +154,18 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
     fwd, bwd, act, out, comm, cons, prods, params, module = [], [], [], [], [], [], [], [], []
     returned = [False] * len(compute)
     comm_links: list[tuple[float, ...]] = []
-    for n in compute:
+    local = tuple(bool(n.meta.get(META_LOCAL, False)) for n in compute)
+    for n, loc in zip(compute, local):
         c = _node_cost(n, cost_model)
         fwd.append(float(c.fwd_time))
         bwd.append(float(c.bwd_time))
         act.append(int(c.activation_bytes))
         out.append(int(c.output_bytes))
-        comm.append(transfer_cost(int(c.output_bytes), price))
+        sent = 0 if loc else int(c.output_bytes)
+        grad = _gets_gradient(n)
+        comm.append(transfer_cost(sent, price, grad))
         if links:
-            comm_links.append(tuple(transfer_cost(int(c.output_bytes), f) for f in links))
+            comm_links.append(tuple(transfer_cost(sent, f, grad) for f in links))
             comm[-1] = min(comm_links[-1])      # bounds stay bounds
         cons.append(tuple(sorted({index[u.name] for u in n.users if u.name in index})))
         prods.append(tuple(sorted({index[a.name] for a in n.all_input_nodes if a.name in index})))
@@ -189,8 +202,16 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         comm=tuple(comm), consumers=tuple(cons), producers=tuple(prods), returned=tuple(returned),
         params=tuple(params), param_bytes=param_bytes, inputs=tuple(inputs),
         module=tuple(module), index=index, loss=_loss(gm), comm_links=tuple(comm_links),
-        link_of=link_of if links else (),
+        link_of=link_of if links else (), local=local if any(local) else (),
     )
+
+
+def _gets_gradient(node: torch.fx.Node) -> bool:
+    """Whether a value sent from ``node`` has its gradient sent back: both runtimes send gradients of
+    floating (and complex) tensors only (stage.py ``_detach_input``, distributed.py ``_grad_keys``), so a
+    bool or integer tensor crosses once. Unknown values (no ``val``) count as floating."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(node.meta.get(META_VAL)) if isinstance(t, torch.Tensor)]
+    return not leaves or any(t.is_floating_point() or t.is_complex() for t in leaves)
 
 
 def _loss(gm: torch.fx.GraphModule) -> LossCost | None:
@@ -270,8 +291,9 @@ def coarsen_costs(gc: GraphCosts, *, num_stages: int, blocks_per_stage: int = 12
     for v in range(gc.n):
         if gc.consumers[v]:
             last = max(pos[c] for c in gc.consumers[v])
-            diff[pos[v] + 1] += gc.comm[v] + 1e-12 * gc.out_bytes[v]
-            diff[last + 1] -= gc.comm[v] + 1e-12 * gc.out_bytes[v]
+            sent = 0 if gc.is_local(v) else gc.out_bytes[v]
+            diff[pos[v] + 1] += gc.comm[v] + 1e-12 * sent
+            diff[last + 1] -= gc.comm[v] + 1e-12 * sent
     crossing, run = [0.0] * (n + 1), 0.0
     for k in range(n + 1):
         run += diff[k]

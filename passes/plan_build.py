@@ -134,7 +134,7 @@ def plan_from_assignment(gm: torch.fx.GraphModule, cost_model: CostModel, stage_
             f"I={stages[s].input_bytes}, X={stages[s].received_bytes}, n={stages[s].in_flight}, "
             f"recompute={stages[s].recompute})")
     cut = tuple((gc.names[v], gc.names[c]) for v in range(gc.n) for c in gc.consumers[v]
-                if stage[c] != stage[v])
+                if stage[c] != stage[v] and not gc.is_local(v))     # a local value is recomputed there
     bottleneck = max(st.time for st in stages)
     lb = trivial_lower_bound(gc, d, None) if lower_bound is None else lower_bound
     lb = min(lb, bottleneck)

@@ -132,6 +132,8 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
         for c in cons:
             edges.add((blk[v], c))
         ret = gc.returned[v]
+        if gc.is_local(v):             # computed on every stage that reads it: never sent (local_values)
+            continue
         if cons or ret:
             links = tuple(t(c) for c in gc.comm_links[v]) if gc.comm_links else ()
             values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret, links))

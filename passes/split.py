@@ -21,6 +21,7 @@ from torch.fx.passes.split_module import split_module
 
 from fxpipe.errors import PartitionError
 from fxpipe.ir import PipelineProgram, Source, StageProgram
+from fxpipe.passes.local_values import is_local
 
 __all__ = ["Source", "StageProgram", "PipelineProgram", "split"]
 
@@ -143,28 +144,42 @@ def _stage_ordered(gm: torch.fx.GraphModule,
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     stage_of = dict(stage_of)
+    copies = _local_copies(nodes, stage_of)
     lifted = [n for n in nodes
               if n.op == "call_function" and n.target is operator.getitem and n.name in stage_of
               and isinstance(n.args[0], torch.fx.Node) and n.args[0].name in stage_of
               and stage_of[n.args[0].name] < stage_of[n.name] and not isinstance(n.args[0].meta.get("val"), torch.Tensor)
               and all(u.op == "call_function" and u.target is operator.getitem for u in n.args[0].users)]
     head = [n for n in nodes if n.op in ("placeholder", "get_attr")]
-    body = sorted((n for n in nodes if n.name in stage_of and n.op not in ("placeholder", "get_attr", "output")),
-                  key=lambda n: (stage_of[n.name], pos[n]))
-    order = head + body + [n for n in nodes if n.op == "output"]
-    if not lifted and [n.name for n in order] == [n.name for n in nodes]:
+    body = sorted([(stage_of[n.name], pos[n], n, False) for n in nodes
+                   if n.name in stage_of and n.op not in ("placeholder", "get_attr", "output")] +
+                  [(c, pos[n], n, True) for n, c in copies], key=lambda e: e[:2])
+    order = head + [e[2] for e in body if not e[3]] + [n for n in nodes if n.op == "output"]
+    if not lifted and not copies and [n.name for n in order] == [n.name for n in nodes]:
         return gm, stage_of
     graph = torch.fx.Graph()
     graph._codegen = gm.graph._codegen
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     early: dict[torch.fx.Node, torch.fx.Node] = {}
+    local_env: dict[tuple[torch.fx.Node, int], torch.fx.Node] = {}    # (local node, stage) -> its copy there
     lifted_set = set(lifted)
-    for n in order:
+    for n in head:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    for c, _, n, is_copy in body:
+        def arg(a: torch.fx.Node, c: int = c) -> torch.fx.Node:
+            return local_env.get((a, c), env.get(a))
+        if is_copy:
+            dup = graph.create_node(n.op, n.target, torch.fx.node.map_arg(n.args, arg),
+                                    torch.fx.node.map_arg(n.kwargs, arg), name=f"{n.name}_local{c}")
+            dup.meta = dict(n.meta)
+            stage_of[dup.name] = c
+            local_env[(n, c)] = dup
+            continue
         if n in lifted_set:
             env[n] = graph.create_node("call_function", _same, (early[n],), name=n.name)
             env[n].meta = dict(n.meta)
             continue
-        env[n] = graph.node_copy(n, lambda a: env[a])
+        env[n] = graph.node_copy(n, arg)
         for u in n.users:
             if u in lifted_set:       # emitted right after its producer, on the producer's stage
                 item = graph.create_node("call_function", operator.getitem, (env[n], u.args[1]),
@@ -172,4 +187,50 @@ def _stage_ordered(gm: torch.fx.GraphModule,
                 item.meta = dict(u.meta)
                 stage_of[item.name] = stage_of[n.name]
                 early[u] = item
+    out = next(n for n in nodes if n.op == "output")
+    env[out] = graph.node_copy(out, lambda a: env[a])
+    _drop_unread_locals(graph, stage_of)
     return torch.fx.GraphModule(gm, graph, gm.__class__.__name__), stage_of
+
+
+def _local_copies(nodes: list[torch.fx.Node], stage_of: dict[str, int]) -> list[tuple[torch.fx.Node, int]]:
+    """(local node, stage) for every stage other than its own that reads it, with the local nodes it reads.
+
+    A node marked ``fxpipe.local`` (:mod:`fxpipe.passes.local_values`) reads only model inputs,
+    buffers, constants and other local nodes, so a copy computes the same value on any stage::
+
+        arange(s0) -> le(s0) -> mask(s0) ──▶ attn(s0), attn(s2)
+        becomes  arange, le, mask on s0 ──▶ attn(s0);  arange_local2, le_local2, mask_local2 ──▶ attn(s2)
+    """
+    local = {n for n in nodes if n.name in stage_of and is_local(n)}
+    need: list[tuple[torch.fx.Node, int]] = []
+    seen: set[tuple[torch.fx.Node, int]] = set()
+
+    def want(v: torch.fx.Node, c: int) -> None:
+        if stage_of[v.name] == c or (v, c) in seen:
+            return
+        seen.add((v, c))
+        need.append((v, c))
+        for a in v.all_input_nodes:
+            if a in local:
+                want(a, c)
+
+    for u in nodes:
+        if u.name in stage_of:
+            for a in u.all_input_nodes:
+                if a in local:
+                    want(a, stage_of[u.name])
+    return need
+
+
+def _drop_unread_locals(graph: torch.fx.Graph, stage_of: dict[str, int]) -> None:
+    """Erase local nodes nothing reads any more (every reader got a copy), keeping each stage non-empty."""
+    count: dict[int, int] = {}
+    for n in graph.nodes:
+        if n.name in stage_of:
+            count[stage_of[n.name]] = count.get(stage_of[n.name], 0) + 1
+    for n in reversed(list(graph.nodes)):
+        s = stage_of.get(n.name)
+        if s is not None and is_local(n) and not n.users and count[s] > 1:
+            graph.erase_node(n)
+            count[s] -= 1
