@@ -93,8 +93,9 @@ def _updated(graph: torch.fx.Graph) -> set[torch.fx.Node]:
             if a.op in ("call_function", "call_method") and (_name(a) in _VIEWS or _name(a).lstrip("_") in _VIEWS) and a.all_input_nodes:
                 todo.append(a.all_input_nodes[0])
     modules = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    targets = {str(n.target) for n in out if n.op == "get_attr"}     # every read of an updated buffer
     for n in graph.nodes:
-        if n.op == "get_attr" and any(str(n.target).startswith(m + ".") for m in modules):
+        if n.op == "get_attr" and (str(n.target) in targets or any(str(n.target).startswith(m + ".") for m in modules)):
             out.add(n)
     return out
 

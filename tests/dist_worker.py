@@ -429,6 +429,31 @@ def mode_interop(out: Path, schedule: str) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
 
 
+def mode_local(out: Path) -> None:
+    """MaskNet on 2 ranks, the mask built on stage 0 and recomputed (not received) on stage 1."""
+    import fxpipe
+    import models
+    from test_local_values import _masknet_plan
+    from test_pipeline import batches_for, reference_losses
+
+    rank = int(os.environ["RANK"])
+    _, plan = _masknet_plan(local=True)
+    res: dict = {}
+    for sched in ("2bw", "flush"):
+        model, x, y, loss_fn = models.mask_case()       # fresh weights for each pipeline
+        batches = batches_for(x, y, n=3)
+        ref_losses, ref = reference_losses(model, batches, loss_fn, 4, sched)
+        pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, schedule=sched, loss_fn=loss_fn,
+                              optimizer=SGDM, executor="distributed", plan=plan)
+        got = [pipe.step(bx, by).item() for bx, by in batches]
+        sd = pipe.state_dict()
+        res[sched] = {"loss_err": max(abs(a - b) for a, b in zip(got, ref_losses)),
+                      "weight_err": _max_err(sd, ref.state_dict())}
+        res["copies"] = sorted(n.name for n in pipe.program.stages[1].module.graph.nodes if n.name.endswith("_local1"))
+        res["received_from"] = [[list(p) for p in st.received_from] for st in pipe.plan.stages]
+    (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, out_dir, *rest = sys.argv[1:]
@@ -445,6 +470,8 @@ if __name__ == "__main__":
         mode_safety(out)
     elif mode == "placement":
         mode_placement(out)
+    elif mode == "local":
+        mode_local(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     import torch.distributed as dist

@@ -152,3 +152,30 @@ def bn_case(dtype: torch.dtype = torch.float64, batch: int = 16):
     x = torch.randn(batch, 8, dtype=dtype)
     y = torch.randn(batch, 4, dtype=dtype)
     return model, x, y, F.mse_loss
+
+
+class MaskNet(nn.Module):
+    """Two masked layers reading one causal mask built from a buffer (as the Megatron presets do):
+    whichever stage the second layer lands on recomputes the mask instead of receiving it."""
+
+    def __init__(self, t: int = 8, block: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.tril(torch.ones(block, block, dtype=torch.bool)))
+        self.fc1 = nn.Linear(t, t)
+        self.fc2 = nn.Linear(t, t)
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.size(1)
+        hide = ~self.mask.narrow(0, 0, t).narrow(1, 0, t)     # [t, t] bool, local
+        h = torch.tanh(self.fc1(x).masked_fill(hide, 0.0))
+        return self.fc2(h).masked_fill(hide, 0.0)
+
+
+def mask_case(dtype: torch.dtype = torch.float64, batch: int = 8):
+    """Not in CASES: a model for the local-values tests (x: [batch, 8, 8])."""
+    torch.manual_seed(4)
+    model = MaskNet().to(dtype)
+    x = torch.randn(batch, 8, 8, dtype=dtype)
+    y = torch.randn(batch, 8, 8, dtype=dtype)
+    return model, x, y, F.mse_loss
