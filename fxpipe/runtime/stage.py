@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - older torch keeps the output tensors
     get_gradient_edge = None  # type: ignore[assignment]
 
 from fxpipe.errors import ConfigError, LossError
-from fxpipe.ir import PipelineProgram, Source, StageProgram
+from fxpipe.ir import META_LOCAL, PipelineProgram, Source, StageProgram
 from fxpipe.runtime.amp import LossScaler, autocast
 from fxpipe.runtime.weights import WeightVersions
 
@@ -187,6 +187,20 @@ def _edge(t: Any) -> Any:
     return t
 
 
+def _local_values_on(module: torch.fx.GraphModule, device: torch.device) -> None:
+    """Local values (``node.meta["fxpipe.local"]``: a mask the stage builds itself) made on ``device``: an
+    ``arange(..., device=)`` traced on another device would put them off the stage, where a received
+    value is moved onto it (``_here``)."""
+    changed = False
+    for n in module.graph.nodes:
+        dev = n.kwargs.get("device") if n.meta.get(META_LOCAL) else None
+        if isinstance(dev, (str, torch.device)) and torch.device(dev) != torch.device(device):
+            n.kwargs = {**n.kwargs, "device": torch.device(device)}
+            changed = True
+    if changed:
+        module.recompile()
+
+
 def _needs_grad(o: Any) -> bool:
     return (GradientEdge is not None and isinstance(o, GradientEdge)) or \
         (isinstance(o, torch.Tensor) and o.requires_grad)
@@ -241,6 +255,8 @@ class StageRuntime:
         self.loss_fn = loss_fn
         self.m = num_microbatches
         self.device = device
+        if device is not None:
+            _local_values_on(self.program.module, device)
         self._keep = keep
         self.precision = precision
         self.scaler = scaler
@@ -367,8 +383,8 @@ class StageRuntime:
                  params: dict[str, torch.Tensor]) -> Any:
         if src.kind == "input":
             return self._here(inputs[src.index])
-        if src.kind == "attr":
-            return params[src.name] if src.name in params else get_attr(self.routing.root, src.name)
+        if src.kind == "attr":      # a buffer read by a local value's copy lives on the root's device
+            return params[src.name] if src.name in params else self._here(get_attr(self.routing.root, src.name))
         if src.kind == "stage":
             return received[(src.stage, src.index)]
         return src.value
