@@ -105,8 +105,8 @@ def build_model(prob: BlockProblem, *, objective: str, lb: int = 0, ub: int | No
     for (u, v) in prob.edges:
         for s in range(1, d):
             m.add_implication(z[u][s], z[v][s])
-    for s in range(d):
-        m.add(_x_sum(z, [1] * n, s) >= 1)
+    for s in range(d):          # every stage holds a block with a node that is not local
+        m.add(_x_sum(z, [int(w) for w in prob.work] if prob.work else [1] * n, s) >= 1)
 
     use_memory = objective == "memory" or prob.memory_limit is not None
     if prob.recompute is None:

@@ -212,6 +212,9 @@ def split_sequence(prob: BlockProblem) -> SplitResult | None:
     sums = _sums(prob)
     limit = np.inf if prob.memory_limit is None else float(prob.memory_limit)
     valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), k=1)
+    if prob.work:               # blocks [i, j) must hold a node that is not local (BlockProblem.work)
+        cnt = np.concatenate(([0], np.cumsum(np.asarray(prob.work, dtype=np.int64))))
+        valid &= (cnt[None, :] - cnt[:, None]) >= 1
 
     best = np.full(n + 1, np.inf)
     choice: list[np.ndarray] = []
@@ -224,6 +227,8 @@ def split_sequence(prob: BlockProblem) -> SplitResult | None:
             T = np.where(valid, T, np.inf)
         else:
             T = np.where(np.arange(n + 1) < n, T, np.inf)
+            if prob.work:
+                T = np.where(valid[:, n], T, np.inf)
         if s == 0:
             new = T[0].copy() if s < d - 1 else np.full(n + 1, np.inf)
             if d == 1:

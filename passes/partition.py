@@ -5,7 +5,7 @@ The model (docs/planner.md; symbols in docs/cost-model.md), on blocks b (see coa
     z[b,s] = [stage(b) >= s]        z[b,0] = 1,  z[b,d] = 0,  z[b,s+1] <= z[b,s]
     x[b,s] = z[b,s] - z[b,s+1]      (block b runs on stage s)
     edge u -> v:  z[u,s] <= z[v,s]  (stages never decrease along edges)
-    every stage non-empty:  sum_b x[b,s] >= 1
+    every stage non-empty:  sum_b x[b,s] >= 1   (over blocks holding a non-local node, BlockProblem.work)
     e[u,s] >= x[c,s] - z[u,s]       for each consumer block c of u's value: the value enters s
     e[u,d-1] >= 1 - z[u,d-1]        a model output enters the last stage
     F_s = sum_b F_b x[b,s],  B_s likewise,  C_s = sum_u 2*comm_time(bytes_u) e[u,s]
@@ -95,10 +95,12 @@ def partition(gm: torch.fx.GraphModule, cost_model: CostModel, *, num_stages: in
         raise ConfigError(f"time_limit must be > 0 and num_workers >= 1, got {time_limit}, "
                           f"{num_workers}")
     gc = graph_costs(gm, cost_model)
-    if not isinstance(num_stages, int) or not 1 <= num_stages <= gc.n:
+    work = sum(not gc.is_local(v) for v in range(gc.n))   # a stage of local values only does nothing
+    if not isinstance(num_stages, int) or not 1 <= num_stages <= work:
+        local = f", not counting {gc.n - work} local value(s) every stage computes itself" if work < gc.n else ""
         raise ConfigError(
             f"num_stages={num_stages} must be between 1 and the number of compute nodes in the "
-            f"graph ({gc.n}); use fewer stages")
+            f"graph ({work}{local}); use fewer stages")
     d = num_stages
     opts = dict(num_microbatches=num_microbatches, schedule=schedule, memory_limit=memory_limit,
                 optimizer_slots=optimizer_slots)

@@ -47,6 +47,9 @@ class BlockProblem:
     memory_limit: int | None
     loss: tuple[float, float, int] = (0.0, 0.0, 0)   # loss_fn's (F, B, A), always on the last stage
     link_of: tuple[tuple[int, ...], ...] = ()        # [p][c]: the link a value sent from stage p to c pays
+    # per block, whether it holds a node that is not local (passes.local_values); every stage needs one,
+    # since a stage of local nodes only does nothing the stages reading them do not redo. () = all do
+    work: tuple[bool, ...] = ()
 
     def comm_at(self, v: Value, src: int, dst: int) -> float:
         """What ``v`` costs in C_dst when sent from stage ``src`` (its producer's) straight into ``dst``."""
@@ -149,7 +152,8 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
             raise ValueError(f"blocks are not in a topological order: edge {u} -> {w}")
     loss = (t(gc.loss.fwd_time), t(gc.loss.bwd_time), int(gc.loss.activation_bytes)) \
         if gc.loss is not None else (0.0, 0.0, 0)
-    return BlockProblem(fwd=fwd, bwd=bwd, act=act, values=tuple(values), params=params,
+    work = tuple(any(not gc.is_local(v) for v in nodes) for nodes in blocks) if gc.local else ()
+    return BlockProblem(fwd=fwd, bwd=bwd, act=act, values=tuple(values), params=params, work=work,
                         edges=tuple(sorted(edges)), ctx=ctx, memory_limit=memory_limit, loss=loss,
                         link_of=gc.link_of)
 

@@ -186,3 +186,24 @@ def test_a_stage_on_another_device_builds_its_local_values_there():
     _local_values_on(mod, torch.device("meta"))
     assert all(n.kwargs["device"] == torch.device("meta") for n in made)
     assert "device = device(type='meta')" in mod.code        # recompiled
+
+
+class _Dear:
+    """Every transfer costs a second: the cheapest cut is one no value crosses."""
+
+    def node_cost(self, node):  # noqa: ANN001
+        raise AssertionError("every node is annotated")
+
+    def comm_time(self, nbytes: int) -> float:
+        return 1.0
+
+
+def test_every_stage_holds_a_node_that_is_not_local():
+    from fxpipe.passes.partition import partition
+
+    model, x, _, _ = models.gpt_case()        # pos = arange(T): local, and free to "cut" after
+    cg = prepare(model, (x,), num_microbatches=4)
+    plan = partition(cg.gm, _Dear(), num_stages=2, num_microbatches=4, schedule="flush")
+    local = {n.name for n in cg.gm.graph.nodes if is_local(n)}
+    assert local and all(set(st.nodes) - local for st in plan.stages), [st.nodes for st in plan.stages]
+    assert plan.stages[1].comm_time >= 2.0          # so a value crosses: the hidden state, sent and sent back
