@@ -84,7 +84,7 @@ def _updated(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     for n in graph.nodes:
         if not _mutates(n):
             continue
-        todo = [a for a in n.all_input_nodes[:1]]
+        todo = _written(n)
         while todo:
             a = todo.pop()
             if a in out:
@@ -98,6 +98,21 @@ def _updated(graph: torch.fx.Graph) -> set[torch.fx.Node]:
         if n.op == "get_attr" and (str(n.target) in targets or any(str(n.target).startswith(m + ".") for m in modules)):
             out.add(n)
     return out
+
+
+def _written(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The arguments an in-place node writes: by its schema's alias annotations (``Tensor(a!)``) for an
+    aten op (``copy_``, ``index_put_``, ``out=`` variants), else its first argument (``x.add_(y)``)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        out = []
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                v = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                vs = v if isinstance(v, (list, tuple)) else [v]
+                out.extend(a for a in vs if isinstance(a, torch.fx.Node))
+        return out
+    first = node.args[0] if node.args else None
+    return [first] if isinstance(first, torch.fx.Node) else []
 
 
 def _fetch(gm: torch.nn.Module, qualname: str) -> Any:

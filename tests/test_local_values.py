@@ -207,3 +207,24 @@ def test_every_stage_holds_a_node_that_is_not_local():
     local = {n.name for n in cg.gm.graph.nodes if is_local(n)}
     assert local and all(set(st.nodes) - local for st in plan.stages), [st.nodes for st in plan.stages]
     assert plan.stages[1].comm_time >= 2.0          # so a value crosses: the hidden state, sent and sent back
+
+
+def test_a_buffer_an_exported_graph_updates_is_not_local():
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.register_buffer("steps", torch.zeros(8))
+            self.register_buffer("scale", torch.ones(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.steps.add_(1.0)                       # export: a copy_ into the buffer
+            return self.lin(x) * (self.steps * 2) + self.scale * 3
+
+    gm = torch.export.export(Counter(), (torch.randn(4, 8),)).module()
+    shape_prop(gm, torch.randn(4, 8))
+    annotate(gm, "analytic")
+    mark_local(gm)
+    reads = {str(n.target): [u for u in n.users if u.op in COMPUTE] for n in gm.graph.nodes if n.op == "get_attr"}
+    assert reads["steps"] and not any(is_local(u) for u in reads["steps"]), gm.graph
+    assert reads["scale"] and all(is_local(u) for u in reads["scale"]), gm.graph
