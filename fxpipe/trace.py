@@ -32,6 +32,32 @@ for _op in INPLACE_OPERATORS:
     setattr(_Proxy, f"__{_op.__name__.strip('_')}__", _inplace)
 
 
+# random draws whose arguments are all constants: symbolic tracing would run them once and freeze the
+# numbers into the graph (every step would reuse the same noise)
+_RANDOM = frozenset({torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli,
+                     torch.multinomial, torch.poisson, torch.rand_like, torch.randn_like, torch.randint_like,
+                     torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+                     torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
+                     torch.Tensor.log_normal_, torch.nn.functional.dropout})
+
+
+class _NoFrozenRandom(torch.overrides.TorchFunctionMode):
+    """Refuses a random draw with no traced argument while torch.fx traces (it would become a constant)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RANDOM:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            if not any(isinstance(a, torch.fx.Proxy) for a in leaves):
+                name = ("torch.Tensor." if "Tensor" in getattr(func, "__qualname__", "") else "torch.") \
+                    + getattr(func, "__name__", str(func))
+                raise TraceError(f"torch.fx would freeze {name}(...) into a constant: its arguments are all "
+                                 "constants, so symbolic tracing draws the numbers once and every step would "
+                                 "reuse them; fxpipe traces this model with torch.export instead (or derive the "
+                                 "shape from an input, e.g. torch.randn_like(x))")
+        return func(*args, **kwargs)
+
+
 class FxpipeTracer(torch.fx.Tracer):
     """torch.fx tracer that keeps user-chosen submodules as opaque leaves, records ``x += y`` as an
     in-place update and marks the nodes it makes under ``torch.no_grad()`` (``node.meta["fxpipe.no_grad"]``)."""
@@ -94,7 +120,8 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
     """Trace ``model`` for the example inputs, trying four frontends in turn.
 
     1. ``torch.fx`` symbolic tracing (module-level graph, fastest); a graph that updates
-       a tensor in place (:func:`~fxpipe.trace_fixes.fx_mutations`) goes to 2 instead, and
+       a tensor in place (:func:`~fxpipe.trace_fixes.fx_mutations`) or draws random numbers from constant
+       arguments (``torch.randn(8)``: fx would freeze them into the graph) goes to 2 instead, and
        ``torch.no_grad()`` regions are kept (:func:`~fxpipe.trace_fixes.detach_no_grad_values`);
     2. ``torch.export`` (aten-level graph, specialised to the example shapes: handles
        shape-dependent code such as ``torch.ones(T, T)`` and HF transformers models);
@@ -284,7 +311,7 @@ def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: s
     concrete = _concrete_defaults(model, len(args), list(kwargs))
     if "use_cache" in concrete:
         concrete["use_cache"] = False
-    with torch.enable_grad():          # restores the grad mode however the traced code leaves it
+    with torch.enable_grad(), _NoFrozenRandom():   # grad mode restored however the traced code leaves it
         graph = tracer.trace(model, concrete_args=concrete or None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     drop_unused_placeholders(gm)

@@ -225,3 +225,33 @@ def test_leaves_under_export_run_eagerly_and_train_exactly(chosen):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _check_against_reference(model, (x,), [(x, y), (-x, y), (x, y)], F.mse_loss, 2, "2bw")
+
+
+class _Noisy(nn.Module):
+    """Adds fresh noise of a constant shape each call: torch.fx would draw it once at trace time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)) + torch.randn(8))
+
+
+def test_random_draws_with_constant_arguments_are_not_frozen() -> None:
+    from fxpipe.trace import _fx
+
+    model, x = _Noisy(), torch.randn(4, 8)
+    with pytest.raises(TraceError, match=r"freeze torch\.randn\(\.\.\.\) into a constant"):
+        _fx(model, (x,), {}, [], "fx")
+    gm = trace(model, (x,))
+    assert gm.meta["fxpipe.tracer"] == "export"
+    assert any("randn" in str(n.target) for n in gm.graph.nodes)
+    pipe = fxpipe.compile(model, (torch.randn(8, 8),), num_stages=2, num_microbatches=2, time_limit=2.0,
+                          loss_fn=lambda out, t: out.square().mean())
+    x8 = torch.randn(8, 8)
+    assert not torch.equal(pipe(x8), pipe(x8))           # fresh noise each call, as the model draws it
+    torch.manual_seed(3)
+    first = pipe(x8)
+    torch.manual_seed(3)
+    assert torch.equal(first, pipe(x8))                  # and from torch's generator
