@@ -41,11 +41,24 @@ _RANDOM = frozenset({torch.rand, torch.randn, torch.randint, torch.randperm, tor
                      torch.Tensor.log_normal_, torch.nn.functional.dropout})
 
 
-class _NoFrozenRandom(torch.overrides.TorchFunctionMode):
-    """Refuses a random draw with no traced argument while torch.fx traces (it would become a constant)."""
+def _updates_in_place(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    return name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__") or (
+        name.endswith("_") and not name.startswith("_") and "Tensor" in getattr(func, "__qualname__", ""))
+
+
+class _NoTraceTimeEffects(torch.overrides.TorchFunctionMode):
+    """While torch.fx traces, refuses what would happen once at trace time and never in the graph: a random
+    draw with no traced argument (it would become a constant) and an in-place update of a tensor that is
+    not traced (a buffer fx does not proxy: ``self.count.add_(1)`` ran once and vanished)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if args and _updates_in_place(func) and isinstance(args[0], torch.Tensor) \
+                and not isinstance(args[0], torch.fx.Proxy):
+            raise TraceError(f"torch.fx would run torch.Tensor.{func.__name__} on a tensor it does not trace (a "
+                             f"buffer or a constant of shape {tuple(args[0].shape)}) once, while tracing, and leave "
+                             "it out of the graph; fxpipe traces this model with torch.export instead")
         if func in _RANDOM:
             leaves = torch.utils._pytree.tree_leaves((args, kwargs))
             if not any(isinstance(a, torch.fx.Proxy) for a in leaves):
@@ -120,7 +133,8 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
     """Trace ``model`` for the example inputs, trying four frontends in turn.
 
     1. ``torch.fx`` symbolic tracing (module-level graph, fastest); a graph that updates
-       a tensor in place (:func:`~fxpipe.trace_fixes.fx_mutations`) or draws random numbers from constant
+       a tensor in place (:func:`~fxpipe.trace_fixes.fx_mutations`), updates a tensor fx does not trace
+       (a buffer: the update would run once while tracing) or draws random numbers from constant
        arguments (``torch.randn(8)``: fx would freeze them into the graph) goes to 2 instead, and
        ``torch.no_grad()`` regions are kept (:func:`~fxpipe.trace_fixes.detach_no_grad_values`);
     2. ``torch.export`` (aten-level graph, specialised to the example shapes: handles
@@ -311,7 +325,7 @@ def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: s
     concrete = _concrete_defaults(model, len(args), list(kwargs))
     if "use_cache" in concrete:
         concrete["use_cache"] = False
-    with torch.enable_grad(), _NoFrozenRandom():   # grad mode restored however the traced code leaves it
+    with torch.enable_grad(), _NoTraceTimeEffects():   # grad mode restored however the traced code leaves it
         graph = tracer.trace(model, concrete_args=concrete or None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     drop_unused_placeholders(gm)

@@ -255,3 +255,32 @@ def test_random_draws_with_constant_arguments_are_not_frozen() -> None:
     first = pipe(x8)
     torch.manual_seed(3)
     assert torch.equal(first, pipe(x8))                  # and from torch's generator
+
+
+class _Counter(nn.Module):
+    """Counts its calls in a buffer through a view: torch.fx does not trace the buffer, so the update ran
+    once at trace time and was left out of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.register_buffer("count", torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count.narrow(0, 0, 1).add_(1)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_an_update_of_an_untraced_buffer_is_not_lost() -> None:
+    from fxpipe.trace import _fx
+
+    model, x = _Counter(), torch.randn(4, 4)
+    with pytest.raises(TraceError, match=r"torch\.Tensor\.add_ on a tensor it does not trace"):
+        _fx(model, (x[:2],), {}, [], "fx")
+    assert model.count.tolist() == [0.0, 0.0]            # refused before the update ran
+    pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=2, time_limit=2.0,
+                          loss_fn=lambda out, t: out.square().mean(),
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    for _ in range(3):
+        pipe.step(x, x)
+    assert pipe.state_dict()["count"].tolist() == [6.0, 0.0]      # 3 steps x 2 microbatches, as eager counts
