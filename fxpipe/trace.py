@@ -14,7 +14,7 @@ import torch.fx
 from fxpipe.errors import TraceError
 from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FX_MUTATIONS, META_NO_GRAD, detach_no_grad_values,
                                 drop_guards, drop_unused_placeholders, functional_fx_inplace, functional_inplace,
-                                fx_mutations, grad_toggles_to_meta)
+                                fx_mutations, grad_toggles_to_meta, in_place_name)
 from fxpipe.trace_leaves import failing_submodule, leaf_paths, opaque_calls_to_modules, opaque_during_export
 
 __all__ = ["trace", "FxpipeTracer"]
@@ -43,8 +43,8 @@ _RANDOM = frozenset({torch.rand, torch.randn, torch.randint, torch.randperm, tor
 
 def _updates_in_place(func: Any) -> bool:
     name = getattr(func, "__name__", "")
-    return name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__") or (
-        name.endswith("_") and not name.startswith("_") and "Tensor" in getattr(func, "__qualname__", ""))
+    return name == "__setitem__" or any(name == f"__{op.__name__}__" for op in INPLACE_OPERATORS) or (
+        in_place_name(name) and "Tensor" in getattr(func, "__qualname__", ""))
 
 
 class _NoTraceTimeEffects(torch.overrides.TorchFunctionMode):

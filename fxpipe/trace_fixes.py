@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 __all__ = ["META_NO_GRAD", "META_FX_MUTATIONS", "fx_mutations", "functional_fx_inplace", "check_mutations_kept",
            "mutated_copy", "functional_inplace", "stop_grad",
            "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
-           "INPLACE_OPERATORS"]
+           "INPLACE_OPERATORS", "in_place_name"]
 
 META_NO_GRAD = "fxpipe.no_grad"      # node.meta: the node was made with grad mode off (torch.no_grad)
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -37,6 +37,12 @@ COMPUTE_OPS = ("call_function", "call_method", "call_module")
 INPLACE_OPERATORS = tuple(getattr(operator, f"__i{m}__") for m in
                           ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
                            "xor", "lshift", "rshift"))
+
+
+def in_place_name(name: str) -> bool:
+    """A Tensor method or torch function name that updates its first argument's data (``add_``,
+    ``relu_``, ``copy_``); ``requires_grad_`` changes a flag, not data."""
+    return name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
 
 
 def fx_mutations(gm: torch.fx.GraphModule) -> list[str]:
@@ -50,10 +56,9 @@ def fx_mutations(gm: torch.fx.GraphModule) -> list[str]:
         if n.op == "call_function":
             name = getattr(n.target, "__name__", "")
             return (n.target is operator.setitem or n.target in INPLACE_OPERATORS
-                    or (name.endswith("_") and not name.startswith("_")) or n.kwargs.get("inplace") is True)
+                    or in_place_name(name) or n.kwargs.get("inplace") is True)
         if n.op == "call_method":
-            t = str(n.target)
-            return t.endswith("_") and not t.startswith("_") and t != "requires_grad_"
+            return in_place_name(str(n.target))
         if n.op == "call_module":
             return getattr(gm.get_submodule(str(n.target)), "inplace", False) is True
         return False
@@ -303,7 +308,7 @@ def _in_place_method(n: torch.fx.Node) -> str | None:
         if n.target is operator.setitem:
             return "__setitem__"
         name = getattr(n.target, "__name__", "")
-        if n.target in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")):
+        if n.target in INPLACE_OPERATORS or in_place_name(name):
             return name if hasattr(torch.Tensor, name) else None
     return None
 

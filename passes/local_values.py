@@ -37,6 +37,7 @@ import torch
 import torch.fx
 
 from fxpipe.ir import META_COST, META_LOCAL, META_PARAMS, META_VAL, NodeCost
+from fxpipe.trace_fixes import INPLACE_OPERATORS, in_place_name
 
 __all__ = ["LOCAL_FLOPS", "mark_local", "is_local"]
 
@@ -64,10 +65,9 @@ def _mutates(node: torch.fx.Node) -> bool:
         return False
     if isinstance(node.target, torch._ops.OpOverload):
         return bool(node.target._schema.is_mutable)
-    if node.target in (operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv):
+    if node.target is operator.setitem or node.target in INPLACE_OPERATORS:
         return True
-    name = _name(node)
-    return name.endswith("_") and not name.endswith("__")
+    return in_place_name(_name(node))
 
 
 def _random(node: torch.fx.Node) -> bool:
