@@ -105,6 +105,12 @@ class Search:
                                         self.recompute, self.opts)
         return plan_from_assignment(self.gm, self.cost_model, assign, flags, costs=self.gc, **self.opts)
 
+    def wall_left(self) -> float | None:
+        """Wall-clock seconds left of ``wall_limit`` for the next solve (None: no wall limit given)."""
+        if self.wall_limit is None:
+            return None
+        return max(0.05, self.wall - (time.perf_counter() - self.t_start))
+
     def out_of_time(self, share: float = 1.0) -> bool:
         """The deterministic budget (times ``share``) is spent, or the wall clock ran out (a safety)."""
         return (self.det_used >= share * self.det_budget
@@ -144,7 +150,7 @@ class Search:
         if ub_int is not None and ub_int < lb_int:
             lb_int = ub_int
         sol = solve(prob, objective="time", time_limit=limit, num_workers=self.num_workers,
-                    lb=lb_int, ub=ub_int, hint=best_hint, wall_limit=self.wall_limit)
+                    lb=lb_int, ub=ub_int, hint=best_hint, wall_limit=self.wall_left())
         self.det_used += sol.deterministic
         return Attempt(blocks, prob, dp, sol)
 
@@ -273,7 +279,7 @@ class Search:
         limit = min(self.det_budget - self.det_used, _BALANCE_SHARE * self.det_budget) / DET_PER_SECOND
         built = balance_model(prob, cap=cap, levels=levels, hint=(bs, flags))
         sol = solve_model(built, prob, time_limit=max(0.05, limit), num_workers=self.num_workers,
-                          wall_limit=self.wall_limit)
+                          wall_limit=self.wall_left())
         self.det_used += sol.deterministic
         if sol.block_stage is None or sol.objective is None or sol.objective >= before:
             return best, before / self.scale

@@ -59,6 +59,7 @@ SOLVED, INFEASIBLE, PRUNED, GAVE_UP = "solved", "infeasible", "pruned", "gave up
 _MAX_MICROBATCH = 64          # default cap on b
 _MIN_CANDIDATE_TIME = 0.25    # seconds of solver time each candidate gets at least
 _SOLVE_SHARE = 0.6            # of time_limit for solving; the rest covers tracing and pricing
+_MARGIN = 0.02                # of time_limit kept back from every wall-clock estimate (their error)
 
 
 def microbatch_candidates(per_replica: int, cap: int = _MAX_MICROBATCH,
@@ -217,6 +218,8 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
         time_limit: seconds for the whole search, tracing included. Each candidate gets an equal,
             fixed CP-SAT share (at least 0.25 s) of 60% of it; a candidate whose turn comes after
             the limit is recorded as given up (except the best-first one: there is always an answer).
+            A candidate starts only if its solve (the slowest so far), its pricing (the slowest at its
+            depth, or the deepest shallower one scaled by depth squared) and 2% of the limit still fit.
         allreduce_bandwidth: bytes/s of the data-parallel ring; None prices it with
             ``cost_model.comm_time``.
         recompute: passed to :func:`partition` (None: chosen per stage).
@@ -248,8 +251,25 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
             return batch_time(plan, width=w, cost_model=cm, allreduce_bandwidth=allreduce_bandwidth)
 
     cache: dict[int, tuple[torch.fx.GraphModule, CostModel, Any]] = {}
-    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0, "longest_solve": 0.0, "longest_eq": 0.0,
-              "longest_price": 0.0}
+    timing = {"trace": 0.0, "solve": 0.0, "longest_trace": 0.0, "longest_solve": 0.0}
+    # Longest pricing seen (the simulator: the ILP cut, equal blocks, both placements) per depth. A
+    # deeper candidate's pricing takes longer than any before it (d=32 ~3x d=16), so a depth not seen
+    # yet is estimated from the deepest shallower one, scaled by (d / d')^2 (an over-estimate).
+    priced_at: dict[str, dict[int, float]] = {"all": {}, "eq": {}}
+    margin = _MARGIN * float(time_limit)
+
+    def pricing(d: int, part: str = "all") -> float:
+        seen = priced_at[part]
+        if d in seen:
+            return seen[d]
+        below = [k for k in seen if k < d]
+        if below:
+            k = max(below)
+            return seen[k] * (d / k) ** 2
+        return seen[min(seen)] if seen else 0.0
+
+    def record(part: str, d: int, took: float) -> None:
+        priced_at[part][d] = max(priced_at[part].get(d, 0.0), took)
 
     def graph(b: int) -> tuple[torch.fx.GraphModule, CostModel, Any]:
         if b not in cache:
@@ -310,7 +330,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                 row.update(fits=False, status=INFEASIBLE, reason=f"needs >= {need} B per device")
                 min_memory = need if min_memory is None else min(min_memory, need)
                 continue
-        if best is not None and time.perf_counter() + max(per, timing["longest_solve"]) + timing["longest_price"] \
+        if best is not None and time.perf_counter() + max(per, timing["longest_solve"]) + pricing(d) + margin \
                 > deadline:
             # (the first one always runs; a candidate takes about as long as the slowest so far, pricing included)
             row.update(status=GAVE_UP, reason=f"time_limit={time_limit} s ran out before its turn")
@@ -325,7 +345,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                              num_workers=num_workers,
                              # wall clock up to the search's deadline less its pricing (at least the share):
                              # CP-SAT's deterministic time decides unless the machine slows past the deadline
-                             wall_limit=max(per, deadline - time.perf_counter() - timing["longest_price"]))
+                             wall_limit=max(per, deadline - time.perf_counter() - pricing(d) - margin))
             if g is not None:
                 row["microbatches_per_flush"] = g
         except InfeasibleMemoryError as e:
@@ -343,7 +363,7 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
         t_price = time.perf_counter()
         t_batch, exposed, where = _priced(plan, w, cm, topology, price)
         row["cut"] = "ilp"
-        if schedule != "gpipe" and time.perf_counter() + timing["longest_eq"] < deadline:
+        if schedule != "gpipe" and time.perf_counter() + pricing(d, "eq") + margin < deadline:
             # The ILP minimises max_s T_s with C_s added to each stage's time; the simulator overlaps
             # transfers with compute, so a stage without inputs (C_0 = 0) is handed more compute than the
             # simulator can hide. Equal blocks (the paper's cut) at the same (d, w, b) are priced too and
@@ -355,13 +375,13 @@ def search_depth_width(graph_for: GraphFor, *, num_devices: int, global_batch: i
                                      recompute=(False, True) if recompute is None else (bool(recompute),))
             if eq is not None:
                 t_eq, exposed_eq, where_eq = _priced(eq, w, cm, topology, price)
-            timing["longest_eq"] = max(timing["longest_eq"], time.perf_counter() - t_eq0)
+            record("eq", d, time.perf_counter() - t_eq0)
             if eq is not None:
                 row["ilp_samples_per_s"] = global_batch / t_batch if t_batch > 0 else math.inf
                 if t_eq < t_batch * (1 - 1e-9):
                     plan, t_batch, exposed, where = eq, t_eq, exposed_eq, where_eq
                     row["cut"] = "equal blocks"
-        timing["longest_price"] = max(timing["longest_price"], time.perf_counter() - t_price)
+        record("all", d, time.perf_counter() - t_price)
         if where is not None:
             row["placement"] = where["order"]
             plan = dataclasses.replace(plan, extra={**plan.extra, "placement": where})

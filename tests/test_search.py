@@ -182,6 +182,25 @@ def test_time_limit_bounds_the_search_tracing_included() -> None:
     assert s["trace_time"] >= 0.4 and s["search_time"] == pytest.approx(took, abs=0.05)
 
 
+def test_time_limit_holds_when_deeper_candidates_price_slower() -> None:
+    # The simulator's pricing grows with the depth (d=32 ~3x d=16 on the paper's GPT-3.8B): a search that
+    # keeps back only the slowest pricing seen so far overran its limit when a deeper candidate came last.
+    import time
+
+    def price(plan, w, cm):
+        time.sleep(0.02 * plan.num_stages ** 2)     # d=1: 0.02 s ... d=8: 1.28 s
+        return 1000.0, 0.0                          # slow enough that no candidate is pruned
+
+    t0 = time.perf_counter()
+    p = search_depth_width(graph_for(), num_devices=8, global_batch=8, schedule="flush", microbatch_sizes=[1],
+                           time_limit=2.0, price=price)
+    took = time.perf_counter() - t0
+    rows = {r["d"]: r for r in p.extra["search"]["candidates"]}
+    assert [rows[d]["status"] for d in (1, 2)] == ["solved", "solved"]   # visited first (best optimistic)
+    assert rows[8]["status"] == "gave up" and "ran out" in rows[8]["reason"]
+    assert took <= 2.0 + 0.1
+
+
 def test_gpipe_runs_as_many_microbatches_per_flush_as_fit() -> None:
     fn = graph_for(bandwidth=1e15, params=1000, act=100_000)
     free = search_depth_width(fn, num_devices=2, global_batch=16, schedule="gpipe", memory_limit=None,
