@@ -62,18 +62,19 @@ B_SIZES = [1, 2, 4, 8, 16, 32]
 SETUPS = [
     ("gpt-1.3b", 8, 64, None), ("gpt-1.3b", 8, 256, None),
     ("gpt-2.2b", 64, 512, 8), ("gpt-2.2b", 64, 2048, None),
-    ("gpt-3.8b", 64, 512, 16), ("gpt-3.8b", 64, 2048, None), ("gpt-3.8b@15GiB", 64, 512, 16),
+    ("gpt-3.8b", 64, 512, 16), ("gpt-3.8b", 64, 2048, None), ("gpt-3.8b@16GiB", 64, 512, 16),
     ("gpt-3.8b@14GiB", 64, 512, 16), ("gpt-2.2b@14GiB", 64, 512, 8),
     ("bert-2.2b", 64, 512, None), ("bert-3.8b", 64, 512, None),
 ]
 SEARCHED = {("gpt-2.2b", 64, 512), ("gpt-3.8b", 64, 512), ("gpt-3.8b", 64, 2048), ("gpt-1.3b", 8, 64),
-            ("gpt-3.8b@15GiB", 64, 512), ("gpt-3.8b@14GiB", 64, 512), ("gpt-2.2b@14GiB", 64, 512)}
+            ("gpt-3.8b@16GiB", 64, 512), ("gpt-3.8b@14GiB", 64, 512), ("gpt-2.2b@14GiB", 64, 512)}
 # the paper's §5.2: "the best configuration recommended by PipeDream-2BW's planner for all comparisons: 8-deep
 # configurations for the model with 2.2 billion parameters, and 16-deep for 3.8 billion"
 FIG6_DEPTH = {"gpt-2.2b": 8, "gpt-3.8b": 16, "bert-2.2b": 8, "bert-3.8b": 16}
-# "model@15GiB": the same model with 15 GiB usable per V100 (CUDA context, cuBLAS workspace and the
-# allocator's reserve take about 1 GiB of the 16 the planner would otherwise fill to the brim);
-# "@14GiB" also leaves ~1 GiB to the caching allocator's fragmentation and NCCL's buffers
+# "model@16GiB": the same model with all 16 GiB for the plan (the old default limit: the datasheet's memory,
+# nothing left for the CUDA context); "@14GiB": also ~0.5 GiB left to the caching allocator's fragmentation.
+# Without a suffix the limit is the v100-16gb preset's usable_memory: 16160 MiB as the driver reports it, less
+# 1280 MiB the CUDA context (CUDA < 11.7 loads every kernel), NCCL's buffers and cuBLAS workspaces hold
 
 
 def sustained_v100(tflops: float) -> Any:
@@ -139,7 +140,7 @@ class Graphs:
 
 
 def run_setup(graphs: Graphs, topo: Topology, n: int, batch: int, search: bool, search_time: float,
-              limit: int = 16 * GiB) -> dict[str, Any]:
+              limit: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for schedule in ("2bw", "flush", "gpipe"):
         t0 = time.perf_counter()
@@ -244,7 +245,8 @@ def main() -> int:
     print(f"v100-16gb: {v100.peak('float16') / 1e12:.0f} TFLOP/s fp16 datasheet, priced at "
           f"{compute.peak('float16') / 1e12:.1f} (a layer sustains {a.sustained_tflops or 'the datasheet'} TFLOP/s), NVLink {v100.intra_node_bandwidth / 1e9:.0f} GB/s, "
           f"inter-node {v100.inter_node_bandwidth * 8 / 1e9:.3f} Gbit/s per GPU (25 Gbit/s per 8-GPU server); "
-          f"fp16 + Adam, seq 512, memory limit 16 GiB; {a.sends} sends, {a.placement} placement")
+          f"fp16 + Adam, seq 512, memory limit {v100.usable_memory / GiB:.2f} GiB ({v100.memory_bytes // 2**20} MiB "
+          f"less {v100.memory_reserved // 2**20} MiB CUDA context + NCCL); {a.sends} sends, {a.placement} placement")
     print("samples/s from fxpipe's simulator; 'formula' = the paper planner's own estimate for its 2bw pick")
     hdr = (f"{'model':14} {'N':>3} {'B':>5} | {'paper d':>7} {'fx d,w,b':>9} {'eq d,w,b,r':>11} | {'2bw':>7} "
            f"{'flush':>7} {'gpipe':>7} {'formula':>7} | {'2bw/fl':>6} {'fl/gp':>6} {'2bw/gp':>6} | "
@@ -256,7 +258,7 @@ def main() -> int:
         if wanted and model not in wanted:
             continue
         base, _, usable = model.partition("@")
-        limit = int(float(usable.removesuffix("GiB")) * GiB) if usable else 16 * GiB
+        limit = int(float(usable.removesuffix("GiB")) * GiB) if usable else v100.usable_memory
         g = graphs.setdefault(base, Graphs(base, "fp16", compute))
         key = (model, n, batch)
         r = run_setup(g, topo, n, batch, key in SEARCHED and not a.no_search, a.search_time, limit)

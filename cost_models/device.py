@@ -37,7 +37,10 @@ class DeviceSpec:
     name: str
     peak_flops: dict[str, float] = field(default_factory=dict, hash=False)  # dtype name -> FLOP/s
     mem_bandwidth: float = 1e11           # device memory bytes/s
-    memory_bytes: int = 16 * GiB          # device memory capacity
+    memory_bytes: int = 16 * GiB          # device memory as the driver reports it (torch.cuda.get_device_properties
+                                          # (i).total_memory: a little under the datasheet's, e.g. 16160 MiB on a V100-16GB)
+    memory_reserved: int = 0              # of memory_bytes, what a training process holds before its first tensor:
+                                          # CUDA context (kernel images), cuBLAS/cuDNN workspaces, NCCL buffers
     intra_node_bandwidth: float = 1e10    # bytes/s between two devices of one node (one direction)
     inter_node_bandwidth: float = 1e10    # bytes/s one device gets between nodes (one direction) while all
                                           # devices of its node use the network at once: NIC rate x NICs / devices
@@ -63,9 +66,22 @@ class DeviceSpec:
             v = getattr(self, k)
             if not v >= 0:
                 raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be >= 0 seconds, got {v!r}")
+        for k in ("memory_bytes", "memory_reserved"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be an int >= 0 bytes, got {v!r}")
+        if not self.memory_reserved < self.memory_bytes:
+            raise ConfigError(f"DeviceSpec {self.name!r}: memory_reserved={self.memory_reserved} B leaves nothing of "
+                              f"memory_bytes={self.memory_bytes} B; memory_reserved is the part of the device's "
+                              "memory the CUDA context and libraries hold (a few hundred MiB), not the usable part")
         for k, v in self.peak_flops.items():
             if not v > 0:
                 raise ConfigError(f"DeviceSpec {self.name!r}: peak_flops[{k!r}] must be > 0, got {v!r}")
+
+    @property
+    def usable_memory(self) -> int:
+        """Bytes a plan may fill per device: ``memory_bytes - memory_reserved`` (the default memory_limit)."""
+        return self.memory_bytes - self.memory_reserved
 
     def peak(self, dtype: torch.dtype | str) -> float:
         """Peak FLOP/s for ``dtype`` (a torch dtype or a name like ``"bfloat16"``).
@@ -96,12 +112,22 @@ class DeviceSpec:
         return dataclasses.asdict(self)
 
 
+MiB = 2**20
+# What a PyTorch training process holds on a GPU before its first tensor: the CUDA context, which before
+# CUDA 11.7 loaded every kernel image of the library (> 1000 MB; since 11.7's lazy loading about 300 MB:
+# pytorch/pytorch#107667), plus NCCL's buffers (4 MiB per channel and peer by default) and cuBLAS/cuDNN
+# workspaces, taken as 256 MiB. Estimates: measure yours as total - free of torch.cuda.mem_get_info() after
+# one step's first collective, less torch.cuda.memory_reserved(), and set DeviceSpec.memory_reserved.
+_RESERVED_EAGER = 1024 * MiB + 256 * MiB   # CUDA < 11.7 (PyTorch <= 1.12 wheels; the PipeDream-2BW paper's V100s)
+_RESERVED_LAZY = 512 * MiB + 256 * MiB     # CUDA >= 11.7, lazy module loading (PyTorch 2.x)
+
+
 def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16: float, hbm: float,
-         mem: int, nvlink: float, ib_gbit: float, gpus_per_nic: int = 1) -> DeviceSpec:
+         mem: int, nvlink: float, ib_gbit: float, gpus_per_nic: int = 1, reserved: int = _RESERVED_LAZY) -> DeviceSpec:
     return DeviceSpec(
         name=name,
         peak_flops={"float64": fp64, "float32": fp32, "tfloat32": tf32, "bfloat16": bf16, "float16": fp16},
-        mem_bandwidth=hbm, memory_bytes=mem, intra_node_bandwidth=nvlink,
+        mem_bandwidth=hbm, memory_bytes=mem, memory_reserved=reserved, intra_node_bandwidth=nvlink,
         inter_node_bandwidth=ib_gbit * 1e9 / 8 / gpus_per_nic, devices_per_node=8, gpus_per_nic=gpus_per_nic,
         link_latency=1e-5,
         kernel_overhead=5e-6,
@@ -113,17 +139,20 @@ def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16:
 # NVLink is per direction (half the bidirectional figure NVIDIA quotes); one IB NIC per GPU, 8 GPUs a node,
 # except v100-16gb: the PipeDream-2BW paper's servers (AWS p3.16xlarge: 8 V100-16GB with NVLink, one
 # 25 Gbit/s link per server, so 25/8 Gbit/s per GPU when all eight talk to other servers at once).
+# Memory is what torch.cuda.get_device_properties reports (MiB as torch prints it): V100-SXM2-16GB 16160,
+# A100-SXM4-40GB 40536, A100-SXM4-80GB 81920, H100 80GB HBM3 81082-81090, H200 143156 (public logs).
 PRESETS: dict[str, DeviceSpec] = {
     "v100-16gb": _gpu("v100-16gb", fp64=7.8e12, fp32=15.7e12, tf32=15.7e12, bf16=15.7e12, fp16=125e12,
-                      hbm=900 * GB, mem=16 * GiB, nvlink=150 * GB, ib_gbit=25, gpus_per_nic=8),
+                      hbm=900 * GB, mem=16160 * MiB, nvlink=150 * GB, ib_gbit=25, gpus_per_nic=8,
+                      reserved=_RESERVED_EAGER),
     "a100-40gb": _gpu("a100-40gb", fp64=19.5e12, fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12,
-                      hbm=1555 * GB, mem=40 * GiB, nvlink=300 * GB, ib_gbit=200),
+                      hbm=1555 * GB, mem=40536 * MiB, nvlink=300 * GB, ib_gbit=200),
     "a100-80gb": _gpu("a100-80gb", fp64=19.5e12, fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12,
-                      hbm=2039 * GB, mem=80 * GiB, nvlink=300 * GB, ib_gbit=200),
+                      hbm=2039 * GB, mem=81920 * MiB, nvlink=300 * GB, ib_gbit=200),
     "h100-80gb": _gpu("h100-80gb", fp64=67e12, fp32=67e12, tf32=494.7e12, bf16=989.4e12, fp16=989.4e12,
-                      hbm=3350 * GB, mem=80 * GiB, nvlink=450 * GB, ib_gbit=400),
+                      hbm=3350 * GB, mem=81082 * MiB, nvlink=450 * GB, ib_gbit=400),
     "h200-141gb": _gpu("h200-141gb", fp64=67e12, fp32=67e12, tf32=494.7e12, bf16=989.4e12, fp16=989.4e12,
-                       hbm=4800 * GB, mem=141 * GB, nvlink=450 * GB, ib_gbit=400),
+                       hbm=4800 * GB, mem=143156 * MiB, nvlink=450 * GB, ib_gbit=400),
 }
 
 _MEASURE_VERSION = "measure v2"  # bump when measure_cpu changes: older cache entries are ignored

@@ -201,14 +201,16 @@ def _dump(a: argparse.Namespace) -> int:
 
 
 def _over_device_memory(plan: Any, device: str) -> list[str]:
-    """One line per stage whose predicted memory exceeds ``device``'s memory (only when the limit was lifted)."""
+    """One line per stage whose predicted memory exceeds what ``device`` leaves to tensors (limit lifted or raised)."""
     from fxpipe.cost_models.device import get_device
     from fxpipe.units import fmt_bytes
 
     spec = get_device(device)
-    return [f"stage {st.index} needs {fmt_bytes(st.memory)}, more than the {fmt_bytes(spec.memory_bytes)} of "
-            f"one {spec.name}; drop --memory-limit none (the planner then fits the device), add stages, or "
-            "allow recompute" for st in plan.stages if st.memory > spec.memory_bytes]
+    held = (f" ({fmt_bytes(spec.memory_bytes)} less {fmt_bytes(spec.memory_reserved)} the CUDA context and "
+            "libraries hold)" if spec.memory_reserved else "")
+    return [f"stage {st.index} needs {fmt_bytes(st.memory)}, more than the {fmt_bytes(spec.usable_memory)} usable "
+            f"on one {spec.name}{held}; drop --memory-limit (the planner then fits the device), add stages, or "
+            "allow recompute" for st in plan.stages if st.memory > spec.usable_memory]
 
 
 def _plan_with_graph(model: Any, example: Any, kwargs: dict[str, Any]) -> tuple[Any, list[Any], dict[str, str]]:

@@ -77,8 +77,8 @@ class PlanOptions:
 def resolve_memory_limit(memory_limit: Any, device: Any) -> int | None:
     """Bytes per device that a plan must fit, from ``memory_limit=`` and ``device=``.
 
-    ``DEVICE_MEMORY`` (the default) gives ``device``'s ``memory_bytes`` when ``device`` is given, else
-    None; None gives None (no limit); a string such as ``"16GiB"`` or ``"8e9"`` is parsed; a number
+    ``DEVICE_MEMORY`` (the default) gives ``device``'s ``usable_memory`` (its memory less what the CUDA
+    context and libraries hold, ``memory_reserved``) when ``device`` is given, else None; None gives None (no limit); a string such as ``"16GiB"`` or ``"8e9"`` is parsed; a number
     is taken as bytes.
 
     Raises:
@@ -89,7 +89,7 @@ def resolve_memory_limit(memory_limit: Any, device: Any) -> int | None:
             return None
         from fxpipe.cost_models.device import get_device
 
-        return int(get_device(device).memory_bytes)
+        return int(get_device(device).usable_memory)
     if memory_limit is None:
         return None
     if isinstance(memory_limit, str):

@@ -29,7 +29,9 @@ def test_presets_are_realistic() -> None:
 def test_v100_is_the_papers_server() -> None:
     """PipeDream-2BW's cluster: p3.16xlarge, 8 x V100-16GB over NVLink, 25 Gbit/s per server."""
     v100 = get_device("v100-16gb")
-    assert v100.memory_bytes == 16 * 2**30 and v100.peak("float16") == 125e12 and v100.peak("float32") == 15.7e12
+    assert v100.peak("float16") == 125e12 and v100.peak("float32") == 15.7e12
+    # 16160 MiB as the driver reports a V100-SXM2-16GB; the paper's CUDA (< 11.7) context loads every kernel
+    assert v100.memory_bytes == 16160 * 2**20 and v100.usable_memory == (16160 - 1280) * 2**20
     assert v100.mem_bandwidth == 900e9 and v100.intra_node_bandwidth == 150e9
     assert v100.inter_node_bandwidth == pytest.approx(25e9 / 8 / 8)  # one 25 Gbit/s NIC shared by 8 GPUs
 
@@ -104,13 +106,29 @@ def test_device_memory_is_the_default_limit_and_none_lifts_it() -> None:
     from fxpipe.errors import InfeasibleMemoryError
 
     need = max(s.memory for s in _mlp_plan(device="a100-80gb").stages)
-    assert _mlp_plan(device="a100-80gb").memory_limit == 80 * 2**30
-    tiny = get_device("a100-80gb").replace(name="tiny", memory_bytes=need // 4)
+    assert _mlp_plan(device="a100-80gb").memory_limit == (81920 - 768) * 2**20 == get_device("a100-80gb").usable_memory
+    tiny = get_device("a100-80gb").replace(name="tiny", memory_bytes=need // 4, memory_reserved=0)
     with pytest.raises(InfeasibleMemoryError, match=r"memory_limit"):
         _mlp_plan(device=tiny, recompute=False)
     lifted = _mlp_plan(device=tiny, recompute=False, memory_limit=None)
     assert lifted.memory_limit is None and max(s.memory for s in lifted.stages) > tiny.memory_bytes
     assert _mlp_plan().memory_limit is None  # this machine: no limit unless given
+
+
+def test_the_default_limit_leaves_the_memory_the_cuda_context_holds() -> None:
+    from fxpipe.errors import InfeasibleMemoryError
+
+    need = max(s.memory for s in _mlp_plan(device="a100-80gb").stages)
+    # the device has room for the plan, but not once its CUDA context and NCCL buffers are counted
+    spec = get_device("a100-80gb").replace(name="snug", memory_bytes=4 * need, memory_reserved=4 * need - need // 4)
+    assert spec.usable_memory == need // 4
+    with pytest.raises(InfeasibleMemoryError, match=rf"memory_limit={need // 4}\b"):
+        _mlp_plan(device=spec, recompute=False)
+    assert _mlp_plan(device=spec, recompute=False, memory_limit=spec.memory_bytes).memory_limit == 4 * need
+    with pytest.raises(ConfigError, match=r"memory_reserved=.* leaves nothing of memory_bytes="):
+        spec.replace(memory_reserved=4 * need)
+    with pytest.raises(ConfigError, match=r"memory_reserved must be an int >= 0 bytes, got -1"):
+        spec.replace(memory_reserved=-1)
 
 
 def test_memory_limit_accepts_size_strings() -> None:
@@ -125,7 +143,7 @@ def test_memory_limit_accepts_size_strings() -> None:
 def test_dump_marks_stages_over_the_device_memory(tmp_path, monkeypatch, capsys) -> None:
     from fxpipe import cli
 
-    small = get_device("a100-80gb").replace(name="small", memory_bytes=1)
+    small = get_device("a100-80gb").replace(name="small", memory_bytes=1, memory_reserved=0)
     monkeypatch.setitem(device_mod.PRESETS, "small-test", small)
     path = tmp_path / "m.py"
     path.write_text("import torch\n"
@@ -136,4 +154,4 @@ def test_dump_marks_stages_over_the_device_memory(tmp_path, monkeypatch, capsys)
                      "--memory-limit", "none"]) == 0
     out = capsys.readouterr()
     assert "WARNING: stage 0 needs" in out.out and "WARNING: stage 1 needs" in out.out
-    assert "more than the 1 B of one small" in out.err
+    assert "more than the 1 B usable on one small" in out.err
