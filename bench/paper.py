@@ -18,8 +18,9 @@ the meta device. For every (model, cluster, global batch):
 * on the key setups fxpipe's own search (CP-SAT stages, same simulator) picks d, w, b
   for 2bw under a time limit.
 
-The simulator runs the paper's runtime by default: sends block their sender (Megatron-LM's p2p,
-``--sends blocking``) and a stage's replicas sit on neighbouring ranks (Megatron's rank order,
+The simulator runs the paper's runtime by default: sends block their sender and start only when the
+receiver posts its receive (Megatron-LM's p2p over NCCL, ``--sends rendezvous``; ``--sends blocking``
+drops the second part) and a stage's replicas sit on neighbouring ranks (Megatron's rank order,
 ``--placement megatron``); ``--sends async --placement best`` prices fxpipe's own runtime instead.
 The loss is Megatron's cross-entropy over fp32 logits, priced on the last stage.
 
@@ -226,9 +227,10 @@ def main() -> int:
     ap.add_argument("--models", default=None, help="comma list (default: all of SETUPS)")
     ap.add_argument("--search-time", type=float, default=45.0, help="time_limit of each fxpipe search (s)")
     ap.add_argument("--no-search", action="store_true")
-    ap.add_argument("--sends", choices=("blocking", "async"), default="blocking",
-                    help="blocking: a stage waits for each send, as the paper's code (Megatron-LM's p2p) does; "
-                         "async: sends overlap compute, as fxpipe's runtime does")
+    ap.add_argument("--sends", choices=("rendezvous", "blocking", "async"), default="rendezvous",
+                    help="rendezvous: a stage waits for each send and a send for its receiver's receive, as the "
+                         "paper's code (Megatron-LM's p2p over NCCL) does; blocking: the send waits only for its "
+                         "crossing; async: sends overlap compute, as fxpipe's runtime does")
     ap.add_argument("--sustained-tflops", type=float, default=39.0,
                     help="fp16 TFLOP/s one Megatron layer sustains (Megatron-LM: 39 on a V100); 0: the datasheet")
     ap.add_argument("--placement", choices=("megatron", "best"), default="megatron",
@@ -238,7 +240,8 @@ def main() -> int:
     torch.set_num_threads(1)
     v100 = get_device("v100-16gb")
     compute = sustained_v100(a.sustained_tflops)
-    topo = Topology(v100, devices_per_node=8, precision="fp16", blocking_sends=a.sends == "blocking",
+    topo = Topology(v100, devices_per_node=8, precision="fp16", blocking_sends=a.sends != "async",
+                    rendezvous=a.sends == "rendezvous",
                     placement="replicas-in-node" if a.placement == "megatron" else None)
     wanted = set(a.models.split(",")) if a.models else None
     graphs: dict[str, Graphs] = {}

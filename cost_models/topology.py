@@ -132,7 +132,9 @@ class Topology:
     """A cluster: the device, how many share a node, the training precision (gradient bytes), and
     how the runtime uses it. ``blocking_sends``: True prices a runtime whose stage waits for each
     send before computing on, as Megatron-LM's p2p in the code PipeDream-2BW ran (fxpipe's runtime
-    sends asynchronously: False, the default). ``placement``: price only that rank order (e.g.
+    sends asynchronously: False, the default). ``rendezvous``: with ``blocking_sends``, a transfer also
+    waits for its receiver to post the receive, as NCCL point-to-point does (see
+    :func:`fxpipe.runtime.simulate.simulate`): the paper's runtime. ``placement``: price only that rank order (e.g.
     ``"replicas-in-node"``, Megatron-LM's, rank = stage * w + replica); None prices both and keeps the
     faster.
 
@@ -147,6 +149,7 @@ class Topology:
     precision: str = "fp32"
     blocking_sends: bool = False
     placement: str | None = None     # one of PLACEMENTS: the only rank order priced; None: both, the faster
+    rendezvous: bool = False         # with blocking_sends: a transfer waits for its receiver too (NCCL p2p)
 
     def __post_init__(self) -> None:
         n = self.devices_per_node
@@ -154,6 +157,9 @@ class Topology:
             raise ConfigError(f"devices_per_node must be an int >= 1, got {n!r}")
         if self.placement is not None and self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)} or None, got {self.placement!r}")
+        if self.rendezvous and not self.blocking_sends:
+            raise ConfigError("Topology(rendezvous=True) prices sends that wait for their receiver, a kind of "
+                              "blocking send: pass blocking_sends=True too (or neither, for fxpipe's async sends)")
 
     def bandwidth(self, inter: bool, users: int | None = None) -> float:
         """Bytes/s one device gets: NVLink, or its share of the node's network when ``users`` devices
@@ -251,7 +257,8 @@ class Topology:
             ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index),
                                  pl.allreduce_users(st.index) or None) for st in plan.stages]
             t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,
-                                           comm=comm, blocking_sends=self.blocking_sends)
+                                           comm=comm, blocking_sends=self.blocking_sends,
+                                           rendezvous=self.rendezvous)
             if best is None or t < best[0] * (1 - 1e-12):
                 best = (t, exposed, pl)
         assert best is not None

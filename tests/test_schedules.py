@@ -240,6 +240,28 @@ def test_blocking_sends_hold_the_sender() -> None:
     assert slow.makespan > fast.makespan
 
 
+def test_rendezvous_sends_wait_for_the_receiver() -> None:
+    # NCCL p2p as Megatron-LM calls it (the paper's runtime): a transfer starts once the receiver posts the
+    # receive. gpipe d=3 m=2, F=B=1, 0.5 a crossing. Rank 1 posts 1F1's receive only after its 1F0 send has
+    # crossed (send_forward, then recv_forward): 1F0 [1.5,2.5], its send [2.5,3], 0F1's crossing [3,3.5]
+    # (rank 0 is held until then), 1F1 [3.5,4.5]: F + 2 crossings a microbatch, against F + 1 when blocking only.
+    acts = build_schedule("gpipe", 3, 2)
+    sim = simulate(acts, 1.0, 1.0, comm_time=0.5, blocking_sends=True, rendezvous=True)
+    assert [(s, e) for s, e, a in sim.timeline[0] if a.kind != "U"] == [(0, 1), (1.5, 2.5), (9, 10), (11, 12)]
+    assert [(s, e) for s, e, a in sim.timeline[1] if a.kind != "U"] == [(1.5, 2.5), (3.5, 4.5), (7.5, 8.5),
+                                                                        (9.5, 10.5)]
+    # rank 2 runs 2F1 -> 2B... at once (no crossing between them); its first gradient waits for nothing:
+    # rank 1 posted that receive with its last forward's send (send_forward_recv_backward)
+    assert [(s, e) for s, e, a in sim.timeline[2] if a.kind != "U"] == [(3, 4), (5, 6), (6, 7), (7.5, 8.5)]
+    assert sim.makespan == 12 > simulate(acts, 1.0, 1.0, comm_time=0.5, blocking_sends=True).makespan
+    # 1F1B's steady state sends and receives in one batch (send_forward_recv_backward): no extra wait here
+    fl = build_schedule("flush", 2, 2)
+    assert simulate(fl, 1.0, 1.0, comm_time=0.5, blocking_sends=True, rendezvous=True).timeline == \
+        simulate(fl, 1.0, 1.0, comm_time=0.5, blocking_sends=True).timeline
+    with pytest.raises(ScheduleError, match="rendezvous=True .* needs blocking_sends=True"):
+        simulate(fl, rendezvous=True)
+
+
 def test_simulate_per_stage_times():
     # gpipe d=2 m=2, stage 1 twice as slow: its forwards bound the pipeline.
     sim = simulate(build_schedule("gpipe", 2, 2), fwd_time=[1.0, 2.0], bwd_time=[1.0, 2.0])

@@ -74,6 +74,21 @@ def test_a_fixed_placement_is_the_only_one_priced() -> None:
         Topology(DEV, devices_per_node=4, placement="ring")
 
 
+def test_rendezvous_prices_the_papers_sends() -> None:
+    # gpipe d=3 m=2 w=1, F=1 B=2 per stage, 1 B across each boundary (1 s, one device a node). Blocking:
+    # rank 1 runs 1F0 [2,3], its send holds it to 4, 0F1's tensor crossed [3,4]: 1F1 [4,5]. Rendezvous:
+    # rank 1 posts 1F1's receive at 4 (send_forward, then recv_forward), so 0F1 crosses [4,5]: 1F1 [5,6];
+    # every microbatch pays one more crossing in each phase: 20 s a batch against 18.
+    st = tuple(StagePlan(index=s, nodes=(f"n{s}",), fwd_time=1.0, bwd_time=2.0, param_bytes=0,
+                         received_bytes=1 if s else 0) for s in range(3))
+    plan = Plan(stages=st, num_microbatches=2, schedule="gpipe", bottleneck=3.0, lower_bound=0.0, optimal=False)
+    t_block, _, _ = Topology(DEV, devices_per_node=1, blocking_sends=True).price(plan, width=1)
+    t_rdv, _, _ = Topology(DEV, devices_per_node=1, blocking_sends=True, rendezvous=True).price(plan, width=1)
+    assert (t_block, t_rdv) == (pytest.approx(18.0), pytest.approx(20.0))
+    with pytest.raises(ConfigError, match=r"rendezvous=True\) prices sends that wait .* blocking_sends=True"):
+        Topology(DEV, devices_per_node=1, rendezvous=True)
+
+
 def test_precision_sets_gradient_and_state_bytes() -> None:
     assert param_state_bytes("fp32", 2, "flush") == 16 and param_state_bytes("fp32", 2, "2bw") == 20
     assert param_state_bytes("fp16", 2, "flush") == 16 and param_state_bytes("fp16", 2, "2bw") == 20  # the paper's

@@ -50,24 +50,29 @@ def _update(stage: int, batch: int) -> Action:
 
 def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequence[float],
          links: Links | float | Sequence[float], upd: Sequence[float], allreduce: Sequence[float] | None = None,
-         schedule: str = "flush", m: int = 1, blocking: bool = False) -> _Run:
+         schedule: str = "flush", m: int = 1, blocking: bool = False, rendezvous: bool = False) -> _Run:
     """Event-driven run. ``links[(p, c)]`` is the one-way time of what stage p sends stage c (forward;
     the gradient goes back c -> p in the same time; a number or a list: one per boundary); each
     direction of a pair is one link that carries one tensor at a time, in the sender's order. With
     ``allreduce``, ``U`` runs on its rank's update lane (all-reduce, then the step) without holding
     the rank, and an F/B needing version v waits for the ``U`` that creates it. With ``blocking``, a
-    rank that sends waits until its tensors have crossed before its next action."""
+    rank that sends waits until its tensors have crossed before its next action. With ``rendezvous``
+    (implies ``blocking``) a transfer starts only once its receiver has posted the receive: together
+    with its own sends when its next F/B is of the other kind (Megatron's send_forward_recv_backward),
+    else once those sends have crossed (send_forward, then recv_forward)."""
     d = len(actions)
     links = links if isinstance(links, dict) else chain_links(d, links)
     producers: list[list[int]] = [[] for _ in range(d)]
     consumers: list[list[int]] = [[] for _ in range(d)]
     seconds: list[float] = []             # directed link k: one-way time
     sends: dict[str, list[list[tuple[int, int]]]] = {"F": [[] for _ in range(d)], "B": [[] for _ in range(d)]}
+    link_of: dict[tuple[str, int, int], int] = {}  # (kind, sender, receiver) -> directed link
     for (p, c), t in sorted(links.items()):
         producers[c].append(p)
         consumers[p].append(c)
         sends["F"][p].append((c, len(seconds)))     # the activation p -> c
         sends["B"][c].append((p, len(seconds) + 1))  # its gradient c -> p
+        link_of[("F", p, c)], link_of[("B", c, p)] = len(seconds), len(seconds) + 1
         seconds += [float(t), float(t)]
     ptr = [0] * d
     free = [0.0] * d
@@ -77,6 +82,9 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
     inbox: list[dict[Action, float]] = [{} for _ in range(d)]   # per rank: when an F/B's output gets there
     timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(d)]
     ins, outs = [tuple(p) for p in producers], [tuple(c) for c in consumers]
+    pending = [0] * d                     # rendezvous: sends of the rank's last F/B not yet received
+    last_fb: list[tuple[str, float] | None] = [None] * d   # rendezvous: kind and end of the last F/B, None
+                                          # after a U on the rank (an exchange never spans an update)
 
     def duration(a: Action) -> float:
         s = min(a.stage, d - 1)
@@ -100,6 +108,24 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                 if any(dep not in end for dep, _ in deps):
                     break
                 box = inbox[r]
+                if rendezvous and a.kind != "U":
+                    prev = last_fb[r]
+                    paired = prev is not None and prev[0] != a.kind   # sends and this receive in one batch
+                    if pending[r] and not paired:
+                        break                     # posts its receive only after its sends crossed
+                    post = prev[1] if paired else free[r]
+                    for dep, cross in deps:
+                        if cross and dep not in box:   # the sender is waiting: the transfer starts now
+                            k = link_of[(dep.kind, dep.stage, r)]
+                            there = max(end[dep], post, link_free[k]) + seconds[k]
+                            link_free[k] = box[dep] = there
+                            free[dep.stage] = max(free[dep.stage], there)
+                            pending[dep.stage] -= 1
+                            progress = True
+                    if pending[r]:
+                        break                     # blocking: its own sends have not crossed yet
+                elif rendezvous and pending[r] and allreduce is None:
+                    break                         # a U on the rank follows its sends too
                 ready = max([box[dep] if cross else end[dep] for dep, cross in deps], default=0.0)
                 if a.kind == "U" and allreduce is not None:
                     start = max(free[r], ready, lane[r])
@@ -111,7 +137,11 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                     free[r] = stop
                 timeline[r].append((start, stop, a))
                 end.setdefault(a, stop)
-                for c, k in (sends[a.kind][r] if a.kind != "U" else ()):
+                if rendezvous and a.kind != "U":
+                    last_fb[r], pending[r] = (a.kind, stop), len(sends[a.kind][r])
+                elif rendezvous and allreduce is None:
+                    last_fb[r] = None
+                for c, k in (sends[a.kind][r] if a.kind != "U" and not rendezvous else ()):
                     there = max(stop, link_free[k]) + seconds[k]
                     link_free[k] = inbox[c][a] = there
                     if blocking:
@@ -250,7 +280,7 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
              update_time: Sequence[float] | float = 0.0, *, schedule: str | None = None,
              num_microbatches: int | None = None,
              allreduce_time: Sequence[float] | float | None = None,
-             blocking_sends: bool = False) -> SimResult:
+             blocking_sends: bool = False, rendezvous: bool = False) -> SimResult:
     """Run a schedule on an event-driven clock (no devices).
 
     Each rank runs its list in order; an action starts when its rank is free
@@ -297,6 +327,10 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
         num_microbatches: ``m``; ``None`` infers it as forwards / updates on rank 0.
         allreduce_time: data-parallel all-reduce seconds per stage (or one number), or None.
         blocking_sends: a sending rank waits for its transfer (default False: sends overlap).
+        rendezvous: with ``blocking_sends``, a transfer also waits for its receiver to post the
+            receive, as NCCL point-to-point does: together with the receiver's own sends when its
+            next F/B is of the other kind (Megatron's combined send_forward_recv_backward), else
+            after they have crossed (send_forward, then recv_forward: warm-up, cool-down, gpipe).
 
     Returns:
         The :class:`SimResult`.
@@ -320,7 +354,10 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     ar = None if allreduce_time is None else per_stage(allreduce_time, d, "allreduce_time")
     m = num_microbatches if num_microbatches is not None else _infer_m(actions)
     sched = schedule if schedule is not None else _infer_schedule(actions, m)
-    run = _run(actions, fwd, bwd, links, upd, ar, sched, m, blocking_sends)
+    if rendezvous and not blocking_sends:
+        raise ScheduleError("rendezvous=True prices NCCL-style sends that wait for their receiver, so it needs "
+                            "blocking_sends=True; pass both, or neither for fxpipe's asynchronous sends")
+    run = _run(actions, fwd, bwd, links, upd, ar, sched, m, blocking_sends, rendezvous)
     if any(run.blocked):
         raise ScheduleError(_deadlock_message(actions, run))
     busy = [sum(e - s for s, e, a in row if ar is None or a.kind != "U") for row in run.timeline]
@@ -349,7 +386,7 @@ _SIM_MAX_SLOTS = 512       # d * m above which steady_batch_time extrapolates fr
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
                       microbatches_per_flush: int | None = None, batches: int = 4,
                       comm: Sequence[Any] | None = None, blocking_sends: bool = False,
-                      _exact: bool = False) -> tuple[float, float]:
+                      rendezvous: bool = False, _exact: bool = False) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
@@ -371,6 +408,7 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         comm: one-way seconds per boundary (d - 1), or a d x d table ``comm[p][c]`` (see
             :func:`simulate`); default: from the plan, as above.
         blocking_sends: a sender waits for its transfer (see :func:`simulate`).
+        rendezvous: and the transfer waits for its receiver (see :func:`simulate`).
 
     Long batches (d·m > 512) are priced from two simulated batches of k and 2k
     microbatches (the period per microbatch is steady), gpipe with g < m from one flush of g.
@@ -385,15 +423,15 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
     if plan.schedule == "gpipe" and g is not None and g < m:
         # flushes of g serialize: price one flush of g per batch, m / g of them, then the all-reduce
         one = dataclasses.replace(plan, num_microbatches=g)
-        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm, blocking_sends=blocking_sends)
+        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm, blocking_sends=blocking_sends, rendezvous=rendezvous)
         return -(-m // g) * (t1 - exp1) + exp1, exp1
     if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS and not _exact and m > 2 * max(d, 4):
         # long batches: the per-microbatch period is steady; simulate two short batches, extrapolate
         k = min(max(d, 4, _SIM_MAX_SLOTS // (2 * d)), m // 2)
         t_a, exp_a = steady_batch_time(dataclasses.replace(plan, num_microbatches=k), allreduce,
-                                       batches=batches, comm=comm, blocking_sends=blocking_sends, _exact=True)
+                                       batches=batches, comm=comm, blocking_sends=blocking_sends, rendezvous=rendezvous, _exact=True)
         t_b, _ = steady_batch_time(dataclasses.replace(plan, num_microbatches=2 * k), None,
-                                   batches=batches, comm=comm, blocking_sends=blocking_sends, _exact=True)
+                                   batches=batches, comm=comm, blocking_sends=blocking_sends, rendezvous=rendezvous, _exact=True)
         base_a = t_a - exp_a
         base = base_a + (m - k) * (t_b - base_a) / k
         t = max(base, t_a) if plan.schedule == "2bw" else base + exp_a
@@ -406,7 +444,7 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
 
     def spacing(ar: Sequence[float] | None) -> float:
         sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,
-                       allreduce_time=list(ar) if ar is not None else [0.0] * d, blocking_sends=blocking_sends)
+                       allreduce_time=list(ar) if ar is not None else [0.0] * d, blocking_sends=blocking_sends, rendezvous=rendezvous)
         return sim.batch_end[n - 2] - sim.batch_end[n - 3]    # steady: past the fill, before the drain
 
     base = spacing(None)
