@@ -262,6 +262,26 @@ def test_rendezvous_sends_wait_for_the_receiver() -> None:
         simulate(fl, rendezvous=True)
 
 
+def test_rendezvous_never_deadlocks_on_skips() -> None:
+    # Two skips waiting on each other's receiver deadlocked (rank 0 held by its 0F2 -> 4 skip until rank 4
+    # posts it, rank 4 held by its 4B0 gradient until rank 0 posts that): skips stay plain blocking sends.
+    import random
+
+    rng = random.Random(0)
+    for _ in range(60):
+        d, sched = rng.randint(2, 5), rng.choice(["flush", "gpipe", "2bw"])
+        m = rng.randint(d if sched == "2bw" else 1, 8)
+        table = [[None] * d for _ in range(d)]
+        for p in range(d - 1):
+            table[p][p + 1] = rng.uniform(0, 3)
+            for c in range(p + 2, d):
+                table[p][c] = rng.uniform(0, 3) if rng.random() < 0.4 else None
+        kw = dict(schedule=sched, num_microbatches=m, allreduce_time=[1.0] * d if rng.random() < 0.5 else None)
+        acts = build_schedule(sched, d, m, 2)
+        fast = simulate(acts, 1.0, 2.0, table, **kw).makespan
+        assert simulate(acts, 1.0, 2.0, table, blocking_sends=True, rendezvous=True, **kw).makespan >= fast
+
+
 def test_simulate_per_stage_times():
     # gpipe d=2 m=2, stage 1 twice as slow: its forwards bound the pipeline.
     sim = simulate(build_schedule("gpipe", 2, 2), fwd_time=[1.0, 2.0], bwd_time=[1.0, 2.0])

@@ -59,7 +59,8 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
     rank that sends waits until its tensors have crossed before its next action. With ``rendezvous``
     (implies ``blocking``) a transfer starts only once its receiver has posted the receive: together
     with its own sends when its next F/B is of the other kind (Megatron's send_forward_recv_backward),
-    else once those sends have crossed (send_forward, then recv_forward)."""
+    else once those sends have crossed (send_forward, then recv_forward). Skips (p -> c > p + 1, which
+    Megatron-LM never sends) stay plain blocking sends: two of them waiting on each other would deadlock."""
     d = len(actions)
     links = links if isinstance(links, dict) else chain_links(d, links)
     producers: list[list[int]] = [[] for _ in range(d)]
@@ -115,7 +116,7 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                         break                     # posts its receive only after its sends crossed
                     post = prev[1] if paired else free[r]
                     for dep, cross in deps:
-                        if cross and dep not in box:   # the sender is waiting: the transfer starts now
+                        if cross and dep not in box:   # a neighbour waits to send: the transfer starts now
                             k = link_of[(dep.kind, dep.stage, r)]
                             there = max(end[dep], post, link_free[k]) + seconds[k]
                             link_free[k] = box[dep] = there
@@ -138,10 +139,12 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
                 timeline[r].append((start, stop, a))
                 end.setdefault(a, stop)
                 if rendezvous and a.kind != "U":
-                    last_fb[r], pending[r] = (a.kind, stop), len(sends[a.kind][r])
+                    last_fb[r], pending[r] = (a.kind, stop), sum(abs(c - r) == 1 for c, _ in sends[a.kind][r])
                 elif rendezvous and allreduce is None:
                     last_fb[r] = None
-                for c, k in (sends[a.kind][r] if a.kind != "U" and not rendezvous else ()):
+                for c, k in (sends[a.kind][r] if a.kind != "U" else ()):
+                    if rendezvous and abs(c - r) == 1:
+                        continue                  # crosses when the neighbour posts its receive (above)
                     there = max(stop, link_free[k]) + seconds[k]
                     link_free[k] = inbox[c][a] = there
                     if blocking:
