@@ -285,11 +285,29 @@ def functional_inplace(gm: torch.fx.GraphModule) -> None:
 
 
 def drop_guards(gm: torch.fx.GraphModule) -> None:
-    """torch.export's module checks input shapes in a ``_guards_fn`` node: fxpipe checks them itself."""
+    """Drop torch.export's checks of the tracing run: its ``_guards_fn`` node (input shapes; fxpipe checks
+    them itself) and ``aten._assert_tensor_metadata`` (a ``.to()``'s dtype and device as traced: a model
+    traced on the meta device or the CPU asserts ``device=meta``/``cpu``, which fails where the stage runs,
+    and on the fake CPU tensors the planner propagates shapes with)."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
+                and not node.users:
+            gm.graph.erase_node(node)
     gm.recompile()
+
+
+def with_device(tree: Any, device: torch.device, only: str | None = None) -> Any:
+    """``tree`` (a node's args and kwargs) with every ``torch.device`` in it replaced by ``device`` (only
+    those of type ``only`` when given, e.g. "meta"): the device a graph was traced on is baked in by
+    torch.export, and fxpipe runs each stage on a device of its own."""
+    import torch.utils._pytree as pytree
+
+    def swap(v: Any) -> Any:
+        return device if isinstance(v, torch.device) and (only is None or v.type == only) else v
+
+    return pytree.tree_map(swap, tree)
 
 
 def drop_unused_placeholders(gm: torch.fx.GraphModule) -> None:

@@ -50,10 +50,12 @@ class FakeShapeProp(torch.fx.Interpreter):
         state: the module's original parameters and buffers by qualified name.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, mode: FakeTensorMode, state: dict[str, torch.Tensor],
+                 device: torch.device | None = None) -> None:
         super().__init__(gm)
         self.mode = mode
         self.state = state
+        self.device = device if device is not None else torch.device("cpu")   # where the fakes live
 
     def _run_real(self, n: torch.fx.Node) -> Any:
         """Run ``n`` on real tensors shaped like its fake inputs; return fake outputs."""
@@ -86,6 +88,14 @@ class FakeShapeProp(torch.fx.Interpreter):
             return f.requires_grad_(True) if t.requires_grad else f
 
         return pytree.tree_map(back, out)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # a model traced on the meta device carries device=meta in arange(...) and .to(x.device): make
+        # those the fakes' device, as its inputs and parameters were
+        from fxpipe.trace_fixes import with_device
+
+        args, kwargs = with_device((args, kwargs), self.device, only="meta")
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
@@ -236,7 +246,7 @@ def shape_prop(gm: torch.fx.GraphModule, *example_inputs: Any, **example_kwargs:
     fake = _faker(mode, device)
     fake_state = {k: fake(v) for k, v in state.items()}
     fake_inputs = pytree.tree_map(fake, bound)
-    interp = FakeShapeProp(gm, mode, state)
+    interp = FakeShapeProp(gm, mode, state, device)
     with _reparametrize_module(gm, fake_state, tie_weights=True), mode, torch.enable_grad():
         kw = {"enable_io_processing": False} if "enable_io_processing" in inspect.signature(interp.run).parameters else {}
         interp.run(*fake_inputs, **kw)

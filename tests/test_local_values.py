@@ -175,7 +175,7 @@ def test_two_gloo_ranks_recompute_the_mask_on_stage_1_and_match_the_reference(tm
 
 
 def test_a_stage_on_another_device_builds_its_local_values_there():
-    from fxpipe.runtime.stage import _local_values_on
+    from fxpipe.runtime.stage import _devices_on
 
     model, x, y, loss_fn = models.gpt_case()       # pos = torch.arange(T, device=idx.device): traced on cpu
     pipe = fxpipe.compile(model, (x,), num_stages=2, num_microbatches=4, schedule="flush", loss_fn=loss_fn,
@@ -183,7 +183,7 @@ def test_a_stage_on_another_device_builds_its_local_values_there():
     mod = pipe.program.stages[0].module
     made = [n for n in mod.graph.nodes if is_local(n) and "device" in n.kwargs]
     assert made and all(torch.device(n.kwargs["device"]) == torch.device("cpu") for n in made), mod.graph
-    _local_values_on(mod, torch.device("meta"))
+    _devices_on(mod, torch.device("meta"))
     assert all(n.kwargs["device"] == torch.device("meta") for n in made)
     assert "device = device(type='meta')" in mod.code        # recompiled
 

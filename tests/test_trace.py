@@ -284,3 +284,45 @@ def test_an_update_of_an_untraced_buffer_is_not_lost() -> None:
     for _ in range(3):
         pipe.step(x, x)
     assert pipe.state_dict()["count"].tolist() == [6.0, 0.0]      # 3 steps x 2 microbatches, as eager counts
+
+
+class _Moves(nn.Module):
+    """torch.export bakes the example's device into arange(device=x.device) and .to(x.device) (as HF GPT-2's
+    `inputs_embeds + position_embeds.to(inputs_embeds.device)`); the `if` on a shape stops torch.fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.pos = nn.Linear(8, 8), nn.Embedding(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x) + self.pos(torch.arange(x.shape[1], device=x.device)).to(x.device)
+        if x.shape[1] > 2:
+            h = torch.relu(h)
+        return self.lin(h)
+
+
+def test_a_model_on_the_meta_device_plans_through_export() -> None:
+    # export asserted device=meta (`_assert_tensor_metadata`) and moved values to meta, which the planner's
+    # fake CPU tensors refused: "Tensor device mismatch! Expected: meta, Got: cpu"
+    with torch.device("meta"):
+        model = _Moves()
+    gm = trace(model, (torch.randn(4, 6, 8, device="meta"),))
+    assert gm.meta["fxpipe.tracer"] == "export"
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    plan = fxpipe.plan(model, (torch.randn(8, 6, 8, device="meta"),), num_stages=2, num_microbatches=2,
+                       device="a100-80gb", time_limit=2.0)
+    assert plan.num_stages == 2 and all(st.memory > 0 for st in plan.stages)
+
+
+def test_a_stage_makes_every_traced_device_its_own() -> None:
+    # traced on the CPU, a stage on another device must build its positions there and not move its
+    # activations back to the CPU (aten.to.dtype_layout(device=cpu)): the stage rewrites every device
+    from fxpipe.runtime.stage import _devices_on
+
+    gm = trace(_Moves(), (torch.randn(4, 6, 8),))
+    baked = [n for n in gm.graph.nodes if n.op == "call_function" and n.kwargs.get("device") is not None]
+    assert {n.kwargs["device"] for n in baked} == {torch.device("cpu")} and len(baked) >= 2
+    _devices_on(gm, torch.device("meta"))
+    assert {n.kwargs["device"] for n in baked} == {torch.device("meta")}
+    out = gm.to("meta")(torch.randn(4, 6, 8, device="meta"))
+    assert out.device.type == "meta" and out.shape == (4, 6, 8)

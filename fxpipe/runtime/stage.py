@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - older torch keeps the output tensors
     get_gradient_edge = None  # type: ignore[assignment]
 
 from fxpipe.errors import ConfigError, LossError
-from fxpipe.ir import META_LOCAL, PipelineProgram, Source, StageProgram
+from fxpipe.ir import PipelineProgram, Source, StageProgram
 from fxpipe.runtime.amp import LossScaler, autocast
 from fxpipe.runtime.weights import WeightVersions
 
@@ -187,15 +187,18 @@ def _edge(t: Any) -> Any:
     return t
 
 
-def _local_values_on(module: torch.fx.GraphModule, device: torch.device) -> None:
-    """Local values (``node.meta["fxpipe.local"]``: a mask the stage builds itself) made on ``device``: an
-    ``arange(..., device=)`` traced on another device would put them off the stage, where a received
-    value is moved onto it (``_here``)."""
-    changed = False
+def _devices_on(module: torch.fx.GraphModule, device: torch.device) -> None:
+    """Every device constant of the stage's graph made ``device``: torch.export bakes the tracing run's
+    device into ``arange(..., device=)`` and ``.to(x.device)`` (``aten.to.dtype_layout(device=cpu)``), so a
+    model traced on the CPU would build its positions and move its activations off a CUDA stage (received
+    values are moved onto it by ``_here``)."""
+    from fxpipe.trace_fixes import with_device
+
+    dev, changed = torch.device(device), False
     for n in module.graph.nodes:
-        dev = n.kwargs.get("device") if n.meta.get(META_LOCAL) else None
-        if isinstance(dev, (str, torch.device)) and torch.device(dev) != torch.device(device):
-            n.kwargs = {**n.kwargs, "device": torch.device(device)}
+        if n.op in ("call_function", "call_method") and any(
+                isinstance(v, torch.device) and v != dev for v in pytree.tree_leaves((n.args, n.kwargs))):
+            n.args, n.kwargs = with_device((n.args, n.kwargs), dev)
             changed = True
     if changed:
         module.recompile()
@@ -256,7 +259,7 @@ class StageRuntime:
         self.m = num_microbatches
         self.device = device
         if device is not None:
-            _local_values_on(self.program.module, device)
+            _devices_on(self.program.module, device)
         self._keep = keep
         self.precision = precision
         self.scaler = scaler
