@@ -37,8 +37,8 @@ class DeviceSpec:
     name: str
     peak_flops: dict[str, float] = field(default_factory=dict, hash=False)  # dtype name -> FLOP/s
     mem_bandwidth: float = 1e11           # device memory bytes/s
-    memory_bytes: int = 16 * GiB          # device memory as the driver reports it (torch.cuda.get_device_properties
-                                          # (i).total_memory: a little under the datasheet's, e.g. 16160 MiB on a V100-16GB)
+    memory_bytes: int = 16 * GiB          # device memory as the driver reports it (get_device_properties(i)
+                                          # .total_memory: a little under the datasheet's, 16160 MiB on a V100-16GB)
     memory_reserved: int = 0              # of memory_bytes, what a training process holds before its first tensor:
                                           # CUDA context (kernel images), cuBLAS/cuDNN workspaces, NCCL buffers
     intra_node_bandwidth: float = 1e10    # bytes/s between two devices of one node (one direction)

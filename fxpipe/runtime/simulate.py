@@ -426,15 +426,18 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
     if plan.schedule == "gpipe" and g is not None and g < m:
         # flushes of g serialize: price one flush of g per batch, m / g of them, then the all-reduce
         one = dataclasses.replace(plan, num_microbatches=g)
-        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm, blocking_sends=blocking_sends, rendezvous=rendezvous)
+        t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm, blocking_sends=blocking_sends,
+                                     rendezvous=rendezvous)
         return -(-m // g) * (t1 - exp1) + exp1, exp1
     if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS and not _exact and m > 2 * max(d, 4):
         # long batches: the per-microbatch period is steady; simulate two short batches, extrapolate
         k = min(max(d, 4, _SIM_MAX_SLOTS // (2 * d)), m // 2)
         t_a, exp_a = steady_batch_time(dataclasses.replace(plan, num_microbatches=k), allreduce,
-                                       batches=batches, comm=comm, blocking_sends=blocking_sends, rendezvous=rendezvous, _exact=True)
+                                       batches=batches, comm=comm, blocking_sends=blocking_sends,
+                                       rendezvous=rendezvous, _exact=True)
         t_b, _ = steady_batch_time(dataclasses.replace(plan, num_microbatches=2 * k), None,
-                                   batches=batches, comm=comm, blocking_sends=blocking_sends, rendezvous=rendezvous, _exact=True)
+                                   batches=batches, comm=comm, blocking_sends=blocking_sends,
+                                   rendezvous=rendezvous, _exact=True)
         base_a = t_a - exp_a
         base = base_a + (m - k) * (t_b - base_a) / k
         t = max(base, t_a) if plan.schedule == "2bw" else base + exp_a
@@ -447,7 +450,8 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
 
     def spacing(ar: Sequence[float] | None) -> float:
         sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,
-                       allreduce_time=list(ar) if ar is not None else [0.0] * d, blocking_sends=blocking_sends, rendezvous=rendezvous)
+                       allreduce_time=list(ar) if ar is not None else [0.0] * d, blocking_sends=blocking_sends,
+                       rendezvous=rendezvous)
         return sim.batch_end[n - 2] - sim.batch_end[n - 3]    # steady: past the fill, before the drain
 
     base = spacing(None)
