@@ -247,3 +247,17 @@ def test_mixtral_moe_block_as_chosen_leaf():
     sd = pipe.state_dict()
     for n, w in ref_w.items():
         torch.testing.assert_close(sd[n], w, atol=1e-10, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gpt_neox", "bert"])
+def test_a_model_built_on_the_meta_device_plans(family):
+    """A model too big to build is planned with its weights on the meta device (no memory, no init):
+    GPT-2 goes through torch.export, whose graph asserted and moved values to the meta device."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = FAMILIES[family]()
+    x = torch.randint(0, V, (B, T), device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # the use_cache warning
+        plan = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=M, device="a100-80gb", time_limit=2.0)
+    assert plan.num_stages == 2 and all(st.memory > 0 and st.fwd_time > 0 for st in plan.stages)
