@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from fxpipe.errors import TraceError
 from fxpipe.ir import META_VAL
+from fxpipe.trace_fixes import with_device
 
 __all__ = ["shape_prop", "FakeShapeProp", "autocast_shape_prop", "autocast_context", "META_AMP_VAL"]
 
@@ -92,8 +93,6 @@ class FakeShapeProp(torch.fx.Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         # a model traced on the meta device carries device=meta in arange(...) and .to(x.device): make
         # those the fakes' device, as its inputs and parameters were
-        from fxpipe.trace_fixes import with_device
-
         args, kwargs = with_device((args, kwargs), self.device, only="meta")
         return super().call_function(target, args, kwargs)
 
@@ -311,6 +310,7 @@ def autocast_shape_prop(graph: torch.fx.Graph, device_type: str, dtype: torch.dt
         return memo[id(t)]
 
     def call(n: torch.fx.Node, args: Any, kwargs: Any, conv: Callable[[Any], Any] = lambda t: t) -> Any:
+        args, kwargs = with_device((args, kwargs), device, only="meta")   # as FakeShapeProp.call_function
         if n.op == "call_module":
             mod = gm.get_submodule(str(n.target))
             state = {k: conv(fake(v)) for k, v in list(mod.named_parameters(remove_duplicate=False))

@@ -261,3 +261,22 @@ def test_a_model_built_on_the_meta_device_plans(family):
         warnings.simplefilter("ignore")     # the use_cache warning
         plan = fxpipe.plan(model, (x,), num_stages=2, num_microbatches=M, device="a100-80gb", time_limit=2.0)
     assert plan.num_stages == 2 and all(st.memory > 0 and st.fwd_time > 0 for st in plan.stages)
+
+
+def test_bf16_bytes_of_a_meta_built_model_match_the_cpu_built_one():
+    """Autocast's activation bytes are read on fakes too: GPT-2's .to(x.device) baked as device=meta fell
+    back to fp32 bytes on 3 nodes of the meta-built model (passes.shape_prop.autocast_shape_prop)."""
+    saved = []
+    for where in ("cpu", "meta"):
+        with warnings.catch_warnings(), torch.device(where):
+            warnings.simplefilter("ignore")
+            model = FAMILIES["gpt2"]()
+            x = torch.randint(0, V, (B, T))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = fxpipe.plan_with_graph(model, (x,), num_stages=2, num_microbatches=M, precision="bf16",
+                                       time_limit=2.0)
+        saved.append({n.name: n.meta["fxpipe.cost"].activation_bytes for n in r.gm.graph.nodes
+                      if "fxpipe.cost" in n.meta})
+    cpu, meta = saved
+    assert len(cpu) > 100 and meta == cpu

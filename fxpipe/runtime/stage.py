@@ -35,6 +35,7 @@ from fxpipe.errors import ConfigError, LossError
 from fxpipe.ir import PipelineProgram, Source, StageProgram
 from fxpipe.runtime.amp import LossScaler, autocast
 from fxpipe.runtime.weights import WeightVersions
+from fxpipe.trace_fixes import with_device
 
 __all__ = ["StageRuntime", "SavedBytes", "Key", "check_loss", "stage_needs", "stage_param_names", "stage_params",
            "get_attr", "edge_meta"]
@@ -192,8 +193,6 @@ def _devices_on(module: torch.fx.GraphModule, device: torch.device) -> None:
     device into ``arange(..., device=)`` and ``.to(x.device)`` (``aten.to.dtype_layout(device=cpu)``), so a
     model traced on the CPU would build its positions and move its activations off a CUDA stage (received
     values are moved onto it by ``_here``)."""
-    from fxpipe.trace_fixes import with_device
-
     dev, changed = torch.device(device), False
     for n in module.graph.nodes:
         if n.op in ("call_function", "call_method") and any(
