@@ -12,7 +12,8 @@ definition serves floats, numpy arrays and OR-Tools expressions alike::
     n_s = min(d - s, m) for 2bw / flush (1F1B),   m for gpipe
 
 F_s, B_s: forward and backward seconds of one microbatch; C_s: 2 * transfer time
-of every distinct value entering the stage (sent, and its gradient sent back);
+of every distinct value entering the stage (sent, and its gradient sent back; 1 * for
+a bool or integer value, which gets no gradient: :func:`transfer_cost`);
 P_s: parameter bytes the stage reads (a tied parameter counted on every stage
 that reads it); A_s: bytes autograd saves in the stage; I_s: every tensor
 entering the stage (model inputs included); X_s <= I_s: the tensors received from
@@ -183,6 +184,8 @@ class StageFigures:
     in_flight: int = 1               # n_s
     kept_bytes: int = 0              # K_s: loss_fn's saved bytes on the last stage (part of A_s)
     received_from: tuple[tuple[int, int], ...] = ()   # X_s by producer stage: ((p, bytes), ...)
+    # the part of received_from whose gradient goes back (floating values), same producers; None: all of it
+    received_grad_from: tuple[tuple[int, int], ...] | None = None
 
     def time(self, recompute: bool) -> float:
         """T_s with r_s = ``recompute``."""
@@ -200,7 +203,7 @@ class StageFigures:
         return cls(fwd=st.fwd_time, bwd=st.bwd_time, comm=st.comm_time, param_bytes=st.param_bytes,
                    activation_bytes=st.activation_bytes, input_bytes=st.input_bytes,
                    received_bytes=st.received_bytes, in_flight=st.in_flight, kept_bytes=kept_bytes,
-                   received_from=st.received_from)
+                   received_from=st.received_from, received_grad_from=st.received_grad_from)
 
 
 # What handing a tensor to the next stage costs in one process (the local executor): the tensor is

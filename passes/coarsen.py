@@ -79,6 +79,9 @@ class GraphCosts:
     # per node, node.meta["fxpipe.local"] (passes.local_values): every stage that reads it computes
     # it, so it is never sent (no C_s, I_s, X_s); () when no node is local
     local: tuple[bool, ...] = ()
+    # per node, whether its value gets a gradient back when sent (_gets_gradient: floating or complex);
+    # () when every node's does
+    grad: tuple[bool, ...] = ()
 
     @property
     def n(self) -> int:
@@ -87,6 +90,10 @@ class GraphCosts:
     def is_local(self, v: int) -> bool:
         """Whether node ``v``'s value is computed on every stage that reads it (never sent)."""
         return bool(self.local) and self.local[v]
+
+    def gets_gradient(self, v: int) -> bool:
+        """Whether node ``v``'s value, sent to a later stage, has its gradient sent back."""
+        return not self.grad or self.grad[v]
 
     def comm_peak(self, v: int) -> float:
         """2 * the dearest transfer of node ``v``'s value over any link."""
@@ -154,6 +161,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
     fwd, bwd, act, out, comm, cons, prods, params, module = [], [], [], [], [], [], [], [], []
     returned = [False] * len(compute)
     comm_links: list[tuple[float, ...]] = []
+    grads: list[bool] = []
     local = tuple(bool(n.meta.get(META_LOCAL, False)) for n in compute)
     for n, loc in zip(compute, local):
         c = _node_cost(n, cost_model)
@@ -163,6 +171,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         out.append(int(c.output_bytes))
         sent = 0 if loc else int(c.output_bytes)
         grad = _gets_gradient(n)
+        grads.append(grad)
         comm.append(transfer_cost(sent, price, grad))
         if links:
             comm_links.append(tuple(transfer_cost(sent, f, grad) for f in links))
@@ -203,6 +212,7 @@ def graph_costs(gm: torch.fx.GraphModule, cost_model: CostModel | None = None) -
         params=tuple(params), param_bytes=param_bytes, inputs=tuple(inputs),
         module=tuple(module), index=index, loss=_loss(gm), comm_links=tuple(comm_links),
         link_of=link_of if links else (), local=local if any(local) else (),
+        grad=tuple(grads) if not all(grads) else (),
     )
 
 

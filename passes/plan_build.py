@@ -125,7 +125,8 @@ def plan_from_assignment(gm: torch.fx.GraphModule, cost_model: CostModel, stage_
             time=fig.time(r), fwd_time=fig.fwd, bwd_time=fig.bwd, comm_time=fig.comm, memory=mem,
             param_bytes=fig.param_bytes, activation_bytes=fig.activation_bytes,
             input_bytes=fig.input_bytes, in_flight=fig.in_flight,
-            received_bytes=fig.received_bytes, received_from=fig.received_from))
+            received_bytes=fig.received_bytes, received_from=fig.received_from,
+            received_grad_from=fig.received_grad_from))
     if over and check_memory:
         s, mem = over[0]
         raise PartitionError(

@@ -31,6 +31,7 @@ class Value:
     nbytes: int                    # counted in I_s of a stage it enters
     returned: bool = False         # a model output: enters the last stage
     comm_links: tuple[float, ...] = ()  # comm over each distinct link (BlockProblem.link_of); () = ``comm`` everywhere
+    grad: bool = True              # its gradient is sent back (floating); False: crosses once (bool, int)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def build_problem(gc: GraphCosts, blocks: Sequence[Sequence[int]], *, num_stages
             continue
         if cons or ret:
             links = tuple(t(c) for c in gc.comm_links[v]) if gc.comm_links else ()
-            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret, links))
+            values.append(Value(blk[v], cons, t(gc.comm[v]), gc.out_bytes[v], ret, links, gc.gets_gradient(v)))
     for inp in gc.inputs:
         values.append(Value(-1, tuple(sorted({blk[c] for c in inp.consumers})), 0.0, inp.nbytes))
     readers: dict[str, set[int]] = {}
@@ -166,7 +167,8 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
     paid in C_s (over the link from the producer's stage to s: the runtime sends it
     straight there) and counted in I_s (and in X_s unless it is a model input) once
     per stage it enters, however many nodes of s read it; ``received_from`` splits X_s
-    by the producer's stage.
+    by the producer's stage, ``received_grad_from`` the part of it whose gradient goes back
+    (the floating values: ``Value.grad``).
     """
     d = prob.num_stages
     f = [0.0] * d
@@ -185,6 +187,7 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
     ib = [0] * d
     xb = [0] * d
     xf: list[dict[int, int]] = [{} for _ in range(d)]      # X_s by producer stage
+    xg: list[dict[int, int]] = [{} for _ in range(d)]      # the part of it that gets a gradient back
     for v in prob.values:
         ps = block_stage[v.producer] if v.producer >= 0 else -1
         into = {block_stage[k] for k in v.consumers}
@@ -197,6 +200,7 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
                     c[s] += prob.comm_at(v, ps, s)
                     xb[s] += v.nbytes
                     xf[s][ps] = xf[s].get(ps, 0) + v.nbytes
+                    xg[s][ps] = xg[s].get(ps, 0) + (v.nbytes if v.grad else 0)
     pb = [0] * d
     for nbytes, readers in prob.params:
         for s in {block_stage[k] for k in readers}:
@@ -204,7 +208,8 @@ def stage_figures(prob: BlockProblem, block_stage: Sequence[int]) -> list[StageF
     return [StageFigures(fwd=f[s], bwd=b_[s], comm=c[s], param_bytes=pb[s], activation_bytes=a[s],
                          input_bytes=ib[s], received_bytes=xb[s], in_flight=prob.ctx.in_flight(s),
                          kept_bytes=prob.loss[2] if s == d - 1 else 0,
-                         received_from=tuple(sorted(xf[s].items())))
+                         received_from=tuple(sorted(xf[s].items())),
+                         received_grad_from=tuple(sorted(xg[s].items())))
             for s in range(d)]
 
 
