@@ -236,7 +236,9 @@ class Topology:
 
         Each placement runs on :func:`fxpipe.runtime.simulate.steady_batch_time` with each transfer
         p -> c of :meth:`~fxpipe.ir.Plan.transfers` (the bytes stage c receives from stage p; a plan
-        without ``received_from`` sends X_{k+1} over boundary k) on its own link: the network when
+        without ``received_from`` sends X_{k+1} over boundary k) on its own link, its gradient back
+        c -> p priced by the bytes that get one (:meth:`~fxpipe.ir.Plan.gradient_transfers`: 0 s, none
+        sent, for a pair carrying only bool or integer values), as C_c prices them: the network when
         :meth:`Placement.crosses` (p, c), shared with the node's devices that talk across nodes
         over the plan's pairs (:meth:`Placement.link_users`), else NVLink; and all-reduces. The
         faster placement wins (ties: stages-in-node). e.g. 4 stages on 2-device nodes, a skip 0 -> 3:
@@ -248,12 +250,14 @@ class Topology:
         best: tuple[float, float, Placement] | None = None
         g = plan.extra.get("microbatches_per_flush")
         d = plan.num_stages
-        sent = plan.transfers()
+        sent, back = plan.transfers(), plan.gradient_transfers()
         for pl in self.placements(d, width):
             per_node = pl.crossing_users(sent)
-            comm: list[list[float | None]] = [[None] * d for _ in range(d)]
+            comm: list[list[Any]] = [[None] * d for _ in range(d)]
             for (p, c), nbytes in sent.items():
-                comm[p][c] = self.transfer(nbytes, pl.crosses(p, c), pl.link_users(p, c, per_node))
+                how = (pl.crosses(p, c), pl.link_users(p, c, per_node))
+                t, grad = self.transfer(nbytes, *how), back.get((p, c), nbytes)
+                comm[p][c] = t if grad == nbytes else (t, self.transfer(grad, *how))   # (t, 0.0): none back
             ar = [self.allreduce(st.param_bytes, width, pl.replicas_span_nodes(st.index),
                                  pl.allreduce_users(st.index) or None) for st in plan.stages]
             t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,

@@ -15,7 +15,7 @@ from typing import Any
 
 from fxpipe.errors import ScheduleError
 from fxpipe.runtime.actions import Action, weight_version
-from fxpipe.runtime.links import Links, chain_links, comm_links, per_stage, plan_links
+from fxpipe.runtime.links import Links, chain_links, comm_links, directions, per_stage, plan_links
 
 __all__ = ["SimResult", "simulate", "render", "steady_batch_time"]
 
@@ -52,7 +52,8 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
          links: Links | float | Sequence[float], upd: Sequence[float], allreduce: Sequence[float] | None = None,
          schedule: str = "flush", m: int = 1, blocking: bool = False, rendezvous: bool = False) -> _Run:
     """Event-driven run. ``links[(p, c)]`` is the one-way time of what stage p sends stage c (forward;
-    the gradient goes back c -> p in the same time; a number or a list: one per boundary); each
+    the gradient goes back c -> p in the same time; a number or a list: one per boundary), or a pair
+    (forward, gradient seconds) where a 0-second gradient is none sent (``links.directions``); each
     direction of a pair is one link that carries one tensor at a time, in the sender's order. With
     ``allreduce``, ``U`` runs on its rank's update lane (all-reduce, then the step) without holding
     the rank, and an F/B needing version v waits for the ``U`` that creates it. With ``blocking``, a
@@ -64,17 +65,21 @@ def _run(actions: Sequence[Sequence[Action]], fwd: Sequence[float], bwd: Sequenc
     d = len(actions)
     links = links if isinstance(links, dict) else chain_links(d, links)
     producers: list[list[int]] = [[] for _ in range(d)]
-    consumers: list[list[int]] = [[] for _ in range(d)]
+    consumers: list[list[int]] = [[] for _ in range(d)]   # those that send a gradient back
     seconds: list[float] = []             # directed link k: one-way time
     sends: dict[str, list[list[tuple[int, int]]]] = {"F": [[] for _ in range(d)], "B": [[] for _ in range(d)]}
     link_of: dict[tuple[str, int, int], int] = {}  # (kind, sender, receiver) -> directed link
     for (p, c), t in sorted(links.items()):
+        there, back = directions(t)
         producers[c].append(p)
-        consumers[p].append(c)
         sends["F"][p].append((c, len(seconds)))     # the activation p -> c
-        sends["B"][c].append((p, len(seconds) + 1))  # its gradient c -> p
-        link_of[("F", p, c)], link_of[("B", c, p)] = len(seconds), len(seconds) + 1
-        seconds += [float(t), float(t)]
+        link_of[("F", p, c)] = len(seconds)
+        seconds.append(there)
+        if back is not None:                        # its gradient c -> p (none for a bool or int value)
+            consumers[p].append(c)
+            sends["B"][c].append((p, len(seconds)))
+            link_of[("B", c, p)] = len(seconds)
+            seconds.append(back)
     ptr = [0] * d
     free = [0.0] * d
     lane = [0.0] * d                      # update lane of each rank (async U only)
@@ -289,7 +294,8 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
     Each rank runs its list in order; an action starts when its rank is free
     and its inputs are ready: ``F(c, i)`` after every producer's ``F(p, i)``
     output has crossed link p -> c; ``B(p, i)`` after ``F(p, i)`` and after every
-    consumer's ``B(c, i)`` gradient has crossed back c -> p. With one number or
+    consumer's ``B(c, i)`` gradient has crossed back c -> p (none where the pair's
+    time is ``(t, 0.0)``: only bool or integer values, no gradient). With one number or
     one per boundary, the producers of stage s are s-1 (boundary k is the pair
     k -> k+1); a d x d table ``comm_time[p][c]`` (None: p sends c nothing) adds
     skips, each on its own link, so a value sent 0 -> 2 never occupies 1 -> 2.
@@ -322,7 +328,9 @@ def simulate(actions: Sequence[Sequence[Action]], fwd_time: Sequence[float] | fl
         fwd_time: forward time per microbatch, one number or one per stage.
         bwd_time: backward time per microbatch, one number or one per stage.
         comm_time: one-way transfer seconds: one number or one per boundary (d - 1), or a d x d
-            table ``comm_time[p][c]`` of what stage p sends stage c (p < c; None where p sends c nothing).
+            table ``comm_time[p][c]`` of what stage p sends stage c (p < c; None where p sends c nothing);
+            a time may be a pair (forward, gradient seconds), a 0-second gradient meaning none is sent
+            (a bool or integer value): then ``B(p, i)`` does not wait for ``B(c, i)``.
         update_time: optimizer step time, one number or one per stage.
         schedule: weight semantics for ``peak_versions`` and the version waits (see
             :func:`weight_version`); ``None`` infers ``"2bw"`` if some rank
@@ -394,9 +402,11 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
     stage's F_s and B_s (+F_s when it recomputes), each transfer p -> c of
-    :meth:`~fxpipe.ir.Plan.transfers` on its own link, taking C_c / 2 times its share of
-    X_c (C_c prices receiving the inputs and sending their gradients back; a plan without
-    ``received_from`` sends all of X_{k+1} over boundary k), and the stages'
+    :meth:`~fxpipe.ir.Plan.transfers` on its own link, taking its share of C_c by bytes
+    (:func:`~fxpipe.runtime.links.plan_links`: C_c prices receiving the inputs and sending the
+    gradients of the floating ones back, so the gradient c -> p carries only the bytes of
+    :meth:`~fxpipe.ir.Plan.gradient_transfers`, none for bool or integer values; a plan without
+    ``received_from`` sends all of X_{k+1} over boundary k, each way), and the stages'
     all-reduce seconds on the update lanes; the answer is
     the spacing of batches n-3 and n-2's ends (past the fill, before the drain). When
     2bw's all-reduce outlasts a batch, the stream stalls and refills: about the
