@@ -87,13 +87,13 @@ def test_untraceable_model():
 
 def test_step_wrong_input_shape(mlp_pipe):
     pipe, x, y = mlp_pipe
-    with pytest.raises(InputError, match=r"microbatch has shape \(2, 15\).*compiled for \(2, 16\)"):
+    with pytest.raises(InputError, match=r"batch has shape \(8, 15\).*compiled for \(2, 16\).*per microbatch"):
         pipe.step(torch.randn(8, 15, dtype=torch.float64), y)
 
 
 def test_step_wrong_batch(mlp_pipe):
     pipe, x, y = mlp_pipe
-    with pytest.raises(InputError, match=r"microbatch has shape \(4, 16\).*compiled for \(2, 16\)"):
+    with pytest.raises(InputError, match=r"batch has shape \(16, 16\).*compiled for \(2, 16\).*batch 8 = 4 microbatches of 2"):
         pipe.step(torch.randn(16, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64))
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,8 +64,16 @@ def _stage_rows(schedule: str, d: int, m: int, batches: int, stage: int) -> tupl
     return tuple(build_schedule(schedule, d, m, batches)[stage])
 
 
-def _shift(a: Action, batches: int, m: int) -> Action:
-    return Action(a.stage, a.kind, a.microbatch + (batches if a.kind == "U" else batches * m))
+@functools.lru_cache(maxsize=64)
+def _stream_rows(schedule: str, d: int, m: int, stage: int, j: int, extra: int) -> tuple[tuple[Action, ...], int, int]:
+    """The stream's list for a batch k with ``j = min(k, 1)`` (k = 0 starts the stream, every later k
+    looks alike), relative to batch ``max(k - 1, 0)``: (actions, start of batch k's segment, its stop)."""
+    rows = _stage_rows(schedule, d, m, j + extra, stage)
+
+    def first_f(batch: int) -> int:
+        return next((i for i, a in enumerate(rows) if a.kind == "F" and a.microbatch // m >= batch), len(rows))
+
+    return rows, (0 if j == 0 else first_f(j)), first_f(j + 1)
 
 
 class DistributedExecutor(Gathered):
@@ -129,6 +137,7 @@ class DistributedExecutor(Gathered):
         # the tensors whose norm this rank adds to the global one: tied ones on their lowest stage, replica 0
         self._counted = [c for c in mine if self.replica == 0 and self.tied.get(c, [self.stage])[0] == self.stage]
         self.producers, self.consumers = self.runtime.producers, self.runtime.consumers
+        self._routes: dict[tuple, list] = {}   # _grad_keys / _recv_pairs, the same every step
 
         # -- state
         self.batch = 0                    # batches whose step() returned
@@ -183,23 +192,30 @@ class DistributedExecutor(Gathered):
 
     # -- routing ------------------------------------------------------------------------
     def _grad_keys(self, producer: int, consumer: int) -> list[int]:
-        return [k for p, k in self._needs[consumer] if p == producer and self._meta[(p, k)][1].is_floating_point]
+        if (hit := self._routes.get(("grad", producer, consumer))) is None:
+            hit = self._routes["grad", producer, consumer] = [
+                k for p, k in self._needs[consumer] if p == producer and self._meta[(p, k)][1].is_floating_point]
+        return hit
 
     def _recv_pairs(self, kind: str) -> list[tuple[int, list[tuple[torch.Size, torch.dtype]]]]:
         """What an F (inputs from producers) or a B (output gradients from consumers) of this stage receives."""
+        if (hit := self._routes.get(("recv", kind))) is not None:
+            return hit
         if kind == "F":
             need = self._needs[self.stage]
-            return [(p, [self._meta[(p, k)] for q, k in need if q == p]) for p in self.producers]
-        return [(c, [self._meta[(self.stage, k)] for k in self._grad_keys(self.stage, c)])
-                for c in self.consumers if self._grad_keys(self.stage, c)]
+            hit = [(p, [self._meta[(p, k)] for q, k in need if q == p]) for p in self.producers]
+        else:
+            hit = [(c, [self._meta[(self.stage, k)] for k in self._grad_keys(self.stage, c)])
+                   for c in self.consumers if self._grad_keys(self.stage, c)]
+        self._routes["recv", kind] = hit
+        return hit
 
-    def _prefetch(self, a: Action) -> None:
-        """Post the receives of a later action now, so its data arrives while this rank computes."""
-        if a.kind in ("F", "B") and (a.kind, a.microbatch) not in self._prefetched:
-            pairs = self._recv_pairs(a.kind)
+    def _prefetch(self, kind: str, mb: int) -> None:
+        """Post the receives of a later F/B now, so its data arrives while this rank computes."""
+        if (kind, mb) not in self._prefetched:
+            pairs = self._recv_pairs(kind)
             if pairs:
-                self._prefetched[(a.kind, a.microbatch)] = self.comm.post_recv(
-                    pairs, f"{self.stage}{a.kind}{a.microbatch}")
+                self._prefetched[(kind, mb)] = self.comm.post_recv(pairs, f"{self.stage}{kind}{mb}")
 
     def _receive(self, kind: str, mb: int | None, what: str) -> dict[int, list[torch.Tensor]]:
         posted = self._prefetched.pop((kind, mb), None) if mb is not None else None
@@ -333,53 +349,47 @@ class DistributedExecutor(Gathered):
         self.comm.send_loss(buf, [self.rank_of(s) for s in range(self.d - 1)], batch, what)
         self._loss_work[batch] = (None, buf)
 
-    def _run(self, actions: list[Action], base: int) -> None:
-        shifted = [_shift(a, base, self.m) for a in actions]
-        for i, g in enumerate(shifted):
+    def _run(self, actions: Sequence[Action], shift: int) -> None:
+        """Run ``actions`` (a stream-relative list) moved ``shift`` batches on: F/B microbatch i runs as
+        i + shift * m, U of batch b as b + shift."""
+        n, m = len(actions), self.m
+        for i, a in enumerate(actions):
+            kind = a.kind
+            mb = a.microbatch + (shift if kind == "U" else shift * m)
             try:
-                if g.kind != "U":
-                    self._prefetch(g)          # in list order, so receives match the peers' send order
-                    if i + 1 < len(shifted):
-                        self._prefetch(shifted[i + 1])
-                if g.kind == "F":
-                    self._forward(g.microbatch)
-                elif g.kind == "B":
-                    self._backward(g.microbatch)
+                if kind != "U":
+                    self._prefetch(kind, mb)   # in list order, so receives match the peers' send order
+                    if i + 1 < n and (b := actions[i + 1]).kind != "U":
+                        self._prefetch(b.kind, b.microbatch + shift * m)
+                if kind == "F":
+                    self._forward(mb)
+                elif kind == "B":
+                    self._backward(mb)
                 else:
-                    self._update(g.microbatch)
+                    self._update(mb)
             except DistributedError:
                 raise
             except Exception as e:  # noqa: BLE001 - the user's loss or model raised
-                raise self.comm.fail(f"action {g}", e) from e
+                raise self.comm.fail(f"action {self.stage}{kind}{mb}", e) from e
 
     # -- the 2BW stream, cut into per-batch segments ------------------------------
-    def _template(self, k: int, extra: int) -> tuple[list[Action], int, int]:
-        """Stream-local batch k: this rank's list (shifted), start of batch k's segment, its stop."""
-        base = max(k - 1, 0)
-        rows = _stage_rows(self.schedule, self.d, self.m, k - base + extra, self.stage)
-        acts = [_shift(a, base, self.m) for a in rows]
+    def _segment(self, k: int) -> tuple[Sequence[Action], int]:
+        """Stream-local batch k's actions, relative to batch max(k - 1, 0), and that batch."""
+        rows, start, stop = _stream_rows(self.schedule, self.d, self.m, self.stage, min(k, 1), 2)
+        return rows[start:stop], max(k - 1, 0)
 
-        def first_f(batch: int) -> int:
-            return next((i for i, a in enumerate(acts) if a.kind == "F" and a.microbatch // self.m >= batch),
-                        len(acts))
-
-        return acts, (0 if k == 0 else first_f(k)), first_f(k + 1)
-
-    def _segment(self, k: int) -> list[Action]:
-        acts, start, stop = self._template(k, 2)
-        return acts[start:stop]
-
-    def _drain_list(self, k: int) -> list[Action]:
-        _, _, stop = self._template(k, 2)
-        acts, _, _ = self._template(k, 1)
-        return acts[stop:]
+    def _drain_list(self, k: int) -> tuple[Sequence[Action], int]:
+        """What is left of the stream after batch k's segment: its last backwards and U."""
+        _, _, stop = _stream_rows(self.schedule, self.d, self.m, self.stage, min(k, 1), 2)
+        rows, _, _ = _stream_rows(self.schedule, self.d, self.m, self.stage, min(k, 1), 1)
+        return rows[stop:], max(k - 1, 0)
 
     def drain(self) -> None:
         """Run the rest of the last batch (its last backwards and U); collective over all ranks."""
         self.comm.check_alive()
         if self._stream_base is not None:
-            k = self.batch - 1 - self._stream_base
-            self._run(self._drain_list(k), self._stream_base)
+            acts, base = self._drain_list(self.batch - 1 - self._stream_base)
+            self._run(acts, self._stream_base + base)
             self._stream_base = None
         self._finish_update()
         self.comm.reap_sends(wait=True)
@@ -404,7 +414,8 @@ class DistributedExecutor(Gathered):
                 self._targets[t * self.m + j] = targets[j]
         if self.stage != self.d - 1:
             self._start_loss_reduce(t)     # post the receive of the loss the last stage will send
-        self._run(self._segment(k), base)
+        acts, at = self._segment(k)
+        self._run(acts, base + at)
         work, buf = self._loss_work.pop(t)
         if work is not None:
             self.comm.wait([work], f"loss of batch {t}", [self.rank_of(self.d - 1)])

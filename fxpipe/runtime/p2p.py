@@ -53,6 +53,17 @@ def _unshared(t: torch.Tensor) -> bool:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
 
 
+def _post(ops: list[dist.P2POp]) -> list[Any]:
+    """Start ``ops``: one of them on its own, several as one ``batch_isend_irecv`` (NCCL posts those as
+    one group, so their order across ranks cannot deadlock; gloo loops over them either way)."""
+    if not ops:
+        return []
+    if len(ops) == 1:
+        op = ops[0]
+        return [op.op(op.tensor, op.peer, group=op.group)]
+    return dist.batch_isend_irecv(ops)
+
+
 class Comm:
     """Sends, receives and collectives of one rank; tracks the seconds spent waiting.
 
@@ -172,12 +183,10 @@ class Comm:
             bufs = [self.buffer(shape, dt) for shape, dt in metas]
             out[s] = bufs
             ops += [dist.P2POp(dist.irecv, b, self.layout.rank_of(s), group=self._p2p_group) for b in bufs]
-        works = []
-        if ops:
-            try:
-                works = dist.batch_isend_irecv(ops)
-            except Exception as e:  # noqa: BLE001
-                raise self.fail(what, e) from e
+        try:
+            works = _post(ops)
+        except Exception as e:  # noqa: BLE001
+            raise self.fail(what, e) from e
         return works, out, [self.layout.rank_of(s) for s, _ in pairs]
 
     def finish_recv(self, posted: Posted, what: str) -> dict[int, list[torch.Tensor]]:
@@ -197,7 +206,7 @@ class Comm:
                 ops.append(dist.P2POp(dist.isend, t, self.layout.rank_of(s), group=self._p2p_group))
         if ops:
             try:
-                works = dist.batch_isend_irecv(ops)
+                works = _post(ops)
             except Exception as e:  # noqa: BLE001
                 raise self.fail(what, e) from e
             self._sends.extend((batch, wk, t) for wk, t in (zip(works, keep) if len(works) == len(keep)
