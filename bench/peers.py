@@ -8,6 +8,8 @@ Models (each written as an ``nn.Sequential`` of layers, so the real DeepSpeed an
 see the same layer list as fxpipe's transcriptions of them):
 
     mlp   Linear/ReLU with uneven widths 512-2048-512-4096-512-1024-256 (11 layers)
+    tiny  the same 11 layers 16 wide (not run by default): a step is nearly all the runtimes'
+          own overhead and the messages' latency, so its row compares the runtimes, not the plans
     gpt   nanoGPT-style: [embedding (wte+wpe), 6 blocks, ln_f + head tied to wte] (8 layers),
           nanoGPT's initialisation (std 0.02)
     cnn   4 conv blocks (two with max-pooling) and a linear head, 32x32 inputs (6 layers)
@@ -82,14 +84,14 @@ def build(name: str) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, object]
     """(model, batch inputs, targets, loss_fn); the same seed every time."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    if name == "mlp":
-        widths = (512, 2048, 512, 4096, 512, 1024, 256)
+    if name in ("mlp", "tiny"):
+        widths = (512, 2048, 512, 4096, 512, 1024, 256) if name == "mlp" else (16,) * 7
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2:
                 layers.append(nn.ReLU())
-        return nn.Sequential(*layers), torch.randn(64, 512, generator=g), torch.randn(64, 256, generator=g), F.mse_loss
+        return nn.Sequential(*layers), torch.randn(64, widths[0], generator=g), torch.randn(64, widths[-1], generator=g), F.mse_loss
     if name == "gpt":
         from fxpipe.examples.gpt import GPT, Block, GPTConfig
 
