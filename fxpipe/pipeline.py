@@ -8,15 +8,15 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from fxpipe.errors import ConfigError, StateDictError
+from fxpipe.errors import ConfigError, InputError, StateDictError
 from fxpipe.ir import PipelineProgram, Plan
 from fxpipe.passes.split import split
 from fxpipe.precision import uses_loss_scaling
 from fxpipe.runtime.amp import LossScaler
 from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes, module_buffers
-from fxpipe.runtime.microbatch import split_inputs, split_targets
+from fxpipe.runtime.microbatch import bind_inputs, split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
-from fxpipe.trace_fixes import check_mutations_kept
+from fxpipe.trace_fixes import META_FIXED_INPUTS, check_mutations_kept
 
 if TYPE_CHECKING:
     from fxpipe.frontend import CompiledGraph
@@ -86,6 +86,7 @@ class Pipeline:
 
     # -- inputs ---------------------------------------------------------------
     def _microbatches(self, inputs: Any) -> list[list[Any]]:
+        _check_fixed_inputs(self._cg.gm, self.model, inputs)
         return split_inputs(self._cg.gm, self.model, inputs, self.num_microbatches, self._example,
                             self._cg.input_names)
 
@@ -271,3 +272,25 @@ class Pipeline:
         return (f"Pipeline({type(self.model).__name__}, stages={self.plan.num_stages}, "
                 f"microbatches={self.num_microbatches}, schedule={self.schedule!r}, executor={self.executor!r})")
 
+
+def _check_fixed_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any) -> None:
+    """Refuse an input that torch.fx fixed to its default when tracing (the graph has no place for it).
+
+    Raises:
+        InputError: ``inputs`` gives a forward argument the example inputs left at its default.
+    """
+    fixed = gm.meta.get(META_FIXED_INPUTS)
+    if not fixed:
+        return
+    import inspect
+
+    args, kwargs = bind_inputs(model, inputs)
+    try:
+        given = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return      # split_inputs names the mismatch
+    late = sorted(set(given) & set(fixed))
+    if late:
+        raise InputError(f"inputs {late} of {type(model).__name__}.forward were not in example_inputs, so the "
+                         "graph was traced with their defaults and has no input for them; pass them in "
+                         "example_inputs to fxpipe.compile as well")

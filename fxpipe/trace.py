@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from fxpipe.errors import TraceError
 from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FX_MUTATIONS, META_NO_GRAD, detach_no_grad_values,
@@ -79,6 +80,20 @@ class FxpipeTracer(torch.fx.Tracer):
         super().__init__()
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+        self.output_spec: pytree.TreeSpec | None = None
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        """Also records the pytree structure of what the root returns (``output_spec``): the graph's output
+        node keeps a dict subclass such as a HuggingFace ``ModelOutput`` as a plain dict, and the model's
+        own output type is what reaches ``loss_fn`` (``out.logits``)."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def recording(*a: Any, **k: Any) -> Any:
+            out = fn(*a, **k)
+            self.output_spec = pytree.tree_structure(out)
+            return out
+
+        return recording, args
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
@@ -328,7 +343,10 @@ def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: s
     with torch.enable_grad(), _NoTraceTimeEffects():   # grad mode restored however the traced code leaves it
         graph = tracer.trace(model, concrete_args=concrete or None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    drop_unused_placeholders(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if tracer.output_spec is not None and tracer.output_spec.num_leaves == len(pytree.tree_leaves(out)):
+        gm._out_spec = tracer.output_spec   # as torch.export's graphs: how to rebuild the model's output
+    drop_unused_placeholders(gm, concrete)
     detach_no_grad_values(gm)
     gm.meta["fxpipe.tracer"] = name
     gm.meta["fxpipe.leaves"] = []

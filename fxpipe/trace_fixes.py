@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-__all__ = ["META_NO_GRAD", "META_FX_MUTATIONS", "fx_mutations", "functional_fx_inplace", "check_mutations_kept",
-           "mutated_copy", "functional_inplace", "stop_grad",
+__all__ = ["META_NO_GRAD", "META_FIXED_INPUTS", "META_FX_MUTATIONS", "fx_mutations", "functional_fx_inplace",
+           "check_mutations_kept", "mutated_copy", "functional_inplace", "stop_grad",
            "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
            "INPLACE_OPERATORS", "in_place_name"]
 
 META_NO_GRAD = "fxpipe.no_grad"      # node.meta: the node was made with grad mode off (torch.no_grad)
+META_FIXED_INPUTS = "fxpipe.fixed_inputs"   # gm.meta: forward arguments fx fixed to their defaults
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 # ``x += y`` and friends, as FxpipeTracer records them (plain fx records ``operator.add``)
 INPLACE_OPERATORS = tuple(getattr(operator, f"__i{m}__") for m in
@@ -310,11 +311,39 @@ def with_device(tree: Any, device: torch.device, only: str | None = None) -> Any
     return pytree.tree_map(swap, tree)
 
 
-def drop_unused_placeholders(gm: torch.fx.GraphModule) -> None:
-    """fx keeps a placeholder per concrete arg; remove those with no users."""
+def drop_unused_placeholders(gm: torch.fx.GraphModule, concrete: Iterable[str] = ()) -> None:
+    """fx keeps a placeholder per concrete arg; remove those with no users.
+
+    torch.fx names the placeholder of a concrete arg ``mask`` ``mask_1`` and guards it, ``_assert_is_none(
+    mask_1)`` for a None, ``torch._assert(mask_1 == False)`` for a bool or number: the graph then asks for an
+    input ``mask_1`` that ``forward`` does not have, so a model with an optional argument left out (every
+    HF model's ``labels=None``) could not be fed. Those guards of the args in ``concrete`` go first; the
+    names of the args fixed at trace time are kept in ``gm.meta["fxpipe.fixed_inputs"]`` (``step`` refuses
+    a value for one).
+    """
+    import re
+
+    names = set(concrete)
+
+    def concrete_placeholder(n: Any) -> bool:
+        m = re.fullmatch(r"(.+)_\d+", str(n.target)) if isinstance(n, torch.fx.Node) and n.op == "placeholder" \
+            else None
+        return m is not None and m.group(1) in names
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not node.args:
+            continue
+        if node.target is torch.fx._symbolic_trace._assert_is_none and concrete_placeholder(node.args[0]):
+            gm.graph.erase_node(node)
+        elif node.target is torch._assert and isinstance(cond := node.args[0], torch.fx.Node) \
+                and cond.target is operator.eq and concrete_placeholder(cond.args[0]):
+            gm.graph.erase_node(node)
+            if not cond.users:
+                gm.graph.erase_node(cond)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and not node.users:
             gm.graph.erase_node(node)
+    gm.meta[META_FIXED_INPUTS] = sorted(names)
     gm.recompile()
 
 

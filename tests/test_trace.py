@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxpipe
-from fxpipe.errors import TraceError
+from fxpipe.errors import InputError, TraceError
 from fxpipe.trace import trace
-from test_pipeline import SGDM, reference_losses
+from test_pipeline import SGDM, batches_for, reference_losses
 
 
 def _check_against_reference(model, example, batches, loss_fn, stages, schedule):
@@ -326,3 +326,54 @@ def test_a_stage_makes_every_traced_device_its_own() -> None:
     assert {n.kwargs["device"] for n in baked} == {torch.device("meta")}
     out = gm.to("meta")(torch.randn(4, 6, 8, device="meta"))
     assert out.device.type == "meta" and out.shape == (4, 6, 8)
+
+
+class Scores(dict):
+    """A dict subclass with attribute access, registered with pytree: what HF's ``ModelOutput`` is."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+torch.utils._pytree.register_pytree_node(
+    Scores, lambda s: (list(s.values()), list(s.keys())), lambda vs, ks: Scores(zip(ks, vs)))
+
+
+class OptionalArgs(nn.Module):
+    """Optional arguments left at their defaults (HF's ``labels=None``) and a dict-subclass output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, double: bool = False) -> Scores:
+        h = self.fc2(torch.tanh(self.fc1(x)))
+        if mask is not None:
+            h = h * mask
+        if double:
+            h = 2 * h
+        return Scores(out=h, aux=h.pow(2).mean(-1))
+
+
+def test_optional_arguments_left_out_and_a_dict_subclass_output_under_fx() -> None:
+    """torch.fx names the placeholder of an argument fixed to its default ``mask_1`` and guards it
+    (``_assert_is_none``): compile asked for an input 'mask_1' that forward does not have. And the
+    graph's output node keeps a dict subclass as a plain dict: loss_fn got an immutable_dict, no
+    ``out.aux``. Both as torch.fx's frontend gives them now: the model's own arguments and output type."""
+    torch.manual_seed(0)
+    model = OptionalArgs().double()
+    seen = set()
+
+    def loss_fn(o, y):
+        seen.add(type(o))
+        return F.mse_loss(o.out, y) + o.aux.mean()
+
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    pipe = _check_against_reference(model, (x,), batches_for(x, y, n=3), loss_fn, 2, "2bw")
+    assert pipe._cg.gm.meta["fxpipe.tracer"] == "fx" and seen == {Scores}
+    assert type(pipe(x)) is Scores
+    with pytest.raises(InputError, match=r"inputs \['mask'\] of OptionalArgs.forward were not in example_inputs"):
+        pipe.step((x, torch.ones_like(x)), y)
