@@ -215,7 +215,7 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         lambda leaves: _fx(model, args, kwargs, leaves, "fx+leaves"), list(leaf_modules), fx_err,
         lambda e, leaves: (p if (p := getattr(e, "_fxpipe_module", "")) and p not in leaves else None))
     if gm is not None:
-        _warn_opaque(model, made, fx_err)
+        _warn_opaque(model, made)
         return gm
     # 4. export, making the submodule that stopped it opaque, innermost first (plain fx fails at the
     # root of most HF models, so step 3 never starts there)
@@ -223,7 +223,7 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         lambda leaves: _export(model, args, kwargs, leaves, "export+leaves"), leaf_paths(model, leaf_modules),
         ex_err, lambda e, leaves: failing_submodule(model, e, leaves))
     if gm is not None:
-        _warn_opaque(model, made, ex_err)
+        _warn_opaque(model, made)
         return gm
     where = next((w for w in map(_user_frame, (last, ex_err, err, fx_err)) if w), "")
     msgs = " ".join(str(e) for e in (ex_err, last))
@@ -246,31 +246,37 @@ _MAX_AUTO_LEAVES = 64
 
 def _with_auto_leaves(retrace: Callable[[list[Any]], torch.fx.GraphModule], leaves: list[Any],
                       err: BaseException, failing: Callable[[BaseException, list[Any]], str | None],
-                      ) -> tuple[torch.fx.GraphModule | None, list[str], BaseException]:
+                      ) -> tuple[torch.fx.GraphModule | None, dict[str, BaseException], BaseException]:
     """Retrace with the submodule that stopped the last try (``failing(err, leaves)``) made opaque, until
-    one works or none is left: (graph or None, the paths made opaque, the last error).
+    one works or none is left: (graph or None, each path made opaque -> the error that stopped the try
+    before it, the last error).
 
     A graph that works records the paths in ``gm.meta["fxpipe.leaves"]``.
     """
-    made: list[str] = []
+    made: dict[str, BaseException] = {}
     for _ in range(_MAX_AUTO_LEAVES):
         path = failing(err, leaves)
         if not path:
             break
-        leaves.append(path)
-        made.append(path)
+        # a leaf inside the new one is now part of it: it must not stay a leaf of its own, whose stand-in
+        # would run (and refuse to) when the outer leaf runs eagerly
+        inner = [q for q in leaves if isinstance(q, str) and q.startswith(path + ".")]
+        leaves[:] = [q for q in leaves if q not in inner] + [path]
+        for q in inner:
+            made.pop(q, None)
+        made[path] = err
         try:
             gm = retrace(leaves)
         except Exception as e:  # noqa: BLE001 - the next failing submodule, or give up
             err = e
             continue
-        gm.meta["fxpipe.leaves"] = made
+        gm.meta["fxpipe.leaves"] = list(made)
         return gm, made, err
     return None, made, err
 
 
-def _warn_opaque(model: torch.nn.Module, paths: list[str], cause: BaseException) -> None:
-    for p in paths:
+def _warn_opaque(model: torch.nn.Module, made: dict[str, BaseException]) -> None:
+    for p, cause in made.items():
         warnings.warn(f"fxpipe: submodule {p!r} ({type(model.get_submodule(p)).__name__}) could not be "
                       f"traced ({_one_line(cause)}); it runs as one opaque node of its stage. Pass "
                       f"leaf_modules=[{p!r}] to choose this yourself.", stacklevel=4)

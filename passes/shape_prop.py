@@ -104,6 +104,16 @@ class FakeShapeProp(torch.fx.Interpreter):
                 if n.op not in ("call_module", "call_function", "call_method"):
                     raise
                 result = self._run_real(n)
+            except Exception as e:  # noqa: BLE001
+                # a module (an opaque leaf) whose eager code fakes cannot run, such as NLLB-MoE's router
+                # calling self.classifier.to(dtype) in forward (a module's fake parameters must be swapped,
+                # and cannot be): its real run gives the shapes, as for a data-dependent one
+                if n.op != "call_module":
+                    raise
+                try:
+                    result = self._run_real(n)
+                except Exception:  # noqa: BLE001 - it fails for real too: report what the fakes said
+                    raise e from None
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - any op failure is reported with its node

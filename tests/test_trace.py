@@ -227,6 +227,41 @@ def test_leaves_under_export_run_eagerly_and_train_exactly(chosen):
         _check_against_reference(model, (x,), [(x, y), (-x, y), (x, y)], F.mse_loss, 2, "2bw")
 
 
+class CastingRouter(nn.Module):
+    """Casts its classifier in forward, as NLLB-MoE's and Switch Transformers' routers do: neither export
+    nor shape propagation can (a module's fake parameters must be swapped, and cannot be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(6, 6)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(x.dtype)
+        return x * torch.softmax(self.classifier(x), -1)
+
+
+class ExportRouted(ExportOnly):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = CastingRouter()
+
+
+def test_a_leaf_around_a_failing_leaf_replaces_it_and_runs_for_real_in_shape_prop():
+    """export stops in router.classifier's ``.to()``: that Linear becomes a leaf, export stops again in the
+    router, which becomes the leaf and holds the Linear (whose stand-in op had raised when the router ran
+    eagerly); the router cannot run on fakes either, so shape propagation runs it on real random tensors."""
+    torch.manual_seed(0)
+    model = ExportRouted().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"submodule 'gate' \(CastingRouter\) could not be traced \(RuntimeError: "
+                                         r"_apply\(\): Couldn't swap Linear.weight\)") as caught:
+        pipe = _check_against_reference(model, (x,), [(x, y), (-x, y), (x, y)], F.mse_loss, 2, "2bw")
+    assert len([w for w in caught if "could not be traced" in str(w.message)]) == 1
+    gm = pipe._cg.gm
+    assert gm.meta["fxpipe.tracer"] == "export+leaves" and gm.meta["fxpipe.leaves"] == ["gate"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate"]
+
+
 class _Noisy(nn.Module):
     """Adds fresh noise of a constant shape each call: torch.fx would draw it once at trace time."""
 
