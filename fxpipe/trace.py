@@ -212,7 +212,7 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ex_err = e
     # 3. fx, making failing submodules opaque, innermost first
     gm, made, err = _with_auto_leaves(
-        lambda leaves: _fx(model, args, kwargs, leaves, "fx+leaves"), list(leaf_modules), fx_err,
+        model, lambda leaves: _fx(model, args, kwargs, leaves, "fx+leaves"), list(leaf_modules), fx_err,
         lambda e, leaves: (p if (p := getattr(e, "_fxpipe_module", "")) and p not in leaves else None))
     if gm is not None:
         _warn_opaque(model, made)
@@ -220,7 +220,7 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     # 4. export, making the submodule that stopped it opaque, innermost first (plain fx fails at the
     # root of most HF models, so step 3 never starts there)
     gm, made, last = _with_auto_leaves(
-        lambda leaves: _export(model, args, kwargs, leaves, "export+leaves"), leaf_paths(model, leaf_modules),
+        model, lambda leaves: _export(model, args, kwargs, leaves, "export+leaves"), leaf_paths(model, leaf_modules),
         ex_err, lambda e, leaves: failing_submodule(model, e, leaves))
     if gm is not None:
         _warn_opaque(model, made)
@@ -244,12 +244,13 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 _MAX_AUTO_LEAVES = 64
 
 
-def _with_auto_leaves(retrace: Callable[[list[Any]], torch.fx.GraphModule], leaves: list[Any],
-                      err: BaseException, failing: Callable[[BaseException, list[Any]], str | None],
+def _with_auto_leaves(model: torch.nn.Module, retrace: Callable[[list[Any]], torch.fx.GraphModule],
+                      leaves: list[Any], err: BaseException, failing: Callable[[BaseException, list[Any]], str | None],
                       ) -> tuple[torch.fx.GraphModule | None, dict[str, BaseException], BaseException]:
-    """Retrace with the submodule that stopped the last try (``failing(err, leaves)``) made opaque, until
-    one works or none is left: (graph or None, each path made opaque -> the error that stopped the try
-    before it, the last error).
+    """Retrace with the submodule that stopped the last try (``failing(err, leaves)``) made opaque, and
+    every other submodule of its class with it when that is the model's own class, not torch's (the
+    layers of a model repeat: one retrace, not one per layer), until one works or none is left: (graph or None, each path made opaque -> the error that
+    stopped the try before it, the last error).
 
     A graph that works records the paths in ``gm.meta["fxpipe.leaves"]``.
     """
@@ -258,13 +259,19 @@ def _with_auto_leaves(retrace: Callable[[list[Any]], torch.fx.GraphModule], leav
         path = failing(err, leaves)
         if not path:
             break
-        # a leaf inside the new one is now part of it: it must not stay a leaf of its own, whose stand-in
+        cls = type(model.get_submodule(path))
+        new = [path]
+        if not cls.__module__.startswith("torch."):      # a model's own block, not nn.Linear
+            new = [q for q, m in model.named_modules() if q and type(m) is cls
+                   and not any(isinstance(f, str) and (q == f or q.startswith(f + ".")) for f in leaves)]
+            new = [q for q in new if not any(q.startswith(o + ".") for o in new)] or [path]
+        # a leaf inside a new one is now part of it: it must not stay a leaf of its own, whose stand-in
         # would run (and refuse to) when the outer leaf runs eagerly
-        inner = [q for q in leaves if isinstance(q, str) and q.startswith(path + ".")]
-        leaves[:] = [q for q in leaves if q not in inner] + [path]
+        inner = [q for q in leaves if isinstance(q, str) and any(q.startswith(n + ".") for n in new)]
+        leaves[:] = [q for q in leaves if q not in inner] + new
         for q in inner:
             made.pop(q, None)
-        made[path] = err
+        made.update(dict.fromkeys(new, err))
         try:
             gm = retrace(leaves)
         except Exception as e:  # noqa: BLE001 - the next failing submodule, or give up

@@ -262,6 +262,29 @@ def test_a_leaf_around_a_failing_leaf_replaces_it_and_runs_for_real_in_shape_pro
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate"]
 
 
+class TwoGates(ExportOnly):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.Sequential(Gate(), nn.Linear(6, 6), Gate())
+
+    def forward(self, x):
+        return super().forward(self.gates(x))
+
+
+def test_every_block_of_the_failing_class_becomes_a_leaf_in_one_retrace(monkeypatch):
+    """The layers of a model repeat: the blocks of the class that stopped export all become leaves at once
+    (one retrace for a 32-layer MoE, not 32); torch's own classes only where they failed."""
+    import fxpipe.trace as fxtrace
+
+    calls = []
+    export = fxtrace._export
+    monkeypatch.setattr(fxtrace, "_export", lambda *a: calls.append(list(a[3])) or export(*a))
+    with pytest.warns(UserWarning, match="could not be traced"):
+        gm = trace(TwoGates().double(), (torch.randn(2, 6, dtype=torch.float64),))
+    assert gm.meta["fxpipe.leaves"] == ["gate", "gates.0", "gates.2"]
+    assert calls == [[], ["gate", "gates.0", "gates.2"]]
+
+
 class _Noisy(nn.Module):
     """Adds fresh noise of a constant shape each call: torch.fx would draw it once at trace time."""
 
