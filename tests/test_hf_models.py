@@ -107,11 +107,13 @@ def _reference(model, batches, loss_fn, schedule):
     """float64, one device: W(t+1) = W(t) - step(grad f(W(max(t-1, 0)))) for 2bw, W(t) for flush."""
     ref = copy.deepcopy(model)
     opt = SGDM(list(ref.parameters()))
+    trains = {n: p.requires_grad for n, p in ref.named_parameters()}
     prev, losses = None, []
     for inputs, y in batches:
         newest = {n: p.detach().clone() for n, p in ref.named_parameters()}
         used = newest if (schedule != "2bw" or prev is None) else prev
-        leaves = {n: v.clone().requires_grad_(True) for n, v in used.items()}
+        # frozen weights (Whisper's and Marian's sinusoidal positions) get no gradient, as in the pipeline
+        leaves = {n: v.clone().requires_grad_(trains[n]) for n, v in used.items()}
         total = 0.0
         for i in range(M):
             kw = {k: v.chunk(M)[i] for k, v in inputs.items()}
