@@ -86,7 +86,7 @@ class Pipeline:
 
     # -- inputs ---------------------------------------------------------------
     def _microbatches(self, inputs: Any) -> list[list[Any]]:
-        _check_fixed_inputs(self._cg.gm, self.model, inputs)
+        _check_fixed_inputs(self._cg.gm, self.model, inputs, len(self._cg.input_names))
         return split_inputs(self._cg.gm, self.model, inputs, self.num_microbatches, self._example,
                             self._cg.input_names)
 
@@ -273,7 +273,7 @@ class Pipeline:
                 f"microbatches={self.num_microbatches}, schedule={self.schedule!r}, executor={self.executor!r})")
 
 
-def _check_fixed_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any) -> None:
+def _check_fixed_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any, num_inputs: int) -> None:
     """Refuse an input that torch.fx fixed to its default when tracing (the graph has no place for it).
 
     Raises:
@@ -285,6 +285,8 @@ def _check_fixed_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs
     import inspect
 
     args, kwargs = bind_inputs(model, inputs)
+    if len(args) + len(kwargs) == num_inputs and not kwargs.keys() & set(fixed):
+        return      # the common case, without binding: a fixed input given here would leave a placeholder unfed
     try:
         given = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
