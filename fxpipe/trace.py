@@ -233,6 +233,12 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                   "key/value cache (DynamicCache, past_key_values): training needs no cache, so turn it off "
                   "(config.use_cache=False, or use_cache=False in the forward inputs) or return tensors "
                   "only. ")
+    if "NoneType" in msgs and "attention_mask" not in _example_inputs(model, args, kwargs) \
+            and "attention_mask" in _forward_parameters(model):
+        advice += ("The model takes an attention_mask that was not given, and a None reached an operation: "
+                   "HuggingFace models skip building their default mask while torch.export traces "
+                   "(is_torchdynamo_compiling()), so pass attention_mask=torch.ones_like(input_ids) in "
+                   "example_inputs and in every batch. ")
     raise TraceError(
         f"could not trace {type(model).__name__}: {where}torch.fx failed with {_one_line(fx_err)}; "
         f"torch.export failed with {_one_line(last)}. {advice}If this is data-dependent control flow "
@@ -336,6 +342,13 @@ def _use_cache(config: Any) -> bool | None:
     except Exception:  # noqa: BLE001
         return None
     return v if isinstance(v, bool) else None
+
+
+def _forward_parameters(model: torch.nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def _example_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -285,6 +285,28 @@ def test_every_block_of_the_failing_class_becomes_a_leaf_in_one_retrace(monkeypa
     assert calls == [[], ["gate", "gates.0", "gates.2"]]
 
 
+class DefaultMask(nn.Module):
+    """Builds its default mask only when not compiling, as HF LongT5 and Switch Transformers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, attention_mask=None):
+        if attention_mask is None and not torch.compiler.is_compiling():
+            attention_mask = torch.ones(x.shape[0], x.shape[1], dtype=x.dtype)
+        return self.fc(x) * attention_mask[:, :, None]
+
+
+def test_a_default_mask_left_to_the_model_gets_the_attention_mask_advice():
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    with pytest.raises(TraceError, match=r"'NoneType' object is not subscriptable.*pass "
+                                         r"attention_mask=torch\.ones_like\(input_ids\)"):
+        trace(DefaultMask().double(), (x,))
+    gm = trace(DefaultMask().double(), (x,), {"attention_mask": torch.ones(4, 3, dtype=torch.float64)})
+    assert gm.meta["fxpipe.tracer"] == "fx"     # the mask given: no default to build, fx traces it
+
+
 class _Noisy(nn.Module):
     """Adds fresh noise of a constant shape each call: torch.fx would draw it once at trace time."""
 
