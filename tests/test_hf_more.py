@@ -145,3 +145,18 @@ def test_default_config_trains_exactly_at_2_stages(family):
     sd = pipe.state_dict()
     for n, w in ref_w.items():
         torch.testing.assert_close(sd[n], w, atol=1e-10, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("family", ["nllb_moe", "poolformer"])
+def test_a_family_the_trace_fixes_opened_plans_on_the_meta_device(family):
+    """The routers' leaves and plain fx's graph are planned without weights as well: shape propagation
+    runs a leaf that fakes cannot run on random real tensors, meta parameters included."""
+    make, kind, _ = FAMILIES[family]
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = make().double()
+    inputs = {k: v.to("meta") for k, v in _batches(kind, 1)[0][0].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = fxpipe.plan(model, inputs, num_stages=2, num_microbatches=M, device="a100-80gb", time_limit=2.0)
+    assert plan.num_stages == 2 and all(st.memory > 0 and st.fwd_time > 0 for st in plan.stages)
