@@ -10,7 +10,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from fxpipe.errors import ConfigError
+from fxpipe.errors import ConfigError, InputError
 from fxpipe.ir import CostModel
 from fxpipe.runtime.microbatch import bind_inputs, flatten_for_graph, split_batch
 
@@ -49,6 +49,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
 
     args, kwargs = bind_inputs(model, example_inputs)
     names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
+    _check_tensor_inputs(names, list(args) + list(kwargs.values()))
     flat_given = list(args) + list(kwargs.values())
     mbs = split_batch(flat_given, num_microbatches, "example_inputs")
     # a microbatch of its own (not a view of the batch): what autograd saves of an input is then charged
@@ -69,6 +70,21 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
     return CompiledGraph(gm=gm, cost_model=cm, input_names=[str(n.target) for n in gm.graph.nodes if n.op == "placeholder"],
                          microbatch_inputs=flat, batch_size=int(flat_given[0].shape[0]) if flat_given else 0,
                          trace_seconds=t1 - t0, annotate_seconds=t2 - t1)
+
+
+def _check_tensor_inputs(names: list[str], values: list[Any]) -> None:
+    """Every example input must be a tensor, split into microbatches; a flag (``return_loss=True``) says how.
+
+    Raises:
+        InputError: naming the input, its value and the ways out.
+    """
+    for name, v in zip(names, values):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(
+                f"example input {name!r} is {v!r:.40} ({type(v).__name__}), not a tensor: fxpipe cuts every input "
+                "into microbatches along dim 0, so inputs are tensors only. Leave it out and set it where the model "
+                "reads it (its config, e.g. model.config.output_hidden_states = True), or compute what it switches "
+                "on in loss_fn (CLIP's return_loss=True: the contrastive loss from out.logits_per_image)")
 
 
 def price_loss(cg: CompiledGraph, loss_fn: Callable[..., Any], example_targets: Any, num_microbatches: int) -> None:

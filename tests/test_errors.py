@@ -58,8 +58,12 @@ def test_not_a_module():
 
 def test_non_tensor_inputs():
     model, x = _mlp()
-    with pytest.raises(InputError, match=r"example_inputs\[1\] is a float, not a tensor"):
+    with pytest.raises(InputError, match=r"example input 'arg1' is 3\.0 \(float\), not a tensor"):
         fxpipe.compile(model, (x, 3.0), num_stages=2, num_microbatches=4)
+    # a flag as HF users pass one (CLIPModel's return_loss=True): named, with the ways out
+    with pytest.raises(InputError, match=r"'return_loss' is True \(bool\).*set it where the model reads it.*"
+                                         r"compute what it switches on in loss_fn"):
+        fxpipe.plan(model, {"x": x, "return_loss": True}, num_stages=2, num_microbatches=4)
 
 
 def test_bad_example_inputs_type():
