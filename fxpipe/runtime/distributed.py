@@ -307,11 +307,11 @@ class DistributedExecutor(Gathered):
         for work, flat, cs in posted:
             self.comm.wait([work], f"{self.stage}U{batch} (gradient all-reduce)", [])
             off = 0
-            for i, c in enumerate(cs):
+            present = flat[len(flat) - len(cs):].tolist()    # one device sync for all of them, not one each
+            for c, here in zip(cs, present):
                 shape = self.weights.params[c].shape
                 n = shape.numel()
-                present = flat[len(flat) - len(cs) + i].item() > 0
-                grads[c] = (flat[off:off + n].view(shape) / self.w) if present else None
+                grads[c] = (flat[off:off + n].view(shape) / self.w) if here > 0 else None
                 off += n
         if not self.rule.is_global:
             self.weights.update(batch, grads=grads)
@@ -341,9 +341,11 @@ class DistributedExecutor(Gathered):
             self._loss_work[batch] = self.comm.post_loss_recv(self.rank_of(self.d - 1), what)
             return
         ls = self._losses.pop(batch)
-        total = float(torch.stack([x.double() for x in ls]).sum().item())
         code = float(_LOSS_DTYPES.index(ls[0].dtype) if ls[0].dtype in _LOSS_DTYPES else 0)
-        buf = torch.tensor([total / (self.m * self.w), code / self.w], dtype=torch.float64, device=self.device)
+        # filled on the device, not through .item(): on a GPU the backwards that follow queue without a sync
+        buf = torch.empty(2, dtype=torch.float64, device=self.device)
+        buf[0] = torch.stack([x.double() for x in ls]).sum().to(self.device) / (self.m * self.w)
+        buf[1] = code / self.w
         if self.w > 1:
             self.comm.wait([self.comm.all_reduce(buf, self.layout.dp_groups[self.stage], what)], what, [])
         self.comm.send_loss(buf, [self.rank_of(s) for s in range(self.d - 1)], batch, what)
