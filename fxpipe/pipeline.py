@@ -14,7 +14,7 @@ from fxpipe.passes.split import split
 from fxpipe.precision import uses_loss_scaling
 from fxpipe.runtime.amp import LossScaler
 from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes, module_buffers
-from fxpipe.runtime.microbatch import bind_inputs, split_inputs, split_targets
+from fxpipe.runtime.microbatch import bind_inputs, forward_signature, split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
 from fxpipe.trace_fixes import META_FIXED_INPUTS, check_mutations_kept
 
@@ -282,13 +282,11 @@ def _check_fixed_inputs(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs
     fixed = gm.meta.get(META_FIXED_INPUTS)
     if not fixed:
         return
-    import inspect
-
     args, kwargs = bind_inputs(model, inputs)
     if len(args) + len(kwargs) == num_inputs and not kwargs.keys() & set(fixed):
         return      # the common case, without binding: a fixed input given here would leave a placeholder unfed
     try:
-        given = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        given = forward_signature(model).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         return      # split_inputs names the mismatch
     late = sorted(set(given) & set(fixed))

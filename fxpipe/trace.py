@@ -255,8 +255,8 @@ def _with_auto_leaves(model: torch.nn.Module, retrace: Callable[[list[Any]], tor
                       ) -> tuple[torch.fx.GraphModule | None, dict[str, BaseException], BaseException]:
     """Retrace with the submodule that stopped the last try (``failing(err, leaves)``) made opaque, and
     every other submodule of its class with it when that is the model's own class, not torch's (the
-    layers of a model repeat: one retrace, not one per layer), until one works or none is left: (graph or None, each path made opaque -> the error that
-    stopped the try before it, the last error).
+    layers of a model repeat: one retrace, not one per layer), until one works or none is left:
+    (graph or None, each path made opaque -> the error that stopped the try before it, the last error).
 
     A graph that works records the paths in ``gm.meta["fxpipe.leaves"]``.
     """

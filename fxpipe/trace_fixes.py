@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from typing import Any, Iterable
 
 import torch
@@ -303,8 +304,6 @@ def with_device(tree: Any, device: torch.device, only: str | None = None) -> Any
     """``tree`` (a node's args and kwargs) with every ``torch.device`` in it replaced by ``device`` (only
     those of type ``only`` when given, e.g. "meta"): the device a graph was traced on is baked in by
     torch.export, and fxpipe runs each stage on a device of its own."""
-    import torch.utils._pytree as pytree
-
     def swap(v: Any) -> Any:
         return device if isinstance(v, torch.device) and (only is None or v.type == only) else v
 
@@ -321,8 +320,6 @@ def drop_unused_placeholders(gm: torch.fx.GraphModule, concrete: Iterable[str] =
     names of the args fixed at trace time are kept in ``gm.meta["fxpipe.fixed_inputs"]`` (``step`` refuses
     a value for one).
     """
-    import re
-
     names = set(concrete)
 
     def concrete_placeholder(n: Any) -> bool:

@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, InputError
 
-__all__ = ["bind_inputs", "split_batch", "flatten_for_graph", "split_inputs", "split_targets"]
+__all__ = ["bind_inputs", "split_batch", "forward_signature", "flatten_for_graph", "split_inputs", "split_targets"]
 
 
 def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -65,7 +65,7 @@ _SIGNATURES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, inspect.Sign
     weakref.WeakKeyDictionary()
 
 
-def _signature(model: torch.nn.Module) -> inspect.Signature:
+def forward_signature(model: torch.nn.Module) -> inspect.Signature:
     """``inspect.signature(model.forward)``, computed once per model and forward (~40 us a call)."""
     fwd = model.forward
     func = getattr(fwd, "__func__", fwd)
@@ -91,7 +91,7 @@ def flatten_for_graph(gm: torch.fx.GraphModule, model: torch.nn.Module, args: tu
             raise InputError(f"got {len(flat)} input tensors, the exported graph takes {len(placeholders)}")
         return flat
     try:
-        bound = _signature(model).bind_partial(*args, **kwargs)
+        bound = forward_signature(model).bind_partial(*args, **kwargs)
     except TypeError as e:
         raise InputError(f"inputs do not match {type(model).__name__}.forward: {e}") from e
     values = dict(bound.arguments)
