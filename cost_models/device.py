@@ -41,6 +41,8 @@ class DeviceSpec:
                                           # .total_memory: a little under the datasheet's, 16160 MiB on a V100-16GB)
     memory_reserved: int = 0              # of memory_bytes, what a training process holds before its first tensor:
                                           # CUDA context (kernel images), cuBLAS/cuDNN workspaces, NCCL buffers
+    memory_headroom: float = 0.0          # fraction of memory_bytes a plan leaves free for what M_s does not count:
+                                          # the caching allocator's fragmentation, one op's temporaries (GPU presets 0.05)
     intra_node_bandwidth: float = 1e10    # bytes/s between two devices of one node (one direction)
     inter_node_bandwidth: float = 1e10    # bytes/s one device gets between nodes (one direction) while all
                                           # devices of its node use the network at once: NIC rate x NICs / devices
@@ -70,18 +72,29 @@ class DeviceSpec:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"DeviceSpec {self.name!r}: {k} must be an int >= 0 bytes, got {v!r}")
-        if not self.memory_reserved < self.memory_bytes:
-            raise ConfigError(f"DeviceSpec {self.name!r}: memory_reserved={self.memory_reserved} B leaves nothing of "
-                              f"memory_bytes={self.memory_bytes} B; memory_reserved is the part of the device's "
-                              "memory the CUDA context and libraries hold (a few hundred MiB), not the usable part")
+        h = self.memory_headroom
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 1:
+            raise ConfigError(f"DeviceSpec {self.name!r}: memory_headroom must be a fraction in [0, 1) of memory_bytes "
+                              f"(0.05 keeps 5% free for the allocator's fragmentation), got {h!r}")
+        if not self.memory_reserved + self.headroom_bytes < self.memory_bytes:
+            raise ConfigError(f"DeviceSpec {self.name!r}: memory_reserved={self.memory_reserved} B and memory_headroom="
+                              f"{h!r} ({self.headroom_bytes} B) leave nothing of memory_bytes={self.memory_bytes} B; "
+                              "memory_reserved is the part of the device's memory the CUDA context and libraries "
+                              "hold (a few hundred MiB) and memory_headroom a small fraction, not the usable part")
         for k, v in self.peak_flops.items():
             if not v > 0:
                 raise ConfigError(f"DeviceSpec {self.name!r}: peak_flops[{k!r}] must be > 0, got {v!r}")
 
     @property
+    def headroom_bytes(self) -> int:
+        """``memory_headroom`` of ``memory_bytes``, in bytes."""
+        return int(self.memory_headroom * self.memory_bytes)
+
+    @property
     def usable_memory(self) -> int:
-        """Bytes a plan may fill per device: ``memory_bytes - memory_reserved`` (the default memory_limit)."""
-        return self.memory_bytes - self.memory_reserved
+        """Bytes a plan may fill per device (the default memory_limit): ``memory_bytes - memory_reserved``
+        less the headroom, e.g. a V100-16GB: 16160 MiB - 1280 MiB - 5% (808 MiB) = 14072 MiB (13.74 GiB)."""
+        return self.memory_bytes - self.memory_reserved - self.headroom_bytes
 
     def peak(self, dtype: torch.dtype | str) -> float:
         """Peak FLOP/s for ``dtype`` (a torch dtype or a name like ``"bfloat16"``).
@@ -120,6 +133,13 @@ MiB = 2**20
 # one step's first collective, less torch.cuda.memory_reserved(), and set DeviceSpec.memory_reserved.
 _RESERVED_EAGER = 1024 * MiB + 256 * MiB   # CUDA < 11.7 (PyTorch <= 1.12 wheels; the PipeDream-2BW paper's V100s)
 _RESERVED_LAZY = 512 * MiB + 256 * MiB     # CUDA >= 11.7, lazy module loading (PyTorch 2.x)
+# What M_s does not count and a real run still needs: the caching allocator's fragmentation (blocks cached but
+# too small for the next request; up to 43% in LLM training with recompute, arXiv 2507.16274) and one op's
+# temporaries (e.g. a GPT head's fp16 logits beside their fp32 copy). The PipeDream-2BW paper measured that GPipe
+# with 64 samples a flush of GPT-2.2B at 8 stages does not fit a V100-16GB (its Appendix B.1: "only a batch size
+# of 32 fits"), where M_s counts 13.95 GiB of the 14.53 left after _RESERVED_EAGER: at least 0.58 GiB, 3.7% of
+# the device, unmodelled. The presets keep 5% free (vLLM's default gpu_memory_utilization keeps 10%).
+_HEADROOM = 0.05
 
 
 def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16: float, hbm: float,
@@ -127,7 +147,8 @@ def _gpu(name: str, *, fp64: float, fp32: float, tf32: float, bf16: float, fp16:
     return DeviceSpec(
         name=name,
         peak_flops={"float64": fp64, "float32": fp32, "tfloat32": tf32, "bfloat16": bf16, "float16": fp16},
-        mem_bandwidth=hbm, memory_bytes=mem, memory_reserved=reserved, intra_node_bandwidth=nvlink,
+        mem_bandwidth=hbm, memory_bytes=mem, memory_reserved=reserved, memory_headroom=_HEADROOM,
+        intra_node_bandwidth=nvlink,
         inter_node_bandwidth=ib_gbit * 1e9 / 8 / gpus_per_nic, devices_per_node=8, gpus_per_nic=gpus_per_nic,
         link_latency=1e-5,
         kernel_overhead=5e-6,

@@ -206,8 +206,9 @@ def _over_device_memory(plan: Any, device: str) -> list[str]:
     from fxpipe.units import fmt_bytes
 
     spec = get_device(device)
-    held = (f" ({fmt_bytes(spec.memory_bytes)} less {fmt_bytes(spec.memory_reserved)} the CUDA context and "
-            "libraries hold)" if spec.memory_reserved else "")
+    kept = [f"{fmt_bytes(spec.memory_reserved)} the CUDA context and libraries hold"] if spec.memory_reserved else []
+    kept += [f"{spec.memory_headroom:.0%} headroom for the allocator"] if spec.headroom_bytes else []
+    held = f" ({fmt_bytes(spec.memory_bytes)} less {' and '.join(kept)})" if kept else ""
     return [f"stage {st.index} needs {fmt_bytes(st.memory)}, more than the {fmt_bytes(spec.usable_memory)} usable "
             f"on one {spec.name}{held}; drop --memory-limit (the planner then fits the device), add stages, or "
             "allow recompute" for st in plan.stages if st.memory > spec.usable_memory]

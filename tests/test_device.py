@@ -30,8 +30,9 @@ def test_v100_is_the_papers_server() -> None:
     """PipeDream-2BW's cluster: p3.16xlarge, 8 x V100-16GB over NVLink, 25 Gbit/s per server."""
     v100 = get_device("v100-16gb")
     assert v100.peak("float16") == 125e12 and v100.peak("float32") == 15.7e12
-    # 16160 MiB as the driver reports a V100-SXM2-16GB; the paper's CUDA (< 11.7) context loads every kernel
-    assert v100.memory_bytes == 16160 * 2**20 and v100.usable_memory == (16160 - 1280) * 2**20
+    # 16160 MiB as the driver reports a V100-SXM2-16GB; the paper's CUDA (< 11.7) context loads every kernel;
+    # 5% (808 MiB) kept for the allocator's fragmentation
+    assert v100.memory_bytes == 16160 * 2**20 and v100.usable_memory == (16160 - 1280 - 808) * 2**20
     assert v100.mem_bandwidth == 900e9 and v100.intra_node_bandwidth == 150e9
     assert v100.inter_node_bandwidth == pytest.approx(25e9 / 8 / 8)  # one 25 Gbit/s NIC shared by 8 GPUs
 
@@ -106,8 +107,8 @@ def test_device_memory_is_the_default_limit_and_none_lifts_it() -> None:
     from fxpipe.errors import InfeasibleMemoryError
 
     need = max(s.memory for s in _mlp_plan(device="a100-80gb").stages)
-    assert _mlp_plan(device="a100-80gb").memory_limit == (81920 - 768) * 2**20 == get_device("a100-80gb").usable_memory
-    tiny = get_device("a100-80gb").replace(name="tiny", memory_bytes=need // 4, memory_reserved=0)
+    assert _mlp_plan(device="a100-80gb").memory_limit == (81920 - 768 - 4096) * 2**20 == get_device("a100-80gb").usable_memory
+    tiny = get_device("a100-80gb").replace(name="tiny", memory_bytes=need // 4, memory_reserved=0, memory_headroom=0)
     with pytest.raises(InfeasibleMemoryError, match=r"memory_limit"):
         _mlp_plan(device=tiny, recompute=False)
     lifted = _mlp_plan(device=tiny, recompute=False, memory_limit=None)
@@ -120,15 +121,36 @@ def test_the_default_limit_leaves_the_memory_the_cuda_context_holds() -> None:
 
     need = max(s.memory for s in _mlp_plan(device="a100-80gb").stages)
     # the device has room for the plan, but not once its CUDA context and NCCL buffers are counted
-    spec = get_device("a100-80gb").replace(name="snug", memory_bytes=4 * need, memory_reserved=4 * need - need // 4)
+    spec = get_device("a100-80gb").replace(name="snug", memory_bytes=4 * need, memory_reserved=4 * need - need // 4,
+                                           memory_headroom=0)
     assert spec.usable_memory == need // 4
     with pytest.raises(InfeasibleMemoryError, match=rf"memory_limit={need // 4}\b"):
         _mlp_plan(device=spec, recompute=False)
     assert _mlp_plan(device=spec, recompute=False, memory_limit=spec.memory_bytes).memory_limit == 4 * need
-    with pytest.raises(ConfigError, match=r"memory_reserved=.* leaves nothing of memory_bytes="):
+    with pytest.raises(ConfigError, match=r"memory_reserved=.* leave nothing of memory_bytes="):
         spec.replace(memory_reserved=4 * need)
     with pytest.raises(ConfigError, match=r"memory_reserved must be an int >= 0 bytes, got -1"):
         spec.replace(memory_reserved=-1)
+
+
+def test_the_default_limit_keeps_the_headroom_free() -> None:
+    from fxpipe.errors import InfeasibleMemoryError
+
+    need = max(s.memory for s in _mlp_plan(device="a100-80gb", recompute=False).stages)
+    # room for the plan: the presets' 5% headroom is taken off the limit; a 40% one leaves too little
+    spec = get_device("a100-80gb").replace(name="tight", memory_bytes=int(need * 1.05), memory_reserved=0)
+    assert spec.memory_headroom == 0.05 and spec.usable_memory == int(need * 1.05) - int(0.05 * int(need * 1.05))
+    assert _mlp_plan(device=spec, recompute=False).memory_limit == spec.usable_memory
+    tight = spec.replace(memory_headroom=0.4)
+    with pytest.raises(InfeasibleMemoryError, match=rf"memory_limit={tight.usable_memory}\b"):
+        _mlp_plan(device=tight, recompute=False)
+    loose = tight.replace(memory_headroom=0)
+    assert loose.usable_memory == int(need * 1.05)
+    assert max(s.memory for s in _mlp_plan(device=loose, recompute=False).stages) <= loose.usable_memory
+    with pytest.raises(ConfigError, match=r"memory_headroom must be a fraction in \[0, 1\).*got 5"):
+        spec.replace(memory_headroom=5)
+    with pytest.raises(ConfigError, match=r"memory_headroom=0.99 .* leave nothing"):
+        spec.replace(memory_reserved=int(need * 0.02), memory_headroom=0.99)
 
 
 def test_memory_limit_accepts_size_strings() -> None:
@@ -143,7 +165,7 @@ def test_memory_limit_accepts_size_strings() -> None:
 def test_dump_marks_stages_over_the_device_memory(tmp_path, monkeypatch, capsys) -> None:
     from fxpipe import cli
 
-    small = get_device("a100-80gb").replace(name="small", memory_bytes=1, memory_reserved=0)
+    small = get_device("a100-80gb").replace(name="small", memory_bytes=1, memory_reserved=0, memory_headroom=0)
     monkeypatch.setitem(device_mod.PRESETS, "small-test", small)
     path = tmp_path / "m.py"
     path.write_text("import torch\n"
