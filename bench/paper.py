@@ -15,6 +15,8 @@ the meta device. For every (model, cluster, global batch):
   paper's code runs it (msr-fiddle/pipedream's Megatron fork, ``--gpipe``);
 * the three as the paper's Fig. 6 ran them: the paper's depth, recomputation on, one microbatch size for
   all (the largest 2bw and flush fit), GPipe in one flush or with as many microbatches a flush as fit;
+  beside the paper's Fig. 6 bars (read off the figure, approximate) and, since the paper does not state
+  its b, at each smaller b too;
 * on the key setups fxpipe's own search (CP-SAT stages, same simulator) picks d, w, b
   for 2bw under a time limit.
 
@@ -61,21 +63,27 @@ ADAM_SLOTS = 2
 B_SIZES = [1, 2, 4, 8, 16, 32]
 # (model, devices, global batch, the paper's depth for 2bw or None when the paper does not state it)
 SETUPS = [
-    ("gpt-1.3b", 8, 64, None), ("gpt-1.3b", 8, 256, None),
+    ("gpt-1.3b", 8, 64, None), ("gpt-2.2b", 8, 64, 8), ("gpt-2.2b", 8, 256, 8),
     ("gpt-2.2b", 64, 512, 8), ("gpt-2.2b", 64, 2048, None),
     ("gpt-3.8b", 64, 512, 16), ("gpt-3.8b", 64, 2048, None), ("gpt-3.8b@16GiB", 64, 512, 16),
-    ("gpt-3.8b@14GiB", 64, 512, 16), ("gpt-2.2b@14GiB", 64, 512, 8),
+    ("gpt-3.8b@14.53GiB", 64, 512, 16), ("gpt-2.2b@14.53GiB", 64, 512, 8),
     ("bert-2.2b", 64, 512, None), ("bert-3.8b", 64, 512, None),
 ]
 SEARCHED = {("gpt-2.2b", 64, 512), ("gpt-3.8b", 64, 512), ("gpt-3.8b", 64, 2048), ("gpt-1.3b", 8, 64),
-            ("gpt-3.8b@16GiB", 64, 512), ("gpt-3.8b@14GiB", 64, 512), ("gpt-2.2b@14GiB", 64, 512)}
+            ("gpt-3.8b@16GiB", 64, 512), ("gpt-3.8b@14.53GiB", 64, 512), ("gpt-2.2b@14.53GiB", 64, 512)}
 # the paper's §5.2: "the best configuration recommended by PipeDream-2BW's planner for all comparisons: 8-deep
 # configurations for the model with 2.2 billion parameters, and 16-deep for 3.8 billion"
 FIG6_DEPTH = {"gpt-2.2b": 8, "gpt-3.8b": 16, "bert-2.2b": 8, "bert-3.8b": 16}
-# "model@16GiB": the same model with all 16 GiB for the plan (the old default limit: the datasheet's memory,
-# nothing left for the CUDA context); "@14GiB": also ~0.5 GiB left to the caching allocator's fragmentation.
+# The paper's Fig. 6 (GPT, seq 512, recomputation on): samples/s of 2bw, flush and gpipe as read off its bars
+# (approximate; None: no bar read), keyed (model, devices, batch).
+FIG6_PAPER = {("gpt-2.2b", 8, 64): (25, 20, 10), ("gpt-2.2b", 64, 512): (130, 100, 60),
+              ("gpt-2.2b", 64, 2048): (160, None, None), ("gpt-3.8b", 64, 512): (100, 70, 40),
+              ("gpt-3.8b", 64, 2048): (120, None, None)}
+# "model@16GiB": the same model with all 16 GiB for the plan (the datasheet's memory, nothing left for the CUDA
+# context); "@14.53GiB": the driver's 16160 MiB less the CUDA context only (the default before the 5% headroom).
 # Without a suffix the limit is the v100-16gb preset's usable_memory: 16160 MiB as the driver reports it, less
-# 1280 MiB the CUDA context (CUDA < 11.7 loads every kernel), NCCL's buffers and cuBLAS workspaces hold
+# 1280 MiB the CUDA context (CUDA < 11.7 loads every kernel), NCCL's buffers and cuBLAS workspaces hold, less
+# 5% (808 MiB) headroom for the caching allocator's fragmentation and one op's temporaries: 13.74 GiB
 
 
 def sustained_v100(tflops: float) -> Any:
@@ -189,8 +197,26 @@ def fig6(graphs: Graphs, topo: Topology, n: int, batch: int, d: int, limit: int)
     number of microbatches it can admit" per flush (the paper's §5.2 words; several flushes a step)."""
     w = n // d
     out: dict[str, Any] = {"d": d, "w": w}
+    for b in fig6_sizes(n, batch, d):
+        at = fig6_at(graphs, topo, n, batch, d, b, limit)
+        if "2bw" in at and "flush" in at:
+            out.update(at)
+            break
+    return out
 
-    def run(schedule: str, b: int, one_flush: bool = False) -> dict[str, Any] | None:
+
+def fig6_sizes(n: int, batch: int, d: int) -> list[int]:
+    """Microbatch sizes that split the batch into at least d microbatches per pipeline, largest first."""
+    w = n // d
+    return sorted((b for b in B_SIZES if (batch // w) % b == 0 and batch // (w * b) >= d), reverse=True)
+
+
+def fig6_at(graphs: Graphs, topo: Topology, n: int, batch: int, d: int, b: int, limit: int) -> dict[str, Any]:
+    """The three schedules at depth d and microbatch size b with recomputation (those that fit), GPipe in one
+    flush of all m when that fits, else as many microbatches a flush as fit."""
+    w = n // d
+
+    def run(schedule: str, one_flush: bool = False) -> dict[str, Any] | None:
         try:
             p = paper_plan(graphs, num_devices=n, global_batch=batch, schedule=schedule, memory_limit=limit,
                            optimizer_slots=ADAM_SLOTS, microbatch_sizes=B_SIZES, topology=topo,
@@ -200,16 +226,21 @@ def fig6(graphs: Graphs, topo: Topology, n: int, batch: int, d: int, limit: int)
         t, _, _ = topo.price(p, w)
         return {"b": b, "sim": batch / t, "g": p.extra.get("microbatches_per_flush"), "m": p.num_microbatches}
 
-    sizes = sorted((b for b in B_SIZES if (batch // w) % b == 0 and batch // (w * b) >= d), reverse=True)
-    for b in sizes:
-        two, flush = run("2bw", b), run("flush", b)
-        if two and flush:
-            out["2bw"], out["flush"] = two, flush
-            gp = run("gpipe", b, one_flush=True) or run("gpipe", b)
-            if gp:
-                out["gpipe"] = gp
-            break
-    return out
+    got = {"2bw": run("2bw"), "flush": run("flush"), "gpipe": run("gpipe", one_flush=True) or run("gpipe")}
+    return {k: v for k, v in got.items() if v}
+
+
+def _against_paper(f6: dict[str, Any], ref: tuple[float | None, ...]) -> str:
+    """The paper's Fig. 6 samples/s beside the simulated ones: each schedule's ratio, and the ratios between them."""
+    names = ("2bw", "flush", "gpipe")
+    paper = dict(zip(names, ref))
+    got = {k: f6[k]["sim"] for k in names if k in f6}
+    out = [f"{k} ~{paper[k]:g} (sim/paper {got[k] / paper[k]:.2f})" for k in names if paper[k] and k in got]
+    for a, b in (("2bw", "flush"), ("flush", "gpipe"), ("2bw", "gpipe")):
+        if paper[a] and paper[b] and a in got and b in got:
+            out.append(f"{a[:3] if a == '2bw' else a[:2]}/{b[:2]} paper {paper[a] / paper[b]:.2f} sim "
+                       f"{got[a] / got[b]:.2f}")
+    return ", ".join(out)
 
 
 def _best_by_depth(rows: list[dict[str, Any]]) -> dict[int, tuple[float, int, str, float]]:
@@ -249,7 +280,8 @@ def main() -> int:
           f"{compute.peak('float16') / 1e12:.1f} (a layer sustains {a.sustained_tflops or 'the datasheet'} TFLOP/s), NVLink {v100.intra_node_bandwidth / 1e9:.0f} GB/s, "
           f"inter-node {v100.inter_node_bandwidth * 8 / 1e9:.3f} Gbit/s per GPU (25 Gbit/s per 8-GPU server); "
           f"fp16 + Adam, seq 512, memory limit {v100.usable_memory / GiB:.2f} GiB ({v100.memory_bytes // 2**20} MiB "
-          f"less {v100.memory_reserved // 2**20} MiB CUDA context + NCCL); {a.sends} sends, {a.placement} placement")
+          f"less {v100.memory_reserved // 2**20} MiB CUDA context + NCCL, less {v100.memory_headroom:.0%} "
+          f"headroom); {a.sends} sends, {a.placement} placement")
     print("samples/s from fxpipe's simulator; 'formula' = the paper planner's own estimate for its 2bw pick")
     hdr = (f"{'model':14} {'N':>3} {'B':>5} | {'paper d':>7} {'fx d,w,b':>9} {'eq d,w,b,r':>11} | {'2bw':>7} "
            f"{'flush':>7} {'gpipe':>7} {'formula':>7} | {'2bw/fl':>6} {'fl/gp':>6} {'2bw/gp':>6} | "
@@ -298,6 +330,16 @@ def main() -> int:
             details.append(f"    as Fig. 6 ran them (d={f6['d']} w={f6['w']}, recompute, one b): "
                            + ", ".join(parts) + ratios
                            + "".join(f"; {k} fits at no b" for k in ("2bw", "flush", "gpipe") if k not in f6))
+            ref = FIG6_PAPER.get((model, n, batch))
+            if ref:
+                details.append("    the paper's Fig. 6 bars: " + _against_paper(f6, ref))
+                for b in fig6_sizes(n, batch, f6["d"]):    # the paper does not state its b: the smaller ones too
+                    at = fig6_at(g, topo, n, batch, f6["d"], b, limit) if b < f6["2bw"]["b"] else {}
+                    if len(at) == 3:
+                        sim = [at[k]["sim"] for k in ("2bw", "flush", "gpipe")]
+                        details.append(f"      at b={b}: 2bw {sim[0]:.1f}, flush {sim[1]:.1f}, gpipe {sim[2]:.1f} "
+                                       f"({at['gpipe']['g']} of {at['gpipe']['m']} a flush): 2bw/fl "
+                                       f"{sim[0] / sim[1]:.2f}, fl/gp {sim[1] / sim[2]:.2f}, 2bw/gp {sim[0] / sim[2]:.2f}")
         if fx:
             depths = ", ".join(f"d={d}: {thr:.0f} (b={b}{', equal blocks; ILP cut ' + format(ilp, '.0f') if cut != 'ilp' else ''})"
                                for d, (thr, b, cut, ilp) in sorted(fx["by_depth"].items()))
