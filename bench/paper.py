@@ -379,9 +379,9 @@ def main() -> int:
     for (model, n, batch, kind), errs in fits.items():
         within = sorted(b for e, b in errs if e <= 0.2)
         err, b = min(errs)
-        print(f"{model} N={n} B={batch}, Fig. 6's ratios between its bars, gpipe "
-              f"{'as memory allows' if kind == 'gpipe' else f'with the paper s {PAPER_GPIPE_SAMPLES} samples a flush'}: "
-              f"within 20% at b={within or 'none'}; closest b={b} (worst ratio {err:.0%} off)".replace("paper s", "paper's"))
+        how = "as memory allows" if kind == "gpipe" else f"with the paper's {PAPER_GPIPE_SAMPLES} samples a flush"
+        print(f"{model} N={n} B={batch}, Fig. 6's ratios between its bars, gpipe {how}: "
+              f"within 20% at b={within or 'none'}; closest b={b} (worst ratio {err:.0%} off)")
     print(f"paper's stated: 2bw/flush up to 1.6 at low batch, ~1.15 at 2048; flush/gpipe 2.1 low, 3 high; "
           f"2bw/gpipe up to 3.2.   total {time.perf_counter() - t_all:.0f} s")
     return 0

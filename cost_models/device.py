@@ -41,8 +41,8 @@ class DeviceSpec:
                                           # .total_memory: a little under the datasheet's, 16160 MiB on a V100-16GB)
     memory_reserved: int = 0              # of memory_bytes, what a training process holds before its first tensor:
                                           # CUDA context (kernel images), cuBLAS/cuDNN workspaces, NCCL buffers
-    memory_headroom: float = 0.0          # fraction of memory_bytes a plan leaves free for what M_s does not count:
-                                          # the caching allocator's fragmentation, one op's temporaries (GPU presets 0.05)
+    memory_headroom: float = 0.0          # fraction of memory_bytes a plan leaves free for what M_s does not
+                                          # count: the allocator's fragmentation, one op's temporaries (presets: 0.05)
     intra_node_bandwidth: float = 1e10    # bytes/s between two devices of one node (one direction)
     inter_node_bandwidth: float = 1e10    # bytes/s one device gets between nodes (one direction) while all
                                           # devices of its node use the network at once: NIC rate x NICs / devices

@@ -131,7 +131,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, num_stages: int | No
         cost_model: "analytic", "profile", or a CostModel instance.
         memory_limit: bytes per device (a number, or a size string like ``"16GiB"``); the default,
             ``DEVICE_MEMORY``, is the memory ``device`` leaves to tensors when it is given
-            (``DeviceSpec.usable_memory``: its memory less what the CUDA context holds); None lifts the limit.
+            (``DeviceSpec.usable_memory``: its memory less what the CUDA context holds and the 5% headroom
+            the GPU presets keep for the allocator); None lifts the limit.
         device: a DeviceSpec, a preset name ("a100-80gb"), or None for this machine.
         executor: "local", "distributed", or "auto" (distributed under torchrun with WORLD_SIZE > 1).
         leaf_modules: module types / qualified names to keep opaque when tracing.

@@ -78,8 +78,8 @@ def resolve_memory_limit(memory_limit: Any, device: Any) -> int | None:
     """Bytes per device that a plan must fit, from ``memory_limit=`` and ``device=``.
 
     ``DEVICE_MEMORY`` (the default) gives ``device``'s ``usable_memory`` (its memory less what the CUDA
-    context and libraries hold, ``memory_reserved``) when ``device`` is given, else None; None gives
-    None (no limit); a string such as ``"16GiB"`` or ``"8e9"`` is parsed; a number
+    context and libraries hold, ``memory_reserved``, and ``memory_headroom``) when ``device`` is given,
+    else None; None gives None (no limit); a string such as ``"16GiB"`` or ``"8e9"`` is parsed; a number
     is taken as bytes.
 
     Raises:
