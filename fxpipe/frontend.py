@@ -12,9 +12,9 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, InputError
 from fxpipe.ir import CostModel
-from fxpipe.runtime.microbatch import bind_inputs, flatten_for_graph, split_batch
+from fxpipe.runtime.microbatch import bind_inputs, flatten_for_graph, forward_signature, is_constant, split_batch
 
-__all__ = ["CompiledGraph", "prepare", "price_loss", "batch_size", "resize_batch"]
+__all__ = ["CompiledGraph", "prepare", "price_loss", "batch_size", "resize_batch", "constant_inputs"]
 
 
 @dataclass
@@ -48,6 +48,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
     from fxpipe.trace import trace
 
     args, kwargs = bind_inputs(model, example_inputs)
+    constants = constant_inputs(model, kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     names = [f"arg{i}" for i in range(len(args))] + list(kwargs)
     _check_tensor_inputs(names, list(args) + list(kwargs.values()))
     flat_given = list(args) + list(kwargs.values())
@@ -58,7 +60,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
     mb_args = tuple(mb0[: len(args)])
     mb_kwargs = dict(zip(names[len(args):], mb0[len(args):]))
     t0 = time.perf_counter()
-    gm = trace(model, mb_args, mb_kwargs, leaf_modules=leaf_modules)
+    gm = trace(model, mb_args, {**mb_kwargs, **constants}, leaf_modules=leaf_modules)
     flat = flatten_for_graph(gm, model, mb_args, mb_kwargs)
     shape_prop(gm, *flat)
     specialize_shapes(gm)
@@ -73,18 +75,45 @@ def prepare(model: torch.nn.Module, example_inputs: Any, *, num_microbatches: in
 
 
 def _check_tensor_inputs(names: list[str], values: list[Any]) -> None:
-    """Every example input must be a tensor, split into microbatches; a flag (``return_loss=True``) says how.
+    """Every example input left after the keyword constants must be a tensor, split into microbatches.
 
     Raises:
         InputError: naming the input, its value and the ways out.
     """
     for name, v in zip(names, values):
         if not isinstance(v, torch.Tensor):
+            how = ("pass it by keyword (forward(x, flag=True): a keyword None, bool, int, float or str is fixed "
+                   "into the graph) or leave it out" if name.startswith("arg") and is_constant(v) else
+                   "leave it out")
             raise InputError(
                 f"example input {name!r} is {v!r:.40} ({type(v).__name__}), not a tensor: fxpipe cuts every input "
-                "into microbatches along dim 0, so inputs are tensors only. Leave it out and set it where the model "
-                "reads it (its config, e.g. model.config.output_hidden_states = True), or compute what it switches "
-                "on in loss_fn (CLIP's return_loss=True: the contrastive loss from out.logits_per_image)")
+                f"into microbatches along dim 0, so inputs are tensors, or keyword constants. {how.capitalize()}, "
+                "and set it where the model reads it (its config, e.g. model.config.output_hidden_states = True)")
+
+
+def constant_inputs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs that are constants (None, bool, int, float, str): traced into the graph as given.
+
+    ``use_cache=False``, ``return_loss=True``, ``output_hidden_states=True``: the graph is specialised to the
+    value, and ``step`` accepts the same value again (or none) and refuses another (``check_constants``).
+
+    Raises:
+        InputError: a constant names no parameter of ``forward``.
+    """
+    consts = {k: v for k, v in kwargs.items() if is_constant(v)}
+    if not consts:
+        return {}
+    try:
+        params = forward_signature(model).parameters
+    except (TypeError, ValueError):
+        return consts
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return consts
+    unknown = sorted(set(consts) - set(params))
+    if unknown:
+        raise InputError(f"example inputs {unknown} are not parameters of {type(model).__name__}.forward "
+                         f"(it takes {list(params)}); leave them out or set them where the model reads them")
+    return consts
 
 
 def price_loss(cg: CompiledGraph, loss_fn: Callable[..., Any], example_targets: Any, num_microbatches: int) -> None:

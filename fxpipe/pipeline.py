@@ -14,7 +14,7 @@ from fxpipe.passes.split import split
 from fxpipe.precision import uses_loss_scaling
 from fxpipe.runtime.amp import LossScaler
 from fxpipe.runtime.executor import LocalExecutor, StateSnapshot, build_stage_runtimes, module_buffers
-from fxpipe.runtime.microbatch import bind_inputs, forward_signature, split_inputs, split_targets
+from fxpipe.runtime.microbatch import bind_inputs, check_constants, forward_signature, split_inputs, split_targets
 from fxpipe.runtime.update import UpdateRule
 from fxpipe.trace_fixes import META_FIXED_INPUTS, check_mutations_kept
 
@@ -86,6 +86,7 @@ class Pipeline:
 
     # -- inputs ---------------------------------------------------------------
     def _microbatches(self, inputs: Any) -> list[list[Any]]:
+        inputs = check_constants(self._cg.gm, self.model, inputs)   # use_cache=False again: fixed in the graph
         _check_fixed_inputs(self._cg.gm, self.model, inputs, len(self._cg.input_names))
         return split_inputs(self._cg.gm, self.model, inputs, self.num_microbatches, self._example,
                             self._cg.input_names)

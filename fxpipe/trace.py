@@ -13,8 +13,9 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from fxpipe.errors import TraceError
+from fxpipe.runtime.microbatch import META_CONSTANTS, is_constant
 from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FX_MUTATIONS, META_NO_GRAD, detach_no_grad_values,
-                                drop_guards, drop_unused_placeholders, functional_fx_inplace, functional_inplace,
+                                drop_constant_inputs, drop_guards, drop_unused_placeholders, functional_fx_inplace, functional_inplace,
                                 fx_mutations, grad_toggles_to_meta, in_place_name)
 from fxpipe.trace_leaves import failing_submodule, leaf_paths, opaque_calls_to_modules, opaque_during_export
 
@@ -163,7 +164,9 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
     Args:
         model: the module to trace (real, meta or fake parameters).
         args: example positional inputs (one microbatch).
-        kwargs: example keyword inputs.
+        kwargs: example keyword inputs; a constant among them (None, bool, int, float or str:
+            ``use_cache=False``, ``return_loss=True``) is traced into the graph, which has no input for it
+            (``gm.meta["fxpipe.constant_inputs"]``).
         leaf_modules: module types or qualified names kept as opaque call_module nodes.
 
     Returns:
@@ -177,7 +180,9 @@ def trace(model: torch.nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, 
     kwargs = dict(kwargs or {})
     leaf_modules = list(leaf_modules)
     with _kv_cache_off(model, kwargs):
-        return _trace(model, args, kwargs, leaf_modules)
+        gm = _trace(model, args, kwargs, leaf_modules)
+    gm.meta[META_CONSTANTS] = _constants(kwargs)
+    return gm
 
 
 def _trace(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -361,11 +366,17 @@ def _example_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
     return {**dict(zip(names, args)), **kwargs}
 
 
+def _constants(kwargs: dict) -> dict[str, Any]:
+    """The keyword constants among the inputs (None, bool, int, float, str), traced into the graph."""
+    return {k: v for k, v in kwargs.items() if is_constant(v)}
+
+
 def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str) -> torch.fx.GraphModule:
     tracer = FxpipeTracer(leaves)
     concrete = _concrete_defaults(model, len(args), list(kwargs))
     if "use_cache" in concrete:
         concrete["use_cache"] = False
+    concrete.update(_constants(kwargs))
     with torch.enable_grad(), _NoTraceTimeEffects():   # grad mode restored however the traced code leaves it
         graph = tracer.trace(model, concrete_args=concrete or None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
@@ -381,14 +392,17 @@ def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: s
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list[str], name: str) -> torch.fx.GraphModule:
     """``torch.export`` (non-strict) with the submodules at ``leaves`` kept as opaque call_module nodes."""
+    constants = _constants(kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     # torch.export prints the partial graph of a failed export to stderr; fxpipe reports failures itself
     with warnings.catch_warnings(), opaque_during_export(model, leaves) as calls, \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        ep = torch.export.export(model, tuple(args), {**kwargs, **constants}, strict=False)
         gm = ep.module()
         opaque_calls_to_modules(gm, model, calls)
     drop_guards(gm)
+    drop_constant_inputs(gm, constants, (tuple(args), kwargs))
     functional_inplace(gm)
     grad_toggles_to_meta(gm)
     detach_no_grad_values(gm)

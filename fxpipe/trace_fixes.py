@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 __all__ = ["META_NO_GRAD", "META_FIXED_INPUTS", "META_FX_MUTATIONS", "fx_mutations", "functional_fx_inplace",
            "check_mutations_kept", "mutated_copy", "functional_inplace", "stop_grad",
-           "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
+           "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders", "drop_constant_inputs",
            "INPLACE_OPERATORS", "in_place_name"]
 
 META_NO_GRAD = "fxpipe.no_grad"      # node.meta: the node was made with grad mode off (torch.no_grad)
@@ -341,6 +341,30 @@ def drop_unused_placeholders(gm: torch.fx.GraphModule, concrete: Iterable[str] =
         if node.op == "placeholder" and not node.users:
             gm.graph.erase_node(node)
     gm.meta[META_FIXED_INPUTS] = sorted(names)
+    gm.recompile()
+
+
+def drop_constant_inputs(gm: torch.fx.GraphModule, constants: dict[str, Any], example: tuple[tuple, dict]) -> None:
+    """Remove the placeholders torch.export made for keyword constants (``return_loss=True``).
+
+    export specialises the graph to a constant and keeps its placeholder only for the guards
+    (:func:`drop_guards` removed them); a use left is given the value itself. The graph's input spec is
+    ``example`` (args, tensor kwargs) afterwards, so ``gm`` takes the tensors alone.
+    """
+    if not constants:
+        return
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        name = str(node.target)
+        if name not in constants:
+            continue
+        value = constants[name]
+        for user in list(node.users):
+            user.args, user.kwargs = pytree.tree_map(lambda a: value if a is node else a, (user.args, user.kwargs))
+        gm.graph.erase_node(node)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None:
+        names = [a for a in info.orig_args if a not in constants]
+        gm.graph._codegen.pytree_info = info._replace(orig_args=names, in_spec=pytree.tree_structure(example))
     gm.recompile()
 
 

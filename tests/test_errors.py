@@ -58,12 +58,14 @@ def test_not_a_module():
 
 def test_non_tensor_inputs():
     model, x = _mlp()
-    with pytest.raises(InputError, match=r"example input 'arg1' is 3\.0 \(float\), not a tensor"):
+    with pytest.raises(InputError, match=r"example input 'arg1' is 3\.0 \(float\), not a tensor.*Pass it by keyword"):
         fxpipe.compile(model, (x, 3.0), num_stages=2, num_microbatches=4)
-    # a flag as HF users pass one (CLIPModel's return_loss=True): named, with the ways out
-    with pytest.raises(InputError, match=r"'return_loss' is True \(bool\).*set it where the model reads it.*"
-                                         r"compute what it switches on in loss_fn"):
+    # a keyword constant is traced in (tests/test_constant_inputs.py), but only for a parameter forward has
+    with pytest.raises(InputError, match=r"example inputs \['return_loss'\] are not parameters of MLP\.forward"):
         fxpipe.plan(model, {"x": x, "return_loss": True}, num_stages=2, num_microbatches=4)
+    # a container is neither a tensor nor a constant
+    with pytest.raises(InputError, match=r"example input 'y' is \[1, 2\] \(list\), not a tensor.*Leave it out"):
+        fxpipe.plan(model, {"x": x, "y": [1, 2]}, num_stages=2, num_microbatches=4)
 
 
 def test_bad_example_inputs_type():

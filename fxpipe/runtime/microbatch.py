@@ -19,7 +19,8 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import ConfigError, InputError
 
-__all__ = ["bind_inputs", "split_batch", "forward_signature", "flatten_for_graph", "split_inputs", "split_targets"]
+__all__ = ["bind_inputs", "split_batch", "forward_signature", "flatten_for_graph", "split_inputs", "split_targets",
+           "META_CONSTANTS", "is_constant", "check_constants"]
 
 
 def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -36,6 +37,32 @@ def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any,
         return tuple(example_inputs), {}
     raise ConfigError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
                       f"tensors, got {type(example_inputs).__name__}")
+
+
+META_CONSTANTS = "fxpipe.constant_inputs"   # gm.meta: keyword inputs traced in as constants, name -> value
+
+
+def is_constant(value: Any) -> bool:
+    """A keyword input the graph is specialised to rather than fed: None, bool, int, float or str."""
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def check_constants(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any) -> Any:
+    """``inputs`` without the keyword constants the graph was traced with, each checked against its value.
+
+    Raises:
+        InputError: a constant given with another value than at compile time.
+    """
+    consts = gm.meta.get(META_CONSTANTS)
+    if not consts or not isinstance(inputs, dict) or not inputs.keys() & consts.keys():
+        return inputs
+    for k in inputs.keys() & consts.keys():
+        v, traced = inputs[k], consts[k]
+        if type(v) is not type(traced) or v != traced:
+            raise InputError(f"input {k!r} is {v!r} ({type(v).__name__}), but the graph was traced with "
+                             f"{k}={traced!r}, fixed into it; pass {k}={traced!r} (or leave it out), or compile "
+                             f"again with {k}={v!r} in example_inputs")
+    return {k: v for k, v in inputs.items() if k not in consts}
 
 
 def split_batch(values: Sequence[Any], num_microbatches: int, what: str) -> list[list[Any]]:
