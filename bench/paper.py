@@ -22,8 +22,10 @@ the meta device. For every (model, cluster, global batch):
 
 The simulator runs the paper's runtime by default: sends block their sender and start only when the
 receiver posts its receive (Megatron-LM's p2p over NCCL, ``--sends rendezvous``; ``--sends blocking``
-drops the second part) and a stage's replicas sit on neighbouring ranks (Megatron's rank order,
-``--placement megatron``); ``--sends async --placement best`` prices fxpipe's own runtime instead.
+drops the second part), a stage's replicas sit on neighbouring ranks (Megatron's rank order,
+``--placement megatron``) and every rank all-reduces and steps between batches, 2bw too (the paper's
+training.py); ``--sends async --placement best`` prices fxpipe's own runtime instead (the all-reduce
+overlapped).
 The loss is Megatron's cross-entropy over fp32 logits, priced on the last stage.
 
 Printed: the paper's depth vs fxpipe's and the paper planner's; samples/s of each
@@ -294,8 +296,9 @@ def main() -> int:
     torch.set_num_threads(1)
     v100 = get_device("v100-16gb")
     compute = sustained_v100(a.sustained_tflops)
+    # the paper's code all-reduces, synchronizes and steps between batches (training.py); fxpipe's overlaps
     topo = Topology(v100, devices_per_node=8, precision="fp16", blocking_sends=a.sends != "async",
-                    rendezvous=a.sends == "rendezvous",
+                    rendezvous=a.sends == "rendezvous", overlap_allreduce=a.sends == "async",
                     placement="replicas-in-node" if a.placement == "megatron" else None)
     wanted = set(a.models.split(",")) if a.models else None
     graphs: dict[str, Graphs] = {}
@@ -304,7 +307,8 @@ def main() -> int:
           f"inter-node {v100.inter_node_bandwidth * 8 / 1e9:.3f} Gbit/s per GPU (25 Gbit/s per 8-GPU server); "
           f"fp16 + Adam, seq 512, memory limit {v100.usable_memory / GiB:.2f} GiB ({v100.memory_bytes // 2**20} MiB "
           f"less {v100.memory_reserved // 2**20} MiB CUDA context + NCCL, less {v100.memory_headroom:.0%} "
-          f"headroom); {a.sends} sends, {a.placement} placement")
+          f"headroom); {a.sends} sends, {a.placement} placement, all-reduce "
+          f"{'overlapped' if topo.overlap_allreduce else 'holding the rank'}")
     print("samples/s from fxpipe's simulator; 'formula' = the paper planner's own estimate for its 2bw pick")
     hdr = (f"{'model':14} {'N':>3} {'B':>5} | {'paper d':>7} {'fx d,w,b':>9} {'eq d,w,b,r':>11} | {'2bw':>7} "
            f"{'flush':>7} {'gpipe':>7} {'formula':>7} | {'2bw/fl':>6} {'fl/gp':>6} {'2bw/gp':>6} | "

@@ -136,7 +136,9 @@ class Topology:
     waits for its receiver to post the receive, as NCCL point-to-point does (see
     :func:`fxpipe.runtime.simulate.simulate`): the paper's runtime. ``placement``: price only that rank order (e.g.
     ``"replicas-in-node"``, Megatron-LM's, rank = stage * w + replica); None prices both and keeps the
-    faster.
+    faster. ``overlap_allreduce``: False prices a runtime whose ranks all-reduce and step between batches,
+    holding the rank (the paper's code: ``allreduce_params``, ``torch.cuda.synchronize()``, then the step),
+    so 2bw does not hide the all-reduce; fxpipe's runtime overlaps it (True, the default).
 
     Example::
 
@@ -150,6 +152,7 @@ class Topology:
     blocking_sends: bool = False
     placement: str | None = None     # one of PLACEMENTS: the only rank order priced; None: both, the faster
     rendezvous: bool = False         # with blocking_sends: a transfer waits for its receiver too (NCCL p2p)
+    overlap_allreduce: bool = True   # False: the all-reduce and step hold the rank between batches
 
     def __post_init__(self) -> None:
         n = self.devices_per_node
@@ -262,7 +265,7 @@ class Topology:
                                  pl.allreduce_users(st.index) or None) for st in plan.stages]
             t, exposed = steady_batch_time(plan, ar if width > 1 else None, microbatches_per_flush=g,
                                            comm=comm, blocking_sends=self.blocking_sends,
-                                           rendezvous=self.rendezvous)
+                                           rendezvous=self.rendezvous, overlap_allreduce=self.overlap_allreduce)
             if best is None or t < best[0] * (1 - 1e-12):
                 best = (t, exposed, pl)
         assert best is not None

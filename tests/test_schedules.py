@@ -465,6 +465,25 @@ def test_steady_batch_time_of_a_plan():
     assert steady_batch_time(gp, microbatches_per_flush=1)[0] == pytest.approx(4 * 3 * 2)
 
 
+def test_an_all_reduce_that_holds_the_rank_is_not_hidden_by_2bw():
+    """The paper's code all-reduces, synchronizes and steps between batches on every rank: 2bw then pays
+    the all-reduce each batch, on the stage that has it, as flush does."""
+    from fxpipe.runtime.simulate import steady_batch_time
+
+    two = _plan("2bw", 4, [1.0, 1.0], [1.0, 2.0])           # 12 s a batch, stage 1 the bottleneck
+    assert steady_batch_time(two, [5.0, 5.0]) == pytest.approx((12.0, 0.0))          # on the lane: hidden
+    # held: stage 1 takes 4 * 3 + 5 a batch, stage 0 (4 * 2 + 5 = 13) follows it
+    assert steady_batch_time(two, [5.0, 5.0], overlap_allreduce=False) == pytest.approx((17.0, 5.0))
+    assert steady_batch_time(two, [0.0, 5.0], overlap_allreduce=False) == pytest.approx((17.0, 5.0))
+    # flush waits for its update either way: the same time
+    flush = _plan("flush", 4, [1.0, 1.0], [2.0, 2.0])
+    assert steady_batch_time(flush, [5.0, 5.0], overlap_allreduce=False)[0] == \
+        pytest.approx(steady_batch_time(flush, [5.0, 5.0])[0])
+    # long batches are extrapolated the same way: every batch pays it
+    long = _plan("2bw", 300, [1.0, 1.0], [1.0, 2.0])
+    assert steady_batch_time(long, [5.0, 5.0], overlap_allreduce=False) == pytest.approx((300 * 3.0 + 5.0, 5.0))
+
+
 @pytest.mark.parametrize("schedule", ["2bw", "flush"])
 def test_long_batches_extrapolate_to_the_full_simulation(schedule, monkeypatch):
     import fxpipe.runtime.simulate as sim_mod

@@ -397,7 +397,8 @@ _SIM_MAX_SLOTS = 512       # d * m above which steady_batch_time extrapolates fr
 def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
                       microbatches_per_flush: int | None = None, batches: int = 4,
                       comm: Sequence[Any] | None = None, blocking_sends: bool = False,
-                      rendezvous: bool = False, _exact: bool = False) -> tuple[float, float]:
+                      rendezvous: bool = False, overlap_allreduce: bool = True,
+                      _exact: bool = False) -> tuple[float, float]:
     """(seconds per batch in steady state, exposed all-reduce seconds) of a Plan's schedule.
 
     Runs ``batches`` batches of ``plan.schedule`` through :func:`simulate` with each
@@ -422,6 +423,8 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
             :func:`simulate`); default: from the plan, as above.
         blocking_sends: a sender waits for its transfer (see :func:`simulate`).
         rendezvous: and the transfer waits for its receiver (see :func:`simulate`).
+        overlap_allreduce: False holds each rank for its all-reduce and step after its last backward of a
+            batch, as the paper's code does (all-reduce, synchronize, step), so 2bw no longer hides it.
 
     Long batches (d·m > 512) are priced from two simulated batches of k and 2k
     microbatches (the period per microbatch is steady), gpipe with g < m from one flush of g.
@@ -437,20 +440,20 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         # flushes of g serialize: price one flush of g per batch, m / g of them, then the all-reduce
         one = dataclasses.replace(plan, num_microbatches=g)
         t1, exp1 = steady_batch_time(one, allreduce, batches=batches, comm=comm, blocking_sends=blocking_sends,
-                                     rendezvous=rendezvous)
+                                     rendezvous=rendezvous, overlap_allreduce=overlap_allreduce)
         return -(-m // g) * (t1 - exp1) + exp1, exp1
     if plan.schedule != "gpipe" and d * m > _SIM_MAX_SLOTS and not _exact and m > 2 * max(d, 4):
         # long batches: the per-microbatch period is steady; simulate two short batches, extrapolate
         k = min(max(d, 4, _SIM_MAX_SLOTS // (2 * d)), m // 2)
         t_a, exp_a = steady_batch_time(dataclasses.replace(plan, num_microbatches=k), allreduce,
                                        batches=batches, comm=comm, blocking_sends=blocking_sends,
-                                       rendezvous=rendezvous, _exact=True)
+                                       rendezvous=rendezvous, overlap_allreduce=overlap_allreduce, _exact=True)
         t_b, _ = steady_batch_time(dataclasses.replace(plan, num_microbatches=2 * k), None,
                                    batches=batches, comm=comm, blocking_sends=blocking_sends,
                                    rendezvous=rendezvous, _exact=True)
         base_a = t_a - exp_a
         base = base_a + (m - k) * (t_b - base_a) / k
-        t = max(base, t_a) if plan.schedule == "2bw" else base + exp_a
+        t = max(base, t_a) if plan.schedule == "2bw" and overlap_allreduce else base + exp_a
         return t, max(0.0, t - base)
     acts = build_schedule(plan.schedule, d, m, n, microbatches_per_flush=microbatches_per_flush)
     fwd = [st.fwd_time for st in plan.stages]
@@ -459,9 +462,10 @@ def steady_batch_time(plan: Any, allreduce: Sequence[float] | None = None, *,
         comm = plan_links(plan)
 
     def spacing(ar: Sequence[float] | None) -> float:
-        sim = simulate(acts, fwd, bwd, comm, 0.0, schedule=plan.schedule, num_microbatches=m,
-                       allreduce_time=list(ar) if ar is not None else [0.0] * d, blocking_sends=blocking_sends,
-                       rendezvous=rendezvous)
+        lane = list(ar) if ar is not None else [0.0] * d     # on the update lane, or on the rank
+        sim = simulate(acts, fwd, bwd, comm, 0.0 if overlap_allreduce else lane, schedule=plan.schedule,
+                       num_microbatches=m, allreduce_time=lane if overlap_allreduce else None,
+                       blocking_sends=blocking_sends, rendezvous=rendezvous)
         return sim.batch_end[n - 2] - sim.batch_end[n - 3]    # steady: past the fill, before the drain
 
     base = spacing(None)
