@@ -87,8 +87,11 @@ def test_keyword_constants_are_traced_in_and_train_exactly(tracer):
         torch.testing.assert_close(sd[n], w.detach(), atol=1e-12, rtol=0, msg=n)
     before = {n: v.clone() for n, v in pipe.state_dict().items()}
     with pytest.raises(InputError, match=r"input 'flag' is False \(bool\), but the graph was traced with flag=True.*"
-                                         r"compile again with flag=False"):
+                                         r"compile again with that value of flag"):
         pipe.step({"x": batches[0][0], "flag": False}, batches[0][1])
+    with pytest.raises(InputError, match=r"input 'extra' is a tensor of shape \(8, 16\), but the graph was traced "
+                                         r"with extra=None"):
+        pipe.step({"x": batches[0][0], "extra": torch.zeros(8, 16, dtype=torch.float64)}, batches[0][1])
     with pytest.raises(InputError, match=r"input 'scale' is 1 \(int\), but the graph was traced with scale=0\.5"):
         pipe.step({"x": batches[0][0], "scale": 1}, batches[0][1])
     for n, v in pipe.state_dict().items():        # refused before anything ran

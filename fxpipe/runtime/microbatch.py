@@ -59,9 +59,11 @@ def check_constants(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: An
     for k in inputs.keys() & consts.keys():
         v, traced = inputs[k], consts[k]
         if type(v) is not type(traced) or v != traced:
-            raise InputError(f"input {k!r} is {v!r} ({type(v).__name__}), but the graph was traced with "
-                             f"{k}={traced!r}, fixed into it; pass {k}={traced!r} (or leave it out), or compile "
-                             f"again with {k}={v!r} in example_inputs")
+            shown = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else \
+                f"{v!r:.40} ({type(v).__name__})"
+            raise InputError(f"input {k!r} is {shown}, but the graph was traced with {k}={traced!r}, fixed into "
+                             f"it; pass {k}={traced!r} (or leave it out), or compile again with that value of "
+                             f"{k} in example_inputs")
     return {k: v for k, v in inputs.items() if k not in consts}
 
 
