@@ -80,11 +80,6 @@ def _partition_placed(cg: CompiledGraph, base: CostModel, opts: PlanOptions, wid
     same links (all devices on one node, or no boundary leaving a node under either) share one cut,
     and only their all-reduces are priced apart. Two distinct sets split ``time_limit`` between them,
     so planning takes no longer than with one.
-
-    Where a boundary leaves a node, the paper's equal blocks (for repeated layers) are priced beside the
-    CP-SAT cut and kept when they simulate faster, as the search does (``extra["cut"]``): the ILP adds
-    C_s to each stage's time, so the stage without inputs gets more compute than the runtime, which
-    overlaps its sends, can hide.
     """
     from fxpipe.passes.partition import partition
 
@@ -93,39 +88,20 @@ def _partition_placed(cg: CompiledGraph, base: CostModel, opts: PlanOptions, wid
         by_links.setdefault(None if pl is None else _link_key(pl), []).append(pl)
     share = opts.time_limit / len(by_links)
     best: tuple[float, Plan, Any, CostModel] | None = None
-    for key, group in by_links.items():
+    for group in by_links.values():
         cm = base if group[0] is None else _linked(base, opts, group[0])
         p = partition(cg.gm, cm, num_stages=opts.num_stages, num_microbatches=opts.num_microbatches,
                       schedule=opts.schedule, memory_limit=opts.memory_limit, optimizer_slots=opts.optimizer_slots,
                       recompute=opts.recompute, time_limit=share)
-        cuts = [p] + ([] if cm is base or not any(key) else _equal_blocks(cg, cm, opts))
-        if len(places) <= 1 and len(cuts) == 1:
+        if len(places) <= 1:
             return p, group[0], cm
         topo = _topology(opts)
-        for cut in cuts:
-            for pl in group:
-                t = dataclasses.replace(topo, placement=pl.order).price(cut, width)[0]
-                if best is None or t < best[0] * (1 - 1e-12):
-                    best = (t, cut, pl, cm)
+        for pl in group:
+            t = dataclasses.replace(topo, placement=pl.order).price(p, width)[0]
+            if best is None or t < best[0] * (1 - 1e-12):
+                best = (t, p, pl, cm)
     assert best is not None
     return best[1], best[2], best[3]
-
-
-def _equal_blocks(cg: CompiledGraph, cm: CostModel, opts: PlanOptions) -> list[Plan]:
-    """The paper's equal-block cut at ``opts``' depth (``extra["cut"] = "equal blocks"``), or none: gpipe,
-    no repeated layers, or no recompute setting that fits the memory limit."""
-    from fxpipe.passes.baselines import layer_units
-    from fxpipe.passes.coarsen import graph_costs
-    from fxpipe.passes.equal_blocks import equal_block_plan
-
-    if opts.schedule == "gpipe":
-        return []
-    gc = graph_costs(cg.gm, cm)
-    eq, _ = equal_block_plan(cg.gm, cm, gc, layer_units(cg.gm, gc), num_stages=opts.num_stages,
-                             num_microbatches=opts.num_microbatches, schedule=opts.schedule,
-                             memory_limit=opts.memory_limit, optimizer_slots=opts.optimizer_slots,
-                             recompute=(False, True) if opts.recompute is None else (bool(opts.recompute),))
-    return [] if eq is None else [dataclasses.replace(eq, extra={**eq.extra, "cut": "equal blocks"})]
 
 
 def _link_key(where: Any) -> tuple[int, ...]:

@@ -111,6 +111,7 @@ def test_clip_trains_with_return_loss_true():
     """CLIPModel's contrastive loss comes out of forward when return_loss=True (HF users pass it): traced
     in, the loss is the model's own, per microbatch, as a float64 loop computes it; 2bw's weight rule."""
     transformers = pytest.importorskip("transformers", reason="needs the [dev] extra (transformers)")
+    from test_hf_models import M as HF_M, _reference as _hf_reference
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -125,28 +126,12 @@ def test_clip_trains_with_return_loss_true():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = fxpipe.compile(copy.deepcopy(model), {**batches[0], "return_loss": True}, num_stages=2,
-                              num_microbatches=M, loss_fn=loss_fn, optimizer=SGDM)
+                              num_microbatches=HF_M, loss_fn=loss_fn, optimizer=SGDM)
     assert pipe._cg.gm.meta["fxpipe.constant_inputs"] == {"return_loss": True}
+    want, ref_w = _hf_reference(model, [(b, torch.zeros(8)) for b in batches], loss_fn, "2bw",
+                                constants={"return_loss": True})       # 2bw's weight rule, float64
     got = [pipe.step({**b, "return_loss": True}, torch.zeros(8)).item() for b in batches]
-    # reference: 2bw's rule, W(t+1) = W(t) - step(grad f(W(max(t-1, 0))))
-    ref = copy.deepcopy(model)
-    opt = SGDM(list(ref.parameters()))
-    prev, want = None, []
-    for b in batches:
-        newest = {n: p.detach().clone() for n, p in ref.named_parameters()}
-        params = {n: v.clone().requires_grad_(True) for n, v in (newest if prev is None else prev).items()}
-        total = 0.0
-        for i in range(M):
-            out = functional_call(ref, params, (), {**{k: v.chunk(M)[i] for k, v in b.items()}, "return_loss": True})
-            (out.loss / M).backward()
-            total += out.loss.item()
-        want.append(total / M)
-        for n, p in ref.named_parameters():
-            p.grad = params[n].grad
-        opt.step()
-        opt.zero_grad()
-        prev = newest
     assert got == pytest.approx(want, abs=1e-10, rel=0)
     sd = pipe.state_dict()
-    for n, w in ref.named_parameters():
-        torch.testing.assert_close(sd[n], w.detach(), atol=1e-10, rtol=0, msg=n)
+    for n, w in ref_w.items():
+        torch.testing.assert_close(sd[n], w, atol=1e-10, rtol=0, msg=n)

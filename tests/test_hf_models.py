@@ -103,8 +103,9 @@ def _batches(family: str, n: int = 2):
     return out, (_hf_loss if family in ("gpt2", "t5") else _logits_ce)
 
 
-def _reference(model, batches, loss_fn, schedule):
-    """float64, one device: W(t+1) = W(t) - step(grad f(W(max(t-1, 0)))) for 2bw, W(t) for flush."""
+def _reference(model, batches, loss_fn, schedule, constants=None):
+    """float64, one device: W(t+1) = W(t) - step(grad f(W(max(t-1, 0)))) for 2bw, W(t) for flush;
+    ``constants`` (``return_loss=True``) go to every microbatch's forward as they are."""
     ref = copy.deepcopy(model)
     opt = SGDM(list(ref.parameters()))
     trains = {n: p.requires_grad for n, p in ref.named_parameters()}
@@ -116,7 +117,7 @@ def _reference(model, batches, loss_fn, schedule):
         leaves = {n: v.clone().requires_grad_(trains[n]) for n, v in used.items()}
         total = 0.0
         for i in range(M):
-            kw = {k: v.chunk(M)[i] for k, v in inputs.items()}
+            kw = {**{k: v.chunk(M)[i] for k, v in inputs.items()}, **(constants or {})}
             loss = loss_fn(functional_call(ref, leaves, (), kw), y.chunk(M)[i])
             (loss / M).backward()
             total += loss.item()
