@@ -246,25 +246,27 @@ def fig6_at(graphs: Graphs, topo: Topology, n: int, batch: int, d: int, b: int, 
     return {k: v for k, v in got.items() if v}
 
 
+def _paper_ratios(at: dict[str, Any], ref: tuple[float | None, ...], gpipe: str = "gpipe") -> list[tuple[str, float, float]]:
+    """(name, paper's ratio, simulated ratio) of 2bw/flush, flush/gpipe, 2bw/gpipe where both bars were read."""
+    names = ("2bw", "flush", gpipe)
+    paper = dict(zip(names, ref))
+    return [(f"{'2bw' if a == '2bw' else 'fl'}/{'fl' if b == 'flush' else 'gp'}", paper[a] / paper[b],
+             at[a]["sim"] / at[b]["sim"])
+            for a, b in (("2bw", "flush"), ("flush", gpipe), ("2bw", gpipe))
+            if paper[a] and paper[b] and a in at and b in at]
+
+
 def _against_paper(f6: dict[str, Any], ref: tuple[float | None, ...]) -> str:
     """The paper's Fig. 6 samples/s beside the simulated ones: each schedule's ratio, and the ratios between them."""
-    names = ("2bw", "flush", "gpipe")
-    paper = dict(zip(names, ref))
-    got = {k: f6[k]["sim"] for k in names if k in f6}
-    out = [f"{k} ~{paper[k]:g} (sim/paper {got[k] / paper[k]:.2f})" for k in names if paper[k] and k in got]
-    for a, b in (("2bw", "flush"), ("flush", "gpipe"), ("2bw", "gpipe")):
-        if paper[a] and paper[b] and a in got and b in got:
-            out.append(f"{a[:3] if a == '2bw' else a[:2]}/{b[:2]} paper {paper[a] / paper[b]:.2f} sim "
-                       f"{got[a] / got[b]:.2f}")
+    out = [f"{k} ~{p:g} (sim/paper {f6[k]['sim'] / p:.2f})" for k, p in zip(("2bw", "flush", "gpipe"), ref)
+           if p and k in f6]
+    out += [f"{name} paper {p:.2f} sim {s:.2f}" for name, p, s in _paper_ratios(f6, ref)]
     return ", ".join(out)
 
 
 def _worst_ratio_error(at: dict[str, Any], ref: tuple[float | None, ...], gpipe: str) -> float | None:
     """Largest |sim/paper - 1| over the ratios between schedules the paper's bars give (None: fewer than two bars)."""
-    names = ("2bw", "flush", gpipe)
-    paper = dict(zip(names, ref))
-    errs = [abs((at[a]["sim"] / at[b]["sim"]) / (paper[a] / paper[b]) - 1)
-            for a, b in (("2bw", "flush"), ("flush", gpipe), ("2bw", gpipe)) if paper[a] and paper[b]]
+    errs = [abs(s / p - 1) for _, p, s in _paper_ratios(at, ref, gpipe)]
     return max(errs) if errs else None
 
 

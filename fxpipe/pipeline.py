@@ -86,7 +86,7 @@ class Pipeline:
 
     # -- inputs ---------------------------------------------------------------
     def _microbatches(self, inputs: Any) -> list[list[Any]]:
-        inputs = check_constants(self._cg.gm, self.model, inputs)   # use_cache=False again: fixed in the graph
+        inputs = check_constants(self._cg.gm, inputs)   # use_cache=False again: fixed in the graph
         _check_fixed_inputs(self._cg.gm, self.model, inputs, len(self._cg.input_names))
         return split_inputs(self._cg.gm, self.model, inputs, self.num_microbatches, self._example,
                             self._cg.input_names)

@@ -14,9 +14,10 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import TraceError
 from fxpipe.runtime.microbatch import META_CONSTANTS, is_constant
-from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FX_MUTATIONS, META_NO_GRAD, detach_no_grad_values,
-                                drop_constant_inputs, drop_guards, drop_unused_placeholders, functional_fx_inplace, functional_inplace,
-                                fx_mutations, grad_toggles_to_meta, in_place_name)
+from fxpipe.trace_fixes import (INPLACE_OPERATORS, META_FIXED_INPUTS, META_FX_MUTATIONS, META_NO_GRAD,
+                                detach_no_grad_values, drop_constant_inputs, drop_guards, drop_unused_placeholders,
+                                functional_fx_inplace, functional_inplace, fx_mutations, grad_toggles_to_meta,
+                                in_place_name)
 from fxpipe.trace_leaves import failing_submodule, leaf_paths, opaque_calls_to_modules, opaque_during_export
 
 __all__ = ["trace", "FxpipeTracer"]
@@ -376,7 +377,8 @@ def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: s
     concrete = _concrete_defaults(model, len(args), list(kwargs))
     if "use_cache" in concrete:
         concrete["use_cache"] = False
-    concrete.update(_constants(kwargs))
+    constants = _constants(kwargs)
+    concrete.update(constants)
     with torch.enable_grad(), _NoTraceTimeEffects():   # grad mode restored however the traced code leaves it
         graph = tracer.trace(model, concrete_args=concrete or None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
@@ -384,6 +386,8 @@ def _fx(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: s
     if tracer.output_spec is not None and tracer.output_spec.num_leaves == len(pytree.tree_leaves(out)):
         gm._out_spec = tracer.output_spec   # as torch.export's graphs: how to rebuild the model's output
     drop_unused_placeholders(gm, concrete)
+    # the defaults only: the constants given are gm.meta["fxpipe.constant_inputs"], accepted again by step
+    gm.meta[META_FIXED_INPUTS] = sorted(set(concrete) - set(constants))
     detach_no_grad_values(gm)
     gm.meta["fxpipe.tracer"] = name
     gm.meta["fxpipe.leaves"] = []

@@ -29,8 +29,8 @@ import torch.utils._pytree as pytree
 
 __all__ = ["META_NO_GRAD", "META_FIXED_INPUTS", "META_FX_MUTATIONS", "fx_mutations", "functional_fx_inplace",
            "check_mutations_kept", "mutated_copy", "functional_inplace", "stop_grad",
-           "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders", "drop_constant_inputs",
-           "INPLACE_OPERATORS", "in_place_name"]
+           "grad_toggles_to_meta", "detach_no_grad_values", "drop_guards", "drop_unused_placeholders",
+           "drop_constant_inputs", "INPLACE_OPERATORS", "in_place_name"]
 
 META_NO_GRAD = "fxpipe.no_grad"      # node.meta: the node was made with grad mode off (torch.no_grad)
 META_FIXED_INPUTS = "fxpipe.fixed_inputs"   # gm.meta: forward arguments fx fixed to their defaults

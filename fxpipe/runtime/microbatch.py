@@ -47,7 +47,7 @@ def is_constant(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def check_constants(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: Any) -> Any:
+def check_constants(gm: torch.fx.GraphModule, inputs: Any) -> Any:
     """``inputs`` without the keyword constants the graph was traced with, each checked against its value.
 
     Raises:
